@@ -1,0 +1,107 @@
+"""Stage 0: the image tokenizer (LWM-style VQGAN). Config: ``configs/tokenizer.py``.
+
+Frames come from an RLDS dataset (Meta-World renders by default) or, with
+``config.data.source = "procedural"``, from procedurally rendered tabletop scenes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvla.data.frames import FrameDataset, load_rlds_images
+from jaxvla.data.procedural import render_scenes
+from jaxvla.losses.tokenizer import images_to_float, make_code_restarts, make_tokenizer_loss
+from jaxvla.models.vqgan import VQGAN, vqgan_variant
+from jaxvla.stages import Stage
+
+log = logging.getLogger("jaxvla")
+
+CODEBOOK_PATH = ("quantizer", "codebook")
+
+
+def build_model(model_config, compute_dtype: str = "float32") -> VQGAN:
+    kwargs = vqgan_variant(model_config.variant)
+    for key in ("codebook_size", "embed_dim", "hidden_channels", "num_res_blocks"):
+        if model_config.get(key):
+            kwargs[key] = model_config[key]
+    return VQGAN(**kwargs, dtype=jnp.dtype(compute_dtype))
+
+
+def load_frames(data_config, image_size: int) -> tuple[FrameDataset, FrameDataset]:
+    """(train, eval) frame sets from ``config.data``."""
+    if data_config.source == "procedural":
+        frames = render_scenes(data_config.num_frames, image_size, seed=data_config.seed)
+        cut = max(len(frames) // 10, 1)
+        return FrameDataset(frames[cut:], "procedural/train"), FrameDataset(frames[:cut], "procedural/eval")
+    if data_config.source == "rlds":
+        if not data_config.data_dir:
+            raise ValueError("config.data.data_dir is empty; set it to an RLDS dataset version directory")
+        train = load_rlds_images(data_config.data_dir, data_config.split, data_config.image_key, data_config.max_frames or None)
+        try:
+            held_out = load_rlds_images(data_config.data_dir, data_config.eval_split, data_config.image_key, data_config.max_frames or None)
+        except KeyError:
+            log.info("%s has no %r split: holding out 10%% of %r", data_config.data_dir, data_config.eval_split, data_config.split)
+            cut = max(len(train) // 10, 1)
+            train, held_out = train[cut:], train[:cut]
+        if train.shape[1:3] != (image_size, image_size):
+            raise ValueError(
+                f"{data_config.data_dir}: frames are {train.shape[1]}x{train.shape[2]} but the "
+                f"tokenizer variant expects {image_size}x{image_size}"
+            )
+        return FrameDataset(train, f"{data_config.data_dir}:{data_config.split}"), FrameDataset(held_out, "eval")
+    raise ValueError(f"config.data.source={data_config.source!r} is unknown; expected rlds or procedural")
+
+
+def build(config) -> Stage:
+    model = build_model(config.model, config.compute_dtype)
+    train_frames, eval_frames = load_frames(config.data, model.resolution)
+    log.info("tokenizer data: %d train frames, %d eval frames", len(train_frames), len(eval_frames))
+
+    lpips_fn = None
+    if config.model.lpips_weight > 0:
+        from jaxvla.losses.lpips import load_lpips
+
+        lpips_fn = load_lpips(config.model.lpips_net, config.model.lpips_weights_dir or None)
+        if lpips_fn is None:
+            log.warning("LPIPS weights not found: the LPIPS term is off (config.model.lpips_weight ignored)")
+
+    loss_fn = make_tokenizer_loss(
+        model,
+        l1_weight=config.model.l1_weight,
+        codebook_weight=config.model.codebook_weight,
+        commitment_weight=config.model.commitment_weight,
+        lpips_weight=config.model.lpips_weight,
+        lpips_fn=lpips_fn,
+    )
+    init_aux, post_step = make_code_restarts(
+        CODEBOOK_PATH,
+        model.codebook_size,
+        every=config.model.restart_every,
+        decay=config.model.restart_decay,
+        threshold=config.model.restart_threshold,
+    )
+    image_shape = (1, model.resolution, model.resolution, 3)
+
+    def init_variables(rng):
+        return model.init(rng, jnp.zeros(image_shape, jnp.float32))
+
+    def visualize(params, batch):
+        images = images_to_float(batch["image"][:8])
+        recon = jnp.clip(model.apply({"params": params}, images)["recon"], -1, 1)
+        return {"reconstructions": jnp.concatenate([images, recon.astype(jnp.float32)], axis=2)}
+
+    process, processes = jax.process_index(), jax.process_count()
+    return Stage(
+        init_variables=init_variables,
+        loss_fn=loss_fn,
+        batches=lambda start: train_frames.batches(start, config.batch_size, config.seed, process, processes),
+        eval_batches=lambda: eval_frames.batches(0, config.batch_size, config.seed + 1, process, processes),
+        init_aux=init_aux,
+        post_step=post_step if config.model.restart_every > 0 else None,
+        visualize=visualize,
+        assets={"image_size": np.asarray(model.resolution), "codebook_size": np.asarray(model.codebook_size)},
+    )

@@ -1,0 +1,441 @@
+"""The trainer every stage shares.
+
+``train(config, workdir)``:
+
+1. joins a multi-process run if the environment describes one; checks mesh and batch;
+2. builds the mesh and the stage; derives every shard of the train state from
+   ``jax.eval_shape`` of the initialiser and creates the state already sharded
+   (``jit(init, out_shardings=...)``): nothing is materialised whole on one device;
+3. restores the latest checkpoint of the workdir when there is one (and says so), else initialises
+   and applies ``config.init_from`` surgery;
+4. runs the jitted, state-donating train step with a progress bar, TensorBoard scalars, images,
+   periodic eval and checkpoints; stops cleanly on SIGTERM (saves, returns) and loudly on a
+   non-finite loss (names the step; the last good checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from jaxvla import checkpoint as ckpt_lib
+from jaxvla import config as cfg_lib
+from jaxvla import optim, sharding, tracking
+from jaxvla.stages import Stage, build_stage
+
+log = logging.getLogger("jaxvla")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed whole.
+
+    ``rng`` is a raw uint32[2] key; step ``s`` draws from ``fold_in(rng, s)`` so randomness does
+    not depend on how the state was sharded or whether the run was resumed.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    ema_params: Any = None
+    aux: Any = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]  # the last logged window's averages (plus eval/...)
+    workdir: str
+    state: TrainState
+    preempted: bool = False
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+# ----------------------------------------------------------------------------------------------
+# State: abstract shapes, shardings, sharded creation.
+
+
+@dataclasses.dataclass
+class StateFactory:
+    """Knows the train state's abstract shapes and shardings and creates it sharded."""
+
+    stage: Stage
+    optimizer: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    ema: bool
+
+    def __post_init__(self):
+        rng = jax.random.PRNGKey(0)
+        boxed = jax.eval_shape(self.stage.init_variables, rng)
+        extra = set(boxed) - {"params"}
+        if extra:
+            raise ValueError(f"stage variables must be params only, found collections {sorted(extra)}")
+        param_shardings = sharding.tree_shardings(boxed["params"], self.mesh, self.rules)
+        self.abstract = jax.eval_shape(self._create, rng)
+        replicated = sharding.replicated(self.mesh)
+        opt_shardings = sharding.optimizer_state_shardings(
+            self.abstract.opt_state, self.abstract.params, param_shardings, self.mesh
+        )
+        self.shardings = TrainState(
+            step=replicated,
+            params=param_shardings,
+            opt_state=opt_shardings,
+            rng=replicated,
+            ema_params=param_shardings if self.ema else None,
+            aux=jax.tree.map(lambda _: replicated, self.abstract.aux),
+        )
+
+    def _create(self, rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = nn.meta.unbox(self.stage.init_variables(init_rng)["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            rng=state_rng,
+            ema_params=params if self.ema else None,
+            aux=self.stage.init_aux(params) if self.stage.init_aux else {},
+        )
+
+    def create(self, seed: int) -> TrainState:
+        return jax.jit(self._create, out_shardings=self.shardings)(jax.random.PRNGKey(seed))
+
+    def abstract_with_shardings(self) -> TrainState:
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+def _split_aux(metrics: dict) -> tuple[dict, dict]:
+    aux = {k: v for k, v in metrics.items() if k.startswith("aux/")}
+    return {k: v for k, v in metrics.items() if k not in aux}, aux
+
+
+def make_train_step(
+    stage: Stage,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    mesh: jax.sharding.Mesh,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+):
+    """The jitted ``(state, batch) -> (state, metrics)``; the input state is donated.
+
+    With ``grad_accum_steps = n`` the global batch is cut into n micro-batches (interleaved rows,
+    so each device's rows stay on that device) whose gradients are averaged before one update.
+    """
+    grad_fn = jax.value_and_grad(stage.loss_fn, has_aux=True)
+
+    def gradients(params, batch, rng):
+        if grad_accum_steps == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng)
+            metrics, aux = _split_aux(metrics)
+            return loss, metrics, aux, grads
+
+        def micro(x):
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        micro_batches = jax.tree.map(micro, batch)
+        # The first micro-batch runs outside the scan: its outputs give the carry's structure.
+        (loss, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+        metrics, aux = _split_aux(metrics)
+
+        def body(carry, inputs):
+            index, micro_batch = inputs
+            (loss, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+            metrics, aux = _split_aux(metrics)
+            return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), aux
+
+        rest = jax.tree.map(lambda x: x[1:], micro_batches)
+        (loss, metrics, grads), rest_aux = jax.lax.scan(
+            body, (loss, metrics, grads), (jnp.arange(1, grad_accum_steps), rest)
+        )
+        scale = 1.0 / grad_accum_steps
+        loss, metrics, grads = jax.tree.map(lambda x: x * scale, (loss, metrics, grads))
+        # aux outputs (codebook statistics, ...) come from the last micro-batch.
+        return loss, metrics, jax.tree.map(lambda x: x[-1], rest_aux), grads
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss_rng, post_rng = jax.random.split(rng)
+        loss, metrics, aux_outputs, grads = gradients(state.params, batch, loss_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        aux = state.aux
+        if stage.post_step is not None:
+            params, aux, extra = stage.post_step(params, aux, aux_outputs, state.step, post_rng)
+            metrics = {**metrics, **extra}
+        ema_params = state.ema_params
+        if ema_decay:
+            ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, aux=aux, ema_params=ema_params
+        )
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag the loop polls; all processes agree on when to stop."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self._event.set()
+
+    def should_stop(self) -> bool:
+        local = self._event.is_set()
+        if jax.process_count() == 1:
+            return local
+        flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+        return bool(np.any(flags))
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _host_scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(step: int, metrics: dict[str, float], workdir: str, last_saved: int | None) -> None:
+    loss = metrics["loss"]
+    if not np.isfinite(loss):
+        kept = f"the last good checkpoint (step {last_saved}) is kept in {workdir}" if last_saved is not None else "no checkpoint had been saved"
+        raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping: {kept}")
+
+
+def _evaluate(stage: Stage, params, config, mesh, eval_fn) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    count = 0
+    iterator = stage.eval_batches()
+    for index in range(config.eval_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        metrics = _host_scalars(eval_fn(params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(index)))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+        count += 1
+    return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
+
+
+def _visualize(stage: Stage, params, batch_iter: Iterator, mesh, visualize_fn, writer, step) -> list[str]:
+    batch = sharding.global_batch(next(batch_iter), mesh)
+    images = jax.device_get(visualize_fn(params, batch))
+    return writer.images(step, images)
+
+
+def train(config, workdir: str, stage: Stage | None = None, devices=None) -> TrainResult:
+    """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint).
+
+    ``stage`` replaces the registered stage (programmatic use); ``devices`` restricts the mesh to
+    a subset of ``jax.devices()`` (e.g. one device of eight in tests).
+    """
+    sharding.maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    devices = list(devices) if devices is not None else jax.devices()
+    cfg_lib.validate(config, len(devices), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.sharding_rules)
+    workdir = os.path.abspath(workdir)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        cfg_lib.save(config, workdir)
+        log.info("config (saved to %s/config.json):\n%s", workdir, cfg_lib.to_json(config))
+    log.info("mesh: %s", sharding.describe_mesh(mesh))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return _train(config, workdir, stage, mesh, rules, is_main)
+
+
+def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
+    stage = stage or build_stage(config)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+    factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
+    log.info("stage %s: %s parameters", config.stage, f"{n_params:,}")
+
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+    )
+    assets = dict(stage.assets)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        log.info("resuming from step %d: found a checkpoint in %s", latest, checkpointer.directory)
+        state, _, saved_assets = checkpointer.restore(latest, factory.abstract_with_shardings())
+        assets = {**saved_assets, **assets}
+    else:
+        state = factory.create(config.seed)
+        if config.init_from:
+            state = state.replace(params=_init_from(config, state.params))
+            if config.ema_decay > 0:
+                state = state.replace(ema_params=state.params)
+    last_saved = latest
+
+    frozen_arrays, frozen_scalars = optim.count_frozen(factory.abstract.params, config.optimizer.freeze)
+    if frozen_arrays:
+        log.info("frozen: %d parameter arrays (%s scalars) matching %r", frozen_arrays, f"{frozen_scalars:,}", config.optimizer.freeze)
+
+    train_step = make_train_step(
+        stage, optimizer, schedule, factory.shardings, mesh,
+        config.optimizer.grad_accum_steps, config.ema_decay,
+    )
+    stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
+    eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+    visualize_fn = jax.jit(stage.visualize) if stage.visualize else None
+
+    writer = tracking.MetricWriter(workdir, enabled=is_main, wandb_config=config.wandb, run_config=config.to_dict())
+    watcher = PreemptionWatcher()
+    config_dict = config.to_dict()
+
+    def save(step):
+        nonlocal last_saved
+        checkpointer.save(step, state, config_dict, assets)
+        last_saved = step
+
+    start = int(state.step)
+    batches = stage.batches(start)
+    logged: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    sums_count = 0
+    preempted = False
+    pending = None  # (step, device metrics) of the step whose loss is not yet checked
+    progress = tqdm(total=config.num_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+
+    def settle():
+        """Fetches the pending step's metrics (one step behind dispatch), checks the loss."""
+        nonlocal pending, sums_count
+        if pending is None:
+            return
+        step, device_metrics = pending
+        pending = None
+        metrics = _host_scalars(device_metrics)
+        _check_finite(step, metrics, workdir, last_saved)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums_count += 1
+
+    try:
+        for step in range(start + 1, config.num_steps + 1):
+            batch = sharding.global_batch(next(batches), mesh)
+            state, device_metrics = train_step(state, batch)
+            settle()  # the previous step; overlaps with this one's execution
+            pending = (step, device_metrics)
+            window_steps += 1
+            progress.update(1)
+
+            stop = watcher.should_stop()
+            at_log = step % config.log_every == 0 or step == config.num_steps
+            at_save = step % config.checkpoint.every == 0 or step == config.num_steps or stop
+            if at_log or at_save:
+                settle()
+            if at_log and sums_count:
+                elapsed = time.perf_counter() - window_start
+                logged = {k: v / sums_count for k, v in sums.items()}
+                logged["perf/steps_per_sec"] = window_steps / elapsed
+                logged["perf/examples_per_sec"] = window_steps * config.batch_size / elapsed
+                writer.scalars(step, logged)
+                progress.set_postfix(
+                    loss=f"{logged['loss']:.4f}", ex_s=f"{logged['perf/examples_per_sec']:.1f}"
+                )
+                sums.clear()
+                sums_count = 0
+                window_start, window_steps = time.perf_counter(), 0
+            if config.eval_every and stage.eval_batches and step % config.eval_every == 0:
+                eval_metrics = _evaluate(stage, state.params, config, mesh, eval_fn)
+                writer.scalars(step, eval_metrics)
+                logged.update(eval_metrics)
+                log.info("step %d eval: %s", step, _fmt(eval_metrics))
+            if visualize_fn and config.image_every and step % config.image_every == 0:
+                _visualize(stage, state.params, stage.batches(step), mesh, visualize_fn, writer, step)
+            if at_save:
+                save(step)
+            if stop:
+                log.warning("SIGTERM received: saved step %d, stopping", step)
+                preempted = True
+                break
+        settle()
+        final_step = int(state.step)
+        if not preempted and final_step > start:
+            if visualize_fn:
+                paths = _visualize(stage, state.params, stage.batches(final_step), mesh, visualize_fn, writer, final_step)
+                for path in paths:
+                    log.info("wrote %s", path)
+            if config.eval_every and stage.eval_batches:
+                logged.update(_evaluate(stage, state.params, config, mesh, eval_fn))
+                writer.scalars(final_step, {k: v for k, v in logged.items() if k.startswith("eval/")})
+        if last_saved != final_step and final_step > start:
+            save(final_step)
+        log.info("step %d: %s", final_step, _fmt(logged))
+    finally:
+        progress.close()
+        checkpointer.close()
+        writer.close()
+        watcher.close()
+    return TrainResult(step=int(state.step), metrics=logged, workdir=workdir, state=state, preempted=preempted)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _init_from(config, params):
+    """Grafts ``config.init_from``'s parameters into freshly initialised, sharded ``params``."""
+    params, report, step = ckpt_lib.graft_from_checkpoint(params, config.init_from, config.init_drop)
+    log.info("init_from %s (step %d):", config.init_from, step)
+    for line in report:
+        log.info("  %s", line)
+    return params

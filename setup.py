@@ -1,0 +1,43 @@
+"""jaxvla: latent-action pretraining (LAPA / ViPRA) of vision-language-action policies in JAX."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "absl-py>=2.0",
+    "einops>=0.8",
+    "chex>=0.1.88",
+    "numpy>=1.26",
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.6",
+    "transformers>=4.45",
+    "sentencepiece>=0.2",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "pillow>=10",
+    "msgpack>=1.0",
+]
+
+EXTRAS = {
+    # Meta-World pins mujoco 3.3.0; language-world provides one instruction per MT50 task.
+    "sim": ["metaworld==3.1.1", "language-world==0.1.1"],
+    # torch (CPU build) only for the Hugging Face parity tests.
+    "dev": ["pytest>=8", "torch==2.13.0"],
+    "gpu": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],
+    "wandb": ["wandb"],
+}
+
+setup(
+    name="jaxvla",
+    version="0.1.0",
+    description="Vision-Language-Action pretraining from action-free video (LAPA / ViPRA) in JAX",
+    packages=find_packages(include=["jaxvla", "jaxvla.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
