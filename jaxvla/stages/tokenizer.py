@@ -1,7 +1,11 @@
 """Stage 0: the image tokenizer (LWM-style VQGAN). Config: ``configs/tokenizer.py``.
 
-Frames come from an RLDS dataset (Meta-World renders by default) or, with
-``config.data.source = "procedural"``, from procedurally rendered tabletop scenes.
+Frames come from ``config.data.source``:
+
+* ``metaworld`` (default): the embedded Meta-World dataset under ``config.data.data_dir``,
+  generated on first use;
+* ``rlds``: any RLDS dataset version directory (``config.data.data_dir``);
+* ``procedural``: procedurally rendered tabletop scenes (no simulator needed).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvla.data.embedded import ensure_metaworld_dataset
 from jaxvla.data.frames import FrameDataset, load_rlds_images
 from jaxvla.data.procedural import render_scenes
 from jaxvla.losses.tokenizer import images_to_float, make_code_restarts, make_tokenizer_loss
@@ -37,23 +42,32 @@ def load_frames(data_config, image_size: int) -> tuple[FrameDataset, FrameDatase
         frames = render_scenes(data_config.num_frames, image_size, seed=data_config.seed)
         cut = max(len(frames) // 10, 1)
         return FrameDataset(frames[cut:], "procedural/train"), FrameDataset(frames[:cut], "procedural/eval")
-    if data_config.source == "rlds":
+    if data_config.source == "metaworld":
+        dataset_dir = ensure_metaworld_dataset(
+            data_config.data_dir, data_config.tasks, data_config.episodes_per_task, image_size, data_config.seed
+        )
+    elif data_config.source == "rlds":
         if not data_config.data_dir:
             raise ValueError("config.data.data_dir is empty; set it to an RLDS dataset version directory")
-        train = load_rlds_images(data_config.data_dir, data_config.split, data_config.image_key, data_config.max_frames or None)
-        try:
-            held_out = load_rlds_images(data_config.data_dir, data_config.eval_split, data_config.image_key, data_config.max_frames or None)
-        except KeyError:
-            log.info("%s has no %r split: holding out 10%% of %r", data_config.data_dir, data_config.eval_split, data_config.split)
-            cut = max(len(train) // 10, 1)
-            train, held_out = train[cut:], train[:cut]
-        if train.shape[1:3] != (image_size, image_size):
-            raise ValueError(
-                f"{data_config.data_dir}: frames are {train.shape[1]}x{train.shape[2]} but the "
-                f"tokenizer variant expects {image_size}x{image_size}"
-            )
-        return FrameDataset(train, f"{data_config.data_dir}:{data_config.split}"), FrameDataset(held_out, "eval")
-    raise ValueError(f"config.data.source={data_config.source!r} is unknown; expected rlds or procedural")
+        dataset_dir = data_config.data_dir
+    else:
+        raise ValueError(
+            f"config.data.source={data_config.source!r} is unknown; expected metaworld, rlds or procedural"
+        )
+    limit = data_config.max_frames or None
+    train = load_rlds_images(dataset_dir, data_config.split, data_config.image_key, limit)
+    try:
+        held_out = load_rlds_images(dataset_dir, data_config.eval_split, data_config.image_key, limit)
+    except KeyError:
+        log.info("%s has no %r split: holding out 10%% of %r", dataset_dir, data_config.eval_split, data_config.split)
+        cut = max(len(train) // 10, 1)
+        train, held_out = train[cut:], train[:cut]
+    if train.shape[1:3] != (image_size, image_size):
+        raise ValueError(
+            f"{dataset_dir}: frames are {train.shape[1]}x{train.shape[2]} but the tokenizer "
+            f"variant expects {image_size}x{image_size}"
+        )
+    return FrameDataset(train, f"{dataset_dir}:{data_config.split}"), FrameDataset(held_out, "eval")
 
 
 def build(config) -> Stage:
