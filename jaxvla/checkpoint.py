@@ -18,11 +18,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxvla.io.weights import flatten_dict, unflatten_dict
 
 log = logging.getLogger("jaxvla")
 
@@ -176,28 +178,6 @@ def load_checkpoint(path: str) -> tuple[dict, dict, dict, int]:
 # init_from surgery.
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def plan_graft(
     target_shapes: dict[str, tuple], source_shapes: dict[str, tuple], drop: str = "", source_name: str = "init_from"
 ) -> tuple[list[str], list[str]]:
@@ -234,13 +214,13 @@ def plan_graft(
 
 def graft_params(params: Any, source: Any, drop: str = "", source_name: str = "init_from") -> tuple[Any, list[str]]:
     """Takes an in-memory ``source`` tree's parameters into ``params`` (see ``plan_graft``)."""
-    target, loaded = _flatten(params), _flatten(source)
+    target, loaded = flatten_dict(params), flatten_dict(source)
     kept, report = plan_graft(
         {k: v.shape for k, v in target.items()}, {k: v.shape for k, v in loaded.items()}, drop, source_name
     )
     for path in kept:
         target[path] = jax.device_put(np.asarray(loaded[path], dtype=target[path].dtype), target[path].sharding)
-    return _unflatten(target), report
+    return unflatten_dict(target), report
 
 
 def graft_from_checkpoint(params: Any, path: str, drop: str = "") -> tuple[Any, list[str], int]:
@@ -249,15 +229,15 @@ def graft_from_checkpoint(params: Any, path: str, drop: str = "") -> tuple[Any, 
     step_dir, step, metadata = state_metadata(path)
     if "params" not in metadata:
         raise ValueError(f"{step_dir}: the saved state has no 'params' (keys: {sorted(metadata)})")
-    target = _flatten(params)
+    target = flatten_dict(params)
     kept, report = plan_graft(
         {k: v.shape for k, v in target.items()},
-        {k: tuple(v.shape) for k, v in _flatten(metadata["params"]).items()},
+        {k: tuple(v.shape) for k, v in flatten_dict(metadata["params"]).items()},
         drop,
         source_name=f"config.init_from={path}",
     )
     if kept:
-        item = {"params": _unflatten({p: jax.ShapeDtypeStruct(target[p].shape, target[p].dtype, sharding=target[p].sharding) for p in kept})}
-        restored = _flatten(restore_subtree(step_dir, item)["params"])
+        item = {"params": unflatten_dict({p: jax.ShapeDtypeStruct(target[p].shape, target[p].dtype, sharding=target[p].sharding) for p in kept})}
+        restored = flatten_dict(restore_subtree(step_dir, item)["params"])
         target.update(restored)
-    return _unflatten(target), report, step
+    return unflatten_dict(target), report, step

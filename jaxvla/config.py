@@ -68,6 +68,19 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Sets dotted keys in place, like ``--config.a.b=v`` on the command line: {"a.b": v}.
+
+    A key the config does not have fails (the config is locked)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> tuple[int, int, int]:
     """Checks mesh and batch against the devices; returns the resolved mesh shape.
 

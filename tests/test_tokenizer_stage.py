@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxvla.config import apply_overrides
 from jaxvla.losses.tokenizer import code_statistics, make_code_restarts
 from jaxvla.trainer import train
 
@@ -39,13 +40,7 @@ def tiny_tokenizer_config(**overrides):
         "data.num_frames": 96,
         **overrides,
     }
-    for key, value in values.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return apply_overrides(config, values)
 
 
 def test_two_steps_sharded_match_single_device(tmp_path):

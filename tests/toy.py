@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxvla.config import base_config, finalize
+from jaxvla.config import apply_overrides, base_config, finalize
 from jaxvla.stages import Stage, register_stage
 
 IN_DIM, OUT_DIM = 8, 4
@@ -55,14 +55,7 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-2
     c.model = ml_collections.ConfigDict(dict(hidden=16, extra_head=False, out_dim=OUT_DIM))
     c.data = ml_collections.ConfigDict(dict(sleep=0.0, progress_file="", nan_at_step=-1))
-    c = finalize(c)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return c
+    return apply_overrides(finalize(c), overrides)
 
 
 def toy_batches(config, start_step: int):

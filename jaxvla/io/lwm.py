@@ -29,25 +29,18 @@ class _Tensor(NamedTuple):
     shape: tuple[int, ...]
 
 
-# Fields the layout depends on, with LWM's values as the defaults (the VQGAN module's defaults).
-_LAYOUT_FIELDS = dict(
-    in_channels=3,
-    hidden_channels=128,
-    channel_mult=(1, 2, 2, 4, 6),
-    num_res_blocks=2,
-    z_channels=64,
-    codebook_size=8192,
-    embed_dim=64,
-)
+# Fields the layout depends on; missing ones default to LWM's values (the "lwm" variant).
+_LAYOUT_FIELDS = ("in_channels", "hidden_channels", "channel_mult", "num_res_blocks", "z_channels", "codebook_size", "embed_dim")
 
 
 def _config(variant: str | Mapping[str, Any]) -> dict:
     """A variant name or VQGAN kwargs -> the fields the layout needs (others are ignored)."""
-    if isinstance(variant, str):
-        from jaxvla.models.vqgan import vqgan_variant
+    from jaxvla.models.vqgan import vqgan_variant
 
+    if isinstance(variant, str):
         variant = vqgan_variant(variant)
-    config = {key: variant.get(key, default) for key, default in _LAYOUT_FIELDS.items()}
+    defaults = vqgan_variant("lwm")
+    config = {key: variant.get(key, defaults[key]) for key in _LAYOUT_FIELDS}
     config["channel_mult"] = tuple(int(m) for m in config["channel_mult"])
     return config
 

@@ -202,12 +202,13 @@ class Upsample(nn.Module):
         return _conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
-class EncoderLevel(nn.Module):
-    """``num_res_blocks`` ResnetBlocks to ``out_channels``, then an optional 2x downsample."""
+class ResolutionLevel(nn.Module):
+    """``num_res_blocks`` ResnetBlocks to ``out_channels``, then an optional 2x resample
+    (``"down"`` in the encoder, ``"up"`` in the decoder)."""
 
     out_channels: int
     num_res_blocks: int
-    downsample: bool
+    resample: str | None = None
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
 
@@ -215,25 +216,9 @@ class EncoderLevel(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for index in range(self.num_res_blocks):
             x = ResnetBlock(self.out_channels, self.norm_groups, self.dtype, name=f"res_{index}")(x)
-        if self.downsample:
+        if self.resample == "down":
             x = Downsample(self.dtype, name="downsample")(x)
-        return x
-
-
-class DecoderLevel(nn.Module):
-    """``num_res_blocks`` ResnetBlocks to ``out_channels``, then an optional 2x upsample."""
-
-    out_channels: int
-    num_res_blocks: int
-    upsample: bool
-    norm_groups: int = 32
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for index in range(self.num_res_blocks):
-            x = ResnetBlock(self.out_channels, self.norm_groups, self.dtype, name=f"res_{index}")(x)
-        if self.upsample:
+        elif self.resample == "up":
             x = Upsample(self.dtype, name="upsample")(x)
         return x
 
@@ -253,10 +238,10 @@ class Encoder(nn.Module):
         last_level = len(self.channel_mult) - 1
         h = _constrain(_conv(self.hidden_channels, 3, dtype=self.dtype, name="stem")(x))
         for level, mult in enumerate(self.channel_mult):
-            h = EncoderLevel(
+            h = ResolutionLevel(
                 self.hidden_channels * mult,
                 self.num_res_blocks,
-                downsample=level != last_level,
+                resample="down" if level != last_level else None,
                 norm_groups=self.norm_groups,
                 dtype=self.dtype,
                 name=f"down_{level}",
@@ -284,11 +269,11 @@ class Decoder(nn.Module):
         h = _constrain(MidBlock(self.norm_groups, self.dtype, name="mid")(h))
         # Lowest resolution first; each level is named by its resolution index, like the encoder.
         for level in reversed(range(len(self.channel_mult))):
-            h = DecoderLevel(
+            h = ResolutionLevel(
                 self.hidden_channels * self.channel_mult[level],
                 # One more block than the encoder level, as in LWM/taming.
                 self.num_res_blocks + 1,
-                upsample=level != 0,
+                resample="up" if level != 0 else None,
                 norm_groups=self.norm_groups,
                 dtype=self.dtype,
                 name=f"up_{level}",
