@@ -25,7 +25,7 @@ from jaxvla.io.lwm import (
     lwm_vqgan_to_params,
     params_to_lwm_vqgan,
 )
-from jaxvla.io.weights import flatten_dict
+from jaxvla.io.weights import flatten_dict, unflatten_dict
 from jaxvla.models.vqgan import VQGAN, vqgan_variant
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,17 +111,6 @@ def lwm_shapes(cfg):
     return shapes
 
 
-def nest(flat):
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def random_lwm_tree(cfg, seed=0):
     rng = np.random.default_rng(seed)
     flat = {}
@@ -136,7 +125,7 @@ def random_lwm_tree(cfg, seed=0):
         else:  # biases
             value = 0.1 * rng.normal(size=shape)
         flat[path] = value.astype(np.float32)
-    return nest(flat)
+    return unflatten_dict(flat)
 
 
 # --- Reference forward over the LWM names ---------------------------------------------------------
@@ -248,7 +237,7 @@ def random_params(model, image_shape, seed=0):
         else:
             value = 0.05 * rng.normal(size=shape)
         out[path] = value.astype(np.float32)
-    return {"params": nest(out)}
+    return {"params": unflatten_dict(out)}
 
 
 @pytest.fixture(scope="module")
@@ -511,17 +500,17 @@ def test_converter_errors_name_path_and_shapes(tiny):
     missing = dict(flat)
     del missing["decoder/UpsamplingBlock_2/ResnetBlock_1/Conv_1/kernel"]
     with pytest.raises(ValueError, match=r"missing LWM tensor 'decoder/UpsamplingBlock_2/ResnetBlock_1/Conv_1/kernel' \(expected shape \(3, 3, 32, 32\)\)"):
-        lwm_vqgan_to_params(nest(missing), TINY)
+        lwm_vqgan_to_params(unflatten_dict(missing), TINY)
 
     misshapen = dict(flat)
     misshapen["quantize/embeddings"] = np.zeros((16, 4), np.float32)
     with pytest.raises(ValueError, match=r"'quantize/embeddings': expected shape \(16, 8\), found \(16, 4\)"):
-        lwm_vqgan_to_params(nest(misshapen), TINY)
+        lwm_vqgan_to_params(unflatten_dict(misshapen), TINY)
 
     extra = dict(flat)
     extra["encoder/Attention_0/kernel"] = np.zeros((1,), np.float32)
     with pytest.raises(ValueError, match="unexpected LWM tensor 'encoder/Attention_0/kernel'"):
-        lwm_vqgan_to_params(nest(extra), TINY)
+        lwm_vqgan_to_params(unflatten_dict(extra), TINY)
 
     # The real LWM tree is not a tiny one.
     with pytest.raises(ValueError, match="expected shape"):
