@@ -20,6 +20,8 @@ CORE = [
     "tensorboardX>=2.6",
     "pillow>=10",
     "msgpack>=1.0",
+    # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py).
+    "av>=14,<20",
     # tfds 4.9.x imports it when a builder defined inside a package prepares data.
     "importlib_resources",
     # Ships the LPIPS AlexNet / VGG16 weights; jaxvla reads them through its restricted
