@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf
 
 from jaxvla.data import latent_labels as ll  # noqa: E402
 from jaxvla.data.video import trajectory_signature, video_trajectory  # noqa: E402

