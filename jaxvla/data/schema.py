@@ -42,6 +42,30 @@ REQUIRED_KEYS = (
 )
 
 
+class MissingFeatureError(KeyError):
+    """A feature a standardize function needs is absent; the message names the dataset and keys.
+
+    ``key`` (the missing feature) and ``available`` (the keys that exist) are set by
+    ``missing_feature_error`` when known. The constructor is ``Exception``'s own: inside
+    ``tf.data`` maps AutoGraph re-raises an error as its own type only when it can rebuild it that
+    way; anything else becomes a StagingError that ``except KeyError`` would not catch.
+    """
+
+    __init__ = Exception.__init__
+    key: str | None = None
+    available: list[str] | None = None
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def missing_feature_error(message: str, key: str | None = None, available=None) -> MissingFeatureError:
+    error = MissingFeatureError(message)
+    error.key = key
+    error.available = list(available) if available is not None else None
+    return error
+
+
 def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
@@ -54,12 +78,14 @@ def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def check_standardized(trajectory_spec: Mapping[str, Any], dataset_name: str) -> None:
-    """Raises KeyError naming the dataset, the missing keys and the keys that exist."""
+    """Raises MissingFeatureError naming the dataset, the missing keys and the keys that exist."""
     keys = set(flat_keys(trajectory_spec))
     missing = [k for k in REQUIRED_KEYS if k not in keys]
     if not any(k.startswith("observation/image_") for k in keys):
         missing.append("observation/image_<camera>")
     if missing:
-        raise KeyError(
-            f"dataset {dataset_name!r}: standardised trajectory lacks {missing}; it has {sorted(keys)}"
+        raise missing_feature_error(
+            f"dataset {dataset_name!r}: standardised trajectory lacks {missing}; it has {sorted(keys)}",
+            key=missing[0],
+            available=sorted(keys),
         )

@@ -1,0 +1,887 @@
+"""The data pipeline the stages use: dataset specs -> per-process numpy batches.
+
+    from jaxvla.data.pipeline import default_data_config, make_batches
+    data = default_data_config(); data.data_dir = "runs/data/metaworld_mt10_64"; data.sample = "pairs"
+    batches = make_batches(data, batch_size=16, train=True, seed=0)   # this process's batches
+    batch = next(iter(batches))   # {"observation": {"image_primary": uint8 [16, 2, 64, 64, 3], ...}, ...}
+    batches.statistics["metaworld"]["action"]["q01"]                  # for checkpoint assets
+
+Stages of ``make_batches`` (per dataset of the mixture, then mixed):
+
+1. ``make_trajectory_dataset``: the dataset's RLDS files, this process's disjoint share
+   (``TrajDataset.from_rlds``), standardised to the schema; statistics of the TRAIN split
+   (``stats.compute_statistics``, cached on disk) when normalisation or bins are requested.
+2. Per trajectory: action / proprio normalisation (action dims outside the spec's
+   ``normalize_mask``, by default the gripper dims, untouched; masked-out steps stay 0), optional
+   ``drop_actions``, zero-padding of action / proprio to the mixture's largest dims, dropping
+   the cameras not asked for, optional goal relabelling, then the sample transform of
+   ``config.data.sample`` (``traj_transforms``), an optional cap of samples per trajectory,
+   ``flatten`` and ``repeat``.
+3. Mixing (``TrajDataset.sample_from_datasets``, probability proportional to the weights), a
+   sample shuffle buffer (encoded images, so it is cheap), decode + resize (+ seeded augmentation
+   when training), ``batch(drop_remainder=True)``, prefetch, numpy.
+
+Sample kinds (``config.data.sample``; B = batch size, S = image_size; see ``traj_transforms``):
+
+* ``frames``: one frame per sample; ``observation/image_<cam>`` [B, S, S, 3] (with
+  ``history > 1``: [B, W, S, S, 3] and ``observation/pad_mask`` [B, W]), ``action`` [B, A],
+  ``has_action`` [B].
+* ``pairs``: LAPA's (x_t, x_{t+H}); images [B, 2, S, S, 3], ``action`` [B, Hmax, A] (the H actions
+  between the frames, zero-padded to the largest gap of the mixture), ``has_action`` [B, Hmax],
+  ``gap`` [B].
+* ``clips``: ViPRA's L+1 frames; images [B, L+1, S, S, 3], ``action`` [B, L*stride, A],
+  ``has_action`` [B, L*stride].
+* ``chunks``: action chunks for policy finetuning; images [B, S, S, 3] (or [B, W, ...] with
+  history), ``action`` [B, K, A], ``action_pad_mask`` [B, K], ``has_action`` [B]. Samples whose
+  first action is missing (the RLDS terminal step) are dropped.
+
+Every kind also has ``observation/proprio``, ``observation/timestep``,
+``task/language_instruction`` (bytes), ``dataset_name`` and ``traj_key`` (bytes).
+
+Config keys read (``config.data.*``; ``default_data_config()`` has them all with defaults):
+
+    data_dir              TFDS data_dir holding the datasets (or one dataset's version dir)
+    dataset               single dataset name (``metaworld``, or any registered spec) when
+                          ``mixture`` is empty
+    mixture               registered mixture name, or "name:weight,name:weight"
+    split, eval_split     "" -> the spec's train / val split
+    sample                frames | pairs | clips | chunks
+    image_size            S (square resize, antialiased)
+    cameras               comma list of cameras to decode ("primary")
+    gap_seconds           0 -> 0.6 s for robot data, 2.4 s for human video (spec ``kind``)
+    gap_frames            > 0 overrides every dataset's gap (frames)
+    clip_length, clip_stride   L (clips have L+1 frames) and the frame stride
+    chunk_size, chunk_pad      K and "zero" | "last"
+    history               observation window W for frames / chunks (1 = no window)
+    shuffle_buffer        samples in the shuffle buffer (train and eval)
+    traj_shuffle_buffer   trajectories in a shuffle buffer before windowing (train; 0 = none)
+    augment               seeded augmentation when training (``augmentation.*`` ranges:
+                          crop_scale, crop_ratio, brightness, contrast, saturation, hue)
+    deterministic         same seed -> same batches (order-preserving parallelism)
+    num_parallel_reads, num_parallel_calls   -1 = AUTOTUNE
+    prefetch              batches prefetched (-1 = AUTOTUNE)
+    ignore_errors         skip and count corrupt TFRecord records (``Batches.num_skipped``);
+                          image bytes that fail to decode still raise
+    action_normalization, proprio_normalization   none | q01q99 | min_max | mean_std
+    num_bins              > 0: the statistics also hold quantile bin edges (``stats``)
+    stats_dir             statistics cache ("" -> $JAXVLA_CACHE_DIR or ~/.cache/jaxvla/stats)
+    drop_actions          action-free view of every dataset
+    few_demos_per_task    > 0: only the first N episodes of every task (finetuning)
+    max_samples_per_traj  > 0: at most N random samples per trajectory and pass
+    goal_relabel          add uniform future goal images (task/image_<cam>)
+    eval_repeat           repeat the eval split (so any number of eval batches exists)
+    check_nonempty        fail early, naming the dataset, when it yields no samples
+
+Batch ``s`` of a run depends only on (seed, s, process index / count) in deterministic mode:
+``start_step`` skips ``start_step * batch_size`` encoded samples (read and windowed, not decoded)
+and the augmentation seed of every sample is its position in the stream, so a resumed run sees
+the batches an uninterrupted one would. A run with a different process count reads different
+shares and so sees different (equally valid) batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from jaxvla.data import frame_transforms as ft
+from jaxvla.data import stats as stats_lib
+from jaxvla.data import traj_transforms as tt
+from jaxvla.data.dataset import (
+    AUTOTUNE,
+    METAWORLD_CONTROL_HZ,
+    METAWORLD_GRIPPER_DIM,
+    TrajDataset,
+    _derive_seed,
+    abs_path,
+    first_episodes_per_task,
+    is_dir,
+    path_exists,
+    standardize_metaworld,
+)
+
+log = logging.getLogger("jaxvla")
+
+SAMPLE_KINDS = ("frames", "pairs", "clips", "chunks")
+ROBOT_GAP_SECONDS = 0.6
+HUMAN_GAP_SECONDS = 2.4
+
+
+# --------------------------------------------------------------------------- dataset specs
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one dataset.
+
+    name: dataset name (traj keys, statistics, logs).
+    builder_dir: TFDS version dir; absolute, or relative to ``data_dir``; "" -> ``<data_dir>/<name>``
+      (its newest version), or ``data_dir`` itself when that is a version dir.
+    standardize_fn: raw RLDS trajectory -> schema dict (callable or "module:function").
+    control_hz: control frequency (robot) or frames per second (video), for the frame gap.
+    kind: "robot" (default gap 0.6 s) or "human" (2.4 s).
+    gap_frames: a fixed gap in frames (e.g. 3 on Bridge), overriding seconds x hz.
+    train_split, val_split: split names (TFDS slices allowed).
+    image_shape: expected decoded (H, W) of this dataset's images (checked), or None.
+    gripper_dims: binary action dims (bin edges; left unnormalised by default).
+    normalize_mask: per action dim, True = normalised (None: every dim but ``gripper_dims``).
+    fingerprint: a hash of the standardisation mapping (part of the statistics cache key).
+    few_demo_task_key / few_demo_order_key: keys identifying an episode's task and its order for
+      ``few_demos_per_task`` ("episode_metadata/..." keys read the raw layout).
+    trajectories_fn: for non-RLDS sources (e.g. human video): ``(split=, train=, seed=,
+      process_index=, process_count=) -> TrajDataset`` of schema trajectories; replaces the
+      RLDS reader.
+    """
+
+    name: str
+    builder_dir: str = ""
+    standardize_fn: Callable | str | None = None
+    control_hz: float | None = None
+    kind: str = "robot"
+    gap_frames: int | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    image_shape: tuple[int, ...] | None = None
+    gripper_dims: tuple[int, ...] = (-1,)
+    normalize_mask: tuple[bool, ...] | None = None
+    fingerprint: str = ""
+    few_demo_task_key: str = "task/language_instruction"
+    few_demo_order_key: str | None = None
+    trajectories_fn: Callable[..., TrajDataset] | None = None
+
+
+METAWORLD_SPEC = DatasetSpec(
+    name="metaworld",
+    builder_dir="metaworld/1.0.0",
+    standardize_fn=standardize_metaworld,
+    control_hz=METAWORLD_CONTROL_HZ,
+    kind="robot",
+    gripper_dims=(METAWORLD_GRIPPER_DIM,),
+    few_demo_task_key="episode_metadata/task",
+    few_demo_order_key="episode_metadata/episode_id",
+)
+
+_DATASETS: dict[str, DatasetSpec] = {"metaworld": METAWORLD_SPEC}
+_MIXTURES: dict[str, list[tuple[str, float]]] = {}
+
+
+def register_dataset(spec: Any) -> None:
+    """Makes ``spec`` available by name (``config.data.dataset`` / mixtures)."""
+    spec = as_spec(spec)
+    _DATASETS[spec.name] = spec
+
+
+def register_mixture(name: str, entries: Sequence[tuple[str, float]]) -> None:
+    _MIXTURES[name] = [(str(n), float(w)) for n, w in entries]
+
+
+def as_spec(spec: Any) -> DatasetSpec:
+    """A ``DatasetSpec`` from a spec, a dict with its fields, or another spec object (e.g.
+    ``jaxvla.data.oxe.DatasetSpec``): its attributes of the same names are used, ``tfds_name`` is
+    the builder directory (``<data_dir>/<tfds_name>/<newest version>``) and ``fingerprint()`` its
+    fingerprint."""
+    if isinstance(spec, DatasetSpec):
+        return spec
+    fields = {f.name for f in dataclasses.fields(DatasetSpec)}
+    if isinstance(spec, Mapping):
+        values = dict(spec)
+    elif hasattr(spec, "name"):
+        values = {}
+        for field in fields:
+            try:
+                value = getattr(spec, field)
+            except AttributeError:
+                continue
+            if field == "fingerprint":
+                value = value() if callable(value) else value
+                value = value if isinstance(value, str) else ""
+            values[field] = value
+        if not values.get("builder_dir") and getattr(spec, "tfds_name", None):
+            values["builder_dir"] = str(spec.tfds_name)
+    else:
+        raise TypeError(f"not a dataset spec: {spec!r}")
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"dataset spec {values.get('name')!r}: unknown fields {unknown}; known: {sorted(fields)}")
+    if "gripper_dims" in values and values["gripper_dims"] is not None:
+        values["gripper_dims"] = tuple(int(d) for d in values["gripper_dims"])
+    if values.get("image_shape") is not None:
+        values["image_shape"] = tuple(int(d) for d in values["image_shape"])
+    if values.get("normalize_mask") is not None:
+        values["normalize_mask"] = tuple(bool(m) for m in values["normalize_mask"])
+    return DatasetSpec(**values)
+
+
+def _from_module(module_name: str, getter: str, tables: Sequence[str], name: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    fn = getattr(module, getter, None)
+    if callable(fn):
+        try:
+            return fn(name)
+        except (KeyError, ValueError):
+            pass
+    for table in tables:
+        values = getattr(module, table, None)
+        if isinstance(values, Mapping) and name in values:
+            return values[name]
+    return None
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    """A registered spec, else one from ``jaxvla.data.oxe`` (``get_dataset_spec(name)`` or a
+    ``DATASETS`` / ``OXE_DATASETS`` table)."""
+    if name in _DATASETS:
+        return _DATASETS[name]
+    found = _from_module("jaxvla.data.oxe", "get_dataset_spec", ("DATASETS", "OXE_DATASETS"), name)
+    if found is None and name in _DATASETS:  # registered while importing
+        return _DATASETS[name]
+    if found is None:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(_DATASETS)} (and jaxvla.data.oxe's)")
+    return as_spec(found)
+
+
+def get_mixture(name: str) -> list[tuple[Any, float]]:
+    """A registered mixture, else ``jaxvla.data.mixtures.resolve_mixture(name)`` (mixture names,
+    dataset names / aliases, ``"a:1,b:0.5"``), else this module's own parsing of ``"a:1,b:0.5"``
+    -> [(dataset name or spec, weight)]."""
+    if name in _MIXTURES:
+        return list(_MIXTURES[name])
+    try:
+        from jaxvla.data import mixtures as oxe_mixtures
+    except ImportError:
+        oxe_mixtures = None
+    resolve = getattr(oxe_mixtures, "resolve_mixture", None)
+    if resolve is not None and not all(
+        part.split(":")[0].strip() in _DATASETS for part in name.split(",") if part.strip()
+    ):
+        return [(spec, float(weight)) for spec, weight in resolve(name)]
+    if ":" in name or "," in name:
+        entries = []
+        for part in name.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            dataset, _, weight = part.partition(":")
+            entries.append((dataset.strip(), float(weight) if weight else 1.0))
+        return entries
+    if name in _MIXTURES:
+        return list(_MIXTURES[name])
+    found = _from_module("jaxvla.data.mixtures", "get_mixture", ("MIXTURES", "OXE_MIXTURES"), name)
+    if found is None and name in _MIXTURES:
+        return list(_MIXTURES[name])
+    if found is None:
+        if name in _DATASETS:
+            return [(name, 1.0)]
+        raise KeyError(f"unknown mixture {name!r}; registered: {sorted(_MIXTURES)} (and jaxvla.data.mixtures')")
+    return [(str(n), float(w)) for n, w in (found.items() if isinstance(found, Mapping) else found)]
+
+
+def _resolve_fn(fn: Callable | str | None) -> Callable | None:
+    if fn is None or callable(fn):
+        return fn
+    module, _, attr = str(fn).partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def resolve_builder_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> str:
+    """The dataset's TFDS version directory; errors name the dataset, the key and the path."""
+    if not data_dir and not (spec.builder_dir and _is_absolute(spec.builder_dir)):
+        raise ValueError(
+            f"dataset {spec.name!r}: config.data.data_dir is empty; set it to the directory holding "
+            f"the TFDS datasets (e.g. runs/data/metaworld_mt10_64) or to the dataset's version directory"
+        )
+    data_dir = abs_path(data_dir) if data_dir else ""
+    if spec.builder_dir and _is_absolute(spec.builder_dir):
+        candidates = [spec.builder_dir]
+    else:
+        candidates = [data_dir] if data_dir else []  # data_dir may be the version dir itself
+        if spec.builder_dir:
+            candidates.append(os.path.join(data_dir, spec.builder_dir))
+        candidates.append(os.path.join(data_dir, spec.name))
+    for path in candidates:
+        if path_exists(os.path.join(path, "dataset_info.json")):
+            return path
+    for path in candidates:
+        if is_dir(path):  # a builder dir holding version dirs: the newest
+            versions = sorted(
+                (
+                    d.rstrip("/")
+                    for d in tf.io.gfile.listdir(path)
+                    if path_exists(os.path.join(path, d.rstrip("/"), "dataset_info.json"))
+                ),
+                key=_version_key,
+            )
+            if versions:
+                return os.path.join(path, versions[-1])
+    if data_dir and not is_dir(data_dir):
+        raise FileNotFoundError(f"dataset {spec.name!r}: config.data.data_dir={data_dir} does not exist")
+    raise FileNotFoundError(
+        f"dataset {spec.name!r}: no TFDS dataset (dataset_info.json) at {candidates or [data_dir]} "
+        f"(config.data.data_dir={data_dir or None})"
+    )
+
+
+def _is_absolute(path: str) -> bool:
+    return "://" in path or os.path.isabs(path)
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def dataset_gap(spec: DatasetSpec, gap_seconds: float = 0.0, gap_frames: int = 0) -> int:
+    """H for ``spec``: ``gap_frames`` > 0, else the spec's ``gap_frames``, else
+    round(seconds x control_hz) with seconds = ``gap_seconds`` or 0.6 (robot) / 2.4 (human)."""
+    if gap_frames and int(gap_frames) > 0:
+        return int(gap_frames)
+    if spec.gap_frames:
+        return int(spec.gap_frames)
+    seconds = float(gap_seconds) if gap_seconds else (HUMAN_GAP_SECONDS if spec.kind == "human" else ROBOT_GAP_SECONDS)
+    if not spec.control_hz:
+        raise ValueError(
+            f"dataset {spec.name!r}: no control_hz / fps in its spec, so the frame gap cannot be derived "
+            "from seconds; set the spec's gap_frames or config.data.gap_frames"
+        )
+    return tt.gap_for_dataset(spec.control_hz, seconds)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+def default_stats_dir() -> str:
+    root = os.environ.get("JAXVLA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxvla")
+    return os.path.join(root, "stats")
+
+
+def _fn_name(fn: Any) -> str:
+    fn = _resolve_fn(fn) if isinstance(fn, str) else fn
+    if fn is None:
+        return "none"
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def dataset_statistics(
+    spec: Any,
+    data_dir: str | os.PathLike | None,
+    *,
+    split: str | None = None,
+    stats_dir: str | None = None,
+    num_bins: int = 0,
+    progress: bool = True,
+    few_demos_per_task: int = 0,
+) -> dict[str, Any]:
+    """Statistics (``stats.compute_statistics``) of ``action`` and ``observation/proprio`` over the
+    whole train split (all processes alike; only the first ``few_demos_per_task`` episodes of every
+    task when > 0, i.e. the finetuning data), cached under ``stats_dir`` keyed by the spec, the
+    split, the episode subset, the builder dir and its fingerprint."""
+    spec = as_spec(spec)
+    split = split or spec.train_split
+    if spec.trajectories_fn is not None:
+        trajectories = spec.trajectories_fn(split=split, train=False, seed=0, process_index=0, process_count=1)
+        if isinstance(trajectories, tf.data.Dataset):
+            trajectories = TrajDataset.from_tf(trajectories, spec.name)
+        cache_key = None
+    else:
+        builder_dir = resolve_builder_dir(spec, data_dir)
+        standardize = _resolve_fn(spec.standardize_fn)
+        indices = _few_demo_indices(spec, builder_dir, split, few_demos_per_task, standardize)
+        trajectories = TrajDataset.from_rlds(
+            builder_dir, split, shuffle=False, process_index=0, process_count=1,
+            standardize_fn=standardize, dataset_name=spec.name, deterministic=True, traj_indices=indices,
+        )
+        cache_key = {
+            "name": spec.name,
+            "split": split,
+            "episodes": indices,
+            "builder_dir": builder_dir,
+            "fingerprint": stats_lib.dataset_fingerprint(builder_dir),
+            "standardize_fn": _fn_name(spec.standardize_fn),
+            "spec_fingerprint": spec.fingerprint,
+        }
+    return stats_lib.compute_statistics(
+        trajectories,
+        keys=("action", "observation/proprio"),
+        cache_dir=stats_dir or default_stats_dir(),
+        cache_key=cache_key,
+        name=spec.name,
+        num_bins=num_bins,
+        binary_dims=spec.gripper_dims,
+        progress=progress,
+        total=getattr(trajectories, "num_trajectories", None),
+    )
+
+
+def make_trajectory_dataset(
+    dataset_spec: Any,
+    split: str | None,
+    train: bool,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    deterministic: bool = True,
+    ignore_errors: bool = False,
+    few_demos_per_task: int = 0,
+    num_parallel_reads: int = AUTOTUNE,
+    num_parallel_calls: int = AUTOTUNE,
+) -> TrajDataset:
+    """This process's share of one dataset's split as standardised trajectories.
+
+    ``split`` None / "" -> the spec's train or val split (by ``train``). The file order is
+    shuffled every pass when ``train``."""
+    spec = as_spec(dataset_spec)
+    if not split:
+        split = spec.train_split if train else spec.val_split
+    if spec.trajectories_fn is not None:
+        ds = spec.trajectories_fn(
+            split=split, train=train, seed=seed, process_index=process_index, process_count=process_count
+        )
+        if isinstance(ds, tf.data.Dataset):
+            ds = TrajDataset.from_tf(ds, spec.name, deterministic=deterministic, seed=seed)
+        return ds
+    builder_dir = resolve_builder_dir(spec, data_dir)
+    standardize = _resolve_fn(spec.standardize_fn)
+    indices = _few_demo_indices(spec, builder_dir, split, few_demos_per_task, standardize)
+    return TrajDataset.from_rlds(
+        builder_dir,
+        split,
+        shuffle=train,
+        num_parallel_reads=num_parallel_reads,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        standardize_fn=standardize,
+        dataset_name=spec.name,
+        deterministic=deterministic,
+        ignore_errors=ignore_errors,
+        traj_indices=indices,
+        num_parallel_calls=num_parallel_calls,
+    )
+
+
+def _few_demo_indices(spec: DatasetSpec, builder_dir: str, split: str, num: int, standardize) -> list[int] | None:
+    if not num or num <= 0:
+        return None
+    raw_keys = spec.few_demo_task_key.startswith("episode_metadata/")
+    indices = first_episodes_per_task(
+        builder_dir, split, int(num),
+        standardize_fn=None if raw_keys else standardize,
+        task_key=spec.few_demo_task_key, dataset_name=spec.name, order_key=spec.few_demo_order_key,
+    )
+    log.info("%s: %d episodes (the first %d of every task) of split %s", spec.name, len(indices), num, split)
+    return indices
+
+
+# --------------------------------------------------------------------------- config
+
+
+def default_data_config():
+    """``config.data`` with every key ``make_batches`` reads (an ml_collections ConfigDict)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        dict(
+            data_dir="runs/data/metaworld_mt10_64",
+            dataset="metaworld",
+            mixture="",
+            split="",
+            eval_split="",
+            sample="frames",
+            image_size=64,
+            cameras="primary",
+            gap_seconds=0.0,
+            gap_frames=0,
+            clip_length=7,
+            clip_stride=1,
+            chunk_size=14,
+            chunk_pad="zero",
+            history=1,
+            shuffle_buffer=10_000,
+            traj_shuffle_buffer=8,
+            augment=False,
+            augmentation=dict(
+                crop_scale=(0.8, 1.0),
+                crop_ratio=(0.9, 1.1),
+                brightness=0.1,
+                contrast=(0.9, 1.1),
+                saturation=(0.9, 1.1),
+                hue=0.05,
+            ),
+            deterministic=True,
+            num_parallel_reads=-1,
+            num_parallel_calls=-1,
+            prefetch=2,
+            ignore_errors=False,
+            action_normalization="none",
+            proprio_normalization="none",
+            num_bins=0,
+            stats_dir="",
+            drop_actions=False,
+            few_demos_per_task=0,
+            max_samples_per_traj=0,
+            goal_relabel=False,
+            eval_repeat=True,
+            check_nonempty=True,
+        )
+    )
+
+
+def _cfg(config: Any, key: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    try:
+        return config.get(key, default)
+    except AttributeError:
+        return getattr(config, key, default)
+
+
+def _parallel(value: Any) -> int:
+    value = -1 if value is None else int(value)
+    return AUTOTUNE if value < 0 else value
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """This process's numpy batches (iterable; each ``iter()`` starts the stream anew).
+
+    Attributes: ``statistics`` {dataset name: stats dict} (empty unless normalisation or bins were
+    requested), ``specs`` [(DatasetSpec, weight)], ``gaps`` {dataset name: H}, ``dataset`` (the
+    final ``TrajDataset`` of batches), ``batch_size``, ``sample``."""
+
+    def __init__(self, dataset: TrajDataset, *, statistics, specs, gaps, batch_size: int, sample: str, children):
+        self.dataset = dataset
+        self.statistics = statistics
+        self.specs = specs
+        self.gaps = gaps
+        self.batch_size = batch_size
+        self.sample = sample
+        self._children = children
+
+    def __iter__(self) -> Iterator[dict]:
+        iterator = self.dataset.iterator()
+        first = True
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                if first:
+                    raise ValueError(
+                        f"{self.dataset.name}: the pipeline produced no batch of {self.batch_size} {self.sample} "
+                        "samples (too few samples for one batch with drop_remainder; lower the batch size)"
+                    ) from None
+                return
+            first = False
+            yield batch
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt records skipped so far (``ignore_errors``)."""
+        return self.dataset.num_skipped
+
+
+def _pad_last(x: tf.Tensor, size: int) -> tf.Tensor:
+    extra = size - int(x.shape[-1])
+    if extra <= 0:
+        return x
+    paddings = [[0, 0]] * (x.shape.rank - 1) + [[0, extra]]
+    return tf.pad(x, paddings)
+
+
+def _image_keys(tree: Mapping[str, Any]) -> list[str]:
+    return [k for k in tree if k.startswith("image_")]
+
+
+def make_batches(
+    data_config: Any,
+    *,
+    batch_size: int,
+    train: bool = True,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    mixture: Sequence[tuple[Any, float]] | None = None,
+    progress: bool = False,
+) -> Batches:
+    """Per-process numpy batches of ``config.data.sample`` samples (module docstring).
+
+    Args:
+      data_config: ``config.data`` (ConfigDict or dict; missing keys take the defaults).
+      batch_size: rows per batch on THIS process (global batch / process count).
+      train: training (shuffled files, augmentation, train split) or evaluation (val split, no
+        augmentation, deterministic).
+      seed: everything random derives from it.
+      process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+      start_step: skip this many batches (resume).
+      mixture: [(spec or dataset name, weight)] overriding ``config.data.mixture`` / ``dataset``.
+    """
+    cfg = data_config
+    defaults = default_data_config()
+
+    def get(key):
+        return _cfg(cfg, key, defaults[key])
+
+    sample = get("sample")
+    if sample not in SAMPLE_KINDS:
+        raise ValueError(f"config.data.sample={sample!r} is unknown; expected one of {SAMPLE_KINDS}")
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from jaxvla.data.dataset import _default_process
+
+    process_index, process_count = _default_process(process_index, process_count)
+    deterministic = bool(get("deterministic")) or not train
+    image_size = int(get("image_size"))
+    cameras = [c.strip() for c in str(get("cameras")).split(",") if c.strip()]
+    if not cameras:
+        raise ValueError("config.data.cameras is empty; name at least one camera (e.g. 'primary')")
+    data_dir = get("data_dir")
+
+    if mixture is None:
+        name = get("mixture") or get("dataset")
+        if not name:
+            raise ValueError("config.data.mixture and config.data.dataset are both empty; name a dataset")
+        mixture = get_mixture(name) if get("mixture") else [(name, 1.0)]
+    entries = [(get_dataset_spec(s) if isinstance(s, str) else as_spec(s), float(w)) for s, w in mixture]
+    entries = [(s, w) for s, w in entries if w > 0]
+    if not entries:
+        raise ValueError(f"mixture {mixture!r} has no dataset with a positive weight")
+
+    action_norm = get("action_normalization") or "none"
+    proprio_norm = get("proprio_normalization") or "none"
+    num_bins = int(get("num_bins") or 0)
+    statistics: dict[str, Any] = {}
+    if action_norm != "none" or proprio_norm != "none" or num_bins > 0:
+        for spec, _ in entries:
+            statistics[spec.name] = dataset_statistics(
+                spec, data_dir, stats_dir=get("stats_dir") or None, num_bins=num_bins, progress=progress,
+                few_demos_per_task=int(get("few_demos_per_task") or 0),
+            )
+
+    gaps = {}
+    if sample == "pairs":
+        gaps = {s.name: dataset_gap(s, get("gap_seconds"), get("gap_frames")) for s, _ in entries}
+    max_gap = max(gaps.values()) if gaps else 0
+
+    split_key = "split" if train else "eval_split"
+    children = []
+    for position, (spec, weight) in enumerate(entries):
+        child_seed = _derive_seed(seed, 1000 + position)
+        traj = make_trajectory_dataset(
+            spec,
+            get(split_key) or None,
+            train,
+            child_seed,
+            process_index,
+            process_count,
+            data_dir=data_dir,
+            deterministic=deterministic,
+            ignore_errors=bool(get("ignore_errors")),
+            few_demos_per_task=int(get("few_demos_per_task") or 0),
+            num_parallel_reads=_parallel(get("num_parallel_reads")),
+            num_parallel_calls=_parallel(get("num_parallel_calls")),
+        )
+        children.append((spec, weight, traj))
+
+    action_dim = max(int(t.element_spec["action"].shape[-1]) for _, _, t in children)
+    proprio_dim = max(int(t.element_spec["observation"]["proprio"].shape[-1]) for _, _, t in children)
+
+    streams = []
+    for spec, weight, traj in children:
+        stream = _samples(
+            traj, spec, get, train=train, sample=sample, cameras=cameras, statistics=statistics.get(spec.name),
+            action_norm=action_norm, proprio_norm=proprio_norm, action_dim=action_dim, proprio_dim=proprio_dim,
+            gap=gaps.get(spec.name, 0), max_gap=max_gap,
+        )
+        if get("check_nonempty"):
+            _check_nonempty(stream, spec, traj, sample, gaps.get(spec.name, 0), get)
+        if train or get("eval_repeat"):
+            stream = stream.repeat()
+        streams.append(stream)
+
+    if len(streams) == 1:
+        ds = streams[0]
+    else:
+        ds = TrajDataset.sample_from_datasets(
+            streams, [w for _, w, _ in children], seed=_derive_seed(seed, 3)
+        )
+    shuffle_buffer = int(get("shuffle_buffer") or 0)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=_derive_seed(seed, 4 if train else 5))
+
+    # Per-sample seeds from the sample's position in the stream (stable under start_step).
+    augment = bool(get("augment")) and train
+    augment_config = ft.AugmentConfig.from_mapping(get("augmentation")) if augment else None
+    aug_seed = _derive_seed(seed, 6)
+
+    def decode(index, sample_dict):
+        out = dict(sample_dict)
+        check = out.pop("_image_shape")
+        for group in ("observation", "task"):
+            if group not in out:
+                continue
+            tree = dict(out[group])
+            for key_index, key in enumerate(sorted(_image_keys(tree))):
+                context = tf.strings.join(["dataset '", sample_dict["dataset_name"], f"' key {group}/{key}"])
+                images = ft.decode_and_resize(tree[key], image_size, expected_shape=check, context=context)
+                if augment_config is not None:
+                    lead = tf.shape(images)[:-3]
+                    frames = tf.reshape(images, [-1, image_size, image_size, 3])
+                    seed_ = tf.stack([tf.constant(aug_seed, tf.int64), index * 16 + key_index + (8 if group == "task" else 0)])
+                    frames = ft.augment_frames(frames, seed_, augment_config)
+                    images = tf.ensure_shape(
+                        tf.reshape(frames, tf.concat([lead, [image_size, image_size, 3]], 0)), images.shape
+                    )
+                tree[key] = images
+            out[group] = tree
+        return out
+
+    ds = ds._derive(ds.dataset.enumerate())
+    if start_step > 0:
+        ds = ds.skip(int(start_step) * batch_size)
+    ds = ds.traj_map(decode, num_parallel_calls=_parallel(get("num_parallel_calls")))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    prefetch = int(get("prefetch"))
+    ds = ds.prefetch(AUTOTUNE if prefetch < 0 else prefetch)
+    return Batches(
+        ds, statistics=statistics, specs=[(s, w) for s, w, _ in children], gaps=gaps, batch_size=batch_size,
+        sample=sample, children=children,
+    )
+
+
+def numpy_iterator(data_config: Any, **kwargs) -> Iterator[dict]:
+    """``iter(make_batches(data_config, **kwargs))``."""
+    return iter(make_batches(data_config, **kwargs))
+
+
+def _samples(
+    traj: TrajDataset,
+    spec: DatasetSpec,
+    get: Callable[[str], Any],
+    *,
+    train: bool,
+    sample: str,
+    cameras: Sequence[str],
+    statistics: Mapping[str, Any] | None,
+    action_norm: str,
+    proprio_norm: str,
+    action_dim: int,
+    proprio_dim: int,
+    gap: int,
+    max_gap: int,
+) -> TrajDataset:
+    """One dataset's trajectories -> flat stream of encoded samples (before mixing)."""
+    name = spec.name
+    available = set(traj.element_spec["observation"])
+    missing = [c for c in cameras if f"image_{c}" not in available]
+    if missing:
+        raise KeyError(
+            f"dataset {name!r}: no camera(s) {missing} (config.data.cameras); it has "
+            f"{sorted(k[len('image_'):] for k in available if k.startswith('image_'))}"
+        )
+    action_dims = int(traj.element_spec["action"].shape[-1])
+    if spec.normalize_mask is not None:
+        if len(spec.normalize_mask) != action_dims:
+            raise ValueError(
+                f"dataset {name!r}: normalize_mask has {len(spec.normalize_mask)} entries, actions have {action_dims}"
+            )
+        norm_mask = np.asarray(spec.normalize_mask, bool)
+    else:
+        norm_mask = np.ones((action_dims,), bool)
+        for d in spec.gripper_dims:
+            if -action_dims <= d < action_dims:
+                norm_mask[d] = False
+    image_shape = np.asarray(list(spec.image_shape or (0, 0))[:2], np.int32)
+    drop = bool(get("drop_actions"))
+
+    def prepare(t):
+        t = dict(t)
+        observation = dict(t["observation"])
+        if statistics is not None and action_norm != "none":
+            action = stats_lib.normalize(t["action"], statistics["action"], action_norm, mask=norm_mask)
+            t["action"] = tf.where(t["has_action"][:, None], action, tf.zeros_like(action))
+        if statistics is not None and proprio_norm != "none" and proprio_dim > 0:
+            observation["proprio"] = stats_lib.normalize(
+                observation["proprio"], statistics["observation/proprio"], proprio_norm
+            )
+        if drop:
+            t = tt.drop_actions(t)
+        t["action"] = _pad_last(t["action"], action_dim)
+        observation["proprio"] = _pad_last(observation["proprio"], proprio_dim)
+        for key in list(observation):
+            if key.startswith("image_") and key[len("image_"):] not in cameras:
+                del observation[key]
+        t["observation"] = observation
+        return t
+
+    ds = traj.traj_map(prepare)
+    traj_buffer = int(get("traj_shuffle_buffer") or 0)
+    if train and traj_buffer > 1:
+        ds = ds.shuffle(traj_buffer)
+    if get("goal_relabel"):
+        ds = ds.traj_map_seeded(tt.goal_relabel_uniform)
+
+    history = int(get("history") or 1)
+    if sample == "frames":
+        if history > 1:
+            ds = ds.traj_map(lambda t: tt.history_windows(t, history))
+    elif sample == "pairs":
+        ds = ds.traj_map(lambda t: tt.frame_pairs(t, gap, action_window=max_gap))
+    elif sample == "clips":
+        length, stride = int(get("clip_length")), int(get("clip_stride") or 1)
+        ds = ds.traj_map(lambda t: tt.clips(t, length, stride))
+    elif sample == "chunks":
+        chunk, pad = int(get("chunk_size")), str(get("chunk_pad") or "zero")
+
+        def chunks(t):
+            t = tt.action_chunks(t, chunk, pad)
+            if history > 1:
+                t = tt.history_windows(t, history)
+            return t
+
+        ds = ds.traj_map(chunks)
+    max_samples = int(get("max_samples_per_traj") or 0)
+    if max_samples > 0:
+        ds = ds.traj_map_seeded(lambda t, s: tt.subsample(t, max_samples, s))
+    ds = ds.traj_map(lambda t: {**t, "_image_shape": tf.tile(image_shape[None], [tf.shape(t["traj_key"])[0], 1])})
+    ds = ds.flatten()
+    if sample == "chunks":
+        ds = ds.filter(lambda s: s["action_pad_mask"][0])
+    return ds
+
+
+def _check_nonempty(stream: TrajDataset, spec: DatasetSpec, traj: TrajDataset, sample: str, gap: int, get) -> None:
+    """Raises ValueError naming the dataset when ``stream`` yields no sample at all."""
+    from jaxvla.data.dataset import translate_error
+
+    try:
+        for _ in stream.dataset.take(1):
+            return
+    except tf.errors.InvalidArgumentError as e:
+        translate_error(e)
+        raise
+    need = {
+        "pairs": f"pairs need trajectories of at least gap + 1 = {gap + 1} frames",
+        "clips": f"clips need at least clip_length * clip_stride + 1 = "
+        f"{int(get('clip_length')) * int(get('clip_stride') or 1) + 1} frames",
+        "chunks": "chunks need steps with actions (has_action)",
+        "frames": "frames need non-empty trajectories",
+    }[sample]
+    raise ValueError(
+        f"dataset {spec.name!r}: no {sample} samples from its {traj.num_trajectories or 'all'} trajectories "
+        f"on this process ({need}; the dataset may be empty or its trajectories too short)"
+    )
