@@ -287,3 +287,33 @@ def test_two_processes_match_one(tmp_path):
     single = train(toy_config(num_steps=3, **{"mesh.data": 2}), str(tmp_path / "single"), devices=jax.devices()[:2])
     assert step == 3
     assert_trees_close(state["params"], jax.device_get(single.state.params))
+
+
+def test_data_statistics_round_trip_as_checkpoint_assets(tmp_path):
+    """Normalisation statistics and quantile bin edges from the data pipeline are saved with the
+    checkpoint and come back with the same values and dtypes (what finetuning and policies read)."""
+    import dataclasses
+
+    from jaxvla.data import stats as stats_lib
+    from toy import build_toy
+
+    rng = np.random.default_rng(0)
+    trajectories = [
+        {"action": rng.normal(size=(20, 4)).astype(np.float32),
+         "observation": {"proprio": rng.normal(size=(20, 3)).astype(np.float32)},
+         "has_action": np.ones(20, bool)}
+        for _ in range(5)
+    ]
+    statistics = stats_lib.compute_statistics(iter(trajectories), name="toy", progress=False, num_bins=8, binary_dims=(3,))
+    config = toy_config(num_steps=1)
+    stage = dataclasses.replace(build_toy(config), assets={"statistics": statistics})
+    train(config, str(tmp_path), stage=stage, devices=jax.devices()[:1])
+    _, _, assets, _ = ckpt_lib.load_checkpoint(str(tmp_path))
+    saved = assets["statistics"]["action"]
+    for key in ("mean", "std", "min", "max", "q01", "q99", "bin_edges"):
+        np.testing.assert_array_equal(saved[key], statistics["action"][key])
+        assert saved[key].dtype == statistics["action"][key].dtype
+    assert saved["count"] == 100 and list(saved["binary_dims"]) == [3]
+    edges = saved["bin_edges"]
+    bins = stats_lib.bin_actions(trajectories[0]["action"], edges)
+    np.testing.assert_array_equal(bins, stats_lib.bin_actions(trajectories[0]["action"], statistics["action"]["bin_edges"]))
