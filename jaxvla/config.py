@@ -68,6 +68,22 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """A stage config from ``"configs/<stage>.py[:variant]"``, as ``--config=`` would load it.
+
+    For scripts and tests that build configs in Python rather than on the command line.
+    """
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path} (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location(f"jaxvla_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     """Sets dotted keys in place, like ``--config.a.b=v`` on the command line: {"a.b": v}.
 

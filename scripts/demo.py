@@ -11,7 +11,6 @@ as they land.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,9 +31,7 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import tokenizer as tokenizer_configs
-
+    from jaxvla.config import load_config
     from jaxvla.data.embedded import ensure_metaworld_dataset
     from jaxvla.trainer import train
 
@@ -46,7 +43,8 @@ def main(argv):
     rows.append(("data", f"Meta-World MT10 experts, {dataset}", f"{time.time() - start:.0f} s"))
 
     start = time.time()
-    config = tokenizer_configs.get_config("small")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(repo, "configs", "tokenizer.py:small"))
     config.num_steps = FLAGS.tokenizer_steps
     config.data.data_dir = FLAGS.data_dir
     config.eval_every = FLAGS.tokenizer_steps

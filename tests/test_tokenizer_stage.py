@@ -12,18 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvla.config import apply_overrides
+from jaxvla.config import apply_overrides, load_config
 from jaxvla.losses.tokenizer import code_statistics, make_code_restarts
 from jaxvla.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import tokenizer as tokenizer_configs  # noqa: E402
 
 
 def tiny_tokenizer_config(**overrides):
     """The ``small`` variant shrunk so a CPU step takes a few tens of milliseconds."""
-    config = tokenizer_configs.get_config("small")
+    config = load_config(os.path.join(REPO, "configs", "tokenizer.py:small"))
     values = {
         "batch_size": 8,
         "log_every": 1,
