@@ -645,3 +645,45 @@ def join_latent_labels(
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     return trajectory_dataset.map(attach, num_parallel_calls=parallel, deterministic=True)
+
+
+def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.PathLike]) -> str:
+    """Makes ``out_dir`` one label directory over finished part directories inside it (one per
+    labelling process): its ``labels_info.json`` lists every part's shards by relative path. The
+    parts must share the LAQ config hash, code shape and codebook size. The info file is written
+    last and atomically, so ``out_dir`` reads as complete only once every part is in it."""
+    out_dir = os.fspath(out_dir).rstrip("/\\")
+    infos = []
+    for part in part_dirs:
+        part = os.fspath(part)
+        if os.path.dirname(os.path.abspath(part)) != os.path.abspath(out_dir):
+            raise ValueError(f"label part {part} is not directly inside {out_dir}")
+        infos.append((os.path.basename(part), _read_info(part)))
+    if not infos:
+        raise ValueError(f"{out_dir}: no label parts to merge")
+    keys = ("laq_config_hash", "code_shape", "codebook_size")
+    first_name, first = infos[0]
+    for name, info in infos[1:]:
+        for key in keys:
+            if info[key] != first[key]:
+                raise ValueError(f"{out_dir}: part {name} has {key}={info[key]!r}, part {first_name} has {first[key]!r}")
+    shards = [
+        {**{k: s[k] for k in ("count", "num_frames", "bytes")}, "file": f"{name}/{s['file']}"}
+        for name, info in infos
+        for s in info["shards"]
+    ]
+    merged = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **{k: first[k] for k in keys},
+        "meta": first.get("meta", {}),
+        "parts": [name for name, _ in infos],
+        "count": sum(s["count"] for s in shards),
+        "num_frames": sum(s["num_frames"] for s in shards),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shards": shards,
+    }
+    _write_json_atomic(os.path.join(out_dir, INFO_FILE), merged)
+    _fsync_dir(out_dir)
+    log.info("%s: %d trajectories, %d labelled frames in %d part(s)", out_dir, merged["count"], merged["num_frames"], len(infos))
+    return out_dir

@@ -50,6 +50,7 @@ class Stage:
 
 _BUILDERS: dict[str, Callable[[Any], Stage] | str] = {
     "tokenizer": "jaxvla.stages.tokenizer",
+    "laq": "jaxvla.stages.laq",
 }
 
 
