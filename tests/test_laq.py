@@ -124,6 +124,22 @@ def test_lapa_decoder_reads_codes_and_matches_the_full_forward_pass():
     assert np.abs(np.asarray(other) - np.asarray(decoded)).max() > 1e-3
 
 
+def test_remat_policies_give_the_same_gradients():
+    frames = None
+    grads = {}
+    for policy in ("none", "full", "dots_saveable"):
+        model = LAQ(variant="vipra", num_frames=3, residual=False, remat=policy, **TINY)
+        params = init(model)
+        if frames is None:
+            frames = (np.asarray(random_frames(model, 2)) * 127.5 + 127.5).astype(np.uint8)
+        grads[policy] = jax.grad(lambda p: laq_loss(p, {"frames": frames}, jax.random.PRNGKey(0), model=model)[0])(params)
+    for policy in ("full", "dots_saveable"):
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="config.remat_policy='some'"):
+        init(LAQ(variant="lapa", remat="some", **TINY))
+
+
 def test_bad_configurations_are_refused():
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         init(LAQ(variant="lapa", **{**TINY, "patch_size": 7}))

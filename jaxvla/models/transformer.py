@@ -34,6 +34,23 @@ def remat_policy(name: str):
     return True, jax.checkpoint_policies.nothing_saveable
 
 
+def scanned_layers(block: type[nn.Module], depth: int, remat: str):
+    """``block`` (scan-compatible: ``(x, context) -> (x, None)``) repeated ``depth`` times by
+    ``nn.scan``, its parameters stacked on a leading ``layers`` axis, wrapped in ``nn.remat`` with
+    the ``remat`` policy unless it is "none"."""
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+        block = nn.remat(block, policy=policy, prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 def _dense_init():
     return nn.initializers.xavier_uniform()
 
@@ -166,18 +183,7 @@ class TransformerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        block = TransformerBlock
-        use_remat, policy = remat_policy(self.remat)
-        if use_remat:
-            block = nn.remat(block, policy=policy, prevent_cse=False)
-        scanned = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=nn.broadcast,
-            length=self.depth,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        scanned = scanned_layers(TransformerBlock, self.depth, self.remat)
         x, _ = scanned(
             self.num_heads, self.head_dim, self.mlp_ratio, self.causal, self.cross_attention, self.dtype,
             name="layers",
@@ -225,18 +231,7 @@ class FactorisedStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        block = FactorisedBlock
-        use_remat, policy = remat_policy(self.remat)
-        if use_remat:
-            block = nn.remat(block, policy=policy, prevent_cse=False)
-        scanned = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=nn.broadcast,
-            length=self.depth,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        scanned = scanned_layers(FactorisedBlock, self.depth, self.remat)
         x, _ = scanned(
             self.num_heads, self.head_dim, self.mlp_ratio, self.temporal_causal, self.dtype, name="layers"
         )(x, None)
