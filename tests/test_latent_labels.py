@@ -306,3 +306,36 @@ def test_join_on_metaworld_trajectories(metaworld_dataset, tmp_path):
         assert traj["has_latent"].sum() == n - gap and not traj["has_latent"][n - gap :].any()
         np.testing.assert_array_equal(traj["latent_action"][: n - gap], codes[key])
         assert traj["has_action"].all() and traj["observation"]["proprio"].shape[0] == n
+
+
+def test_parts_of_several_processes_merge_into_one_label_directory(tmp_path):
+    labels = make_labels(6)
+    keys = sorted(labels)
+    out = tmp_path / "labels"
+    for part, share in enumerate((keys[:4], keys[4:])):  # two labelling processes
+        with ll.LatentLabelWriter(out / f"part-{part:05d}", HASH, CODE_SHAPE, CODEBOOK, shard_size=2) as writer:
+            for key in share:
+                _, frames, codes = labels[key]
+                writer.add(key, frames, codes)
+    assert not ll.is_complete(out)
+    ll.merge_label_parts(out, [out / "part-00000", out / "part-00001"])
+    info, loaded = ll.load_latent_labels(out)
+    assert info["parts"] == ["part-00000", "part-00001"] and info["count"] == 6
+    assert sorted(loaded.keys) == keys
+    for key in keys:
+        _, frames, codes = labels[key]
+        order = np.argsort(frames)
+        got_frames, got_codes = loaded[key]
+        np.testing.assert_array_equal(got_frames, frames[order])
+        np.testing.assert_array_equal(got_codes, codes[order])
+
+    other = tmp_path / "other"
+    with ll.LatentLabelWriter(other / "part-00000", HASH, CODE_SHAPE, CODEBOOK) as writer:
+        writer.add("a", [0], np.zeros((1, *CODE_SHAPE), np.int64))
+    with ll.LatentLabelWriter(other / "part-00001", "another-laq", CODE_SHAPE, CODEBOOK) as writer:
+        writer.add("b", [0], np.zeros((1, *CODE_SHAPE), np.int64))
+    with pytest.raises(ValueError, match="part-00001 has laq_config_hash='another-laq'"):
+        ll.merge_label_parts(other, [other / "part-00000", other / "part-00001"])
+    assert not ll.is_complete(other)
+    with pytest.raises(ValueError, match="not directly inside"):
+        ll.merge_label_parts(other, [out / "part-00000"])

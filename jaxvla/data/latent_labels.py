@@ -31,6 +31,10 @@ the complete shards, deletes everything else in the staging directory and report
 keys in ``done_keys()``; the labeller skips those and carries on. The staging directory and the
 final directory must be on one local file system (``os.replace`` of a directory).
 
+Several labelling processes each write ``label_dir/part-<i>`` (a label directory of its own);
+``merge_label_parts`` then writes ``label_dir/labels_info.json`` listing every part's shards by
+relative path (``part-00000/labels-00000.tfrecord``), so readers see one directory.
+
 The join (``join_latent_labels``) is pure TensorFlow: a ``tf.lookup.StaticHashTable`` maps
 ``traj_key`` to a row; each row's frames are a slice of one flat, per-row sorted ``frame_index``
 array (``row_splits`` as in a ragged tensor) and ``tf.searchsorted`` finds each timestep in it, so
