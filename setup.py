@@ -16,6 +16,8 @@ CORE = [
     "tensorflow-datasets>=4.9.6",
     "transformers>=4.45",
     "sentencepiece>=0.2",
+    # The SentencePiece model itself comes from the mistral-common wheel, installed by the
+    # Makefile with --no-deps (its numpy<2.4 bound on Python <= 3.12 conflicts with ours).
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "pillow>=10",
