@@ -219,3 +219,199 @@ def load_vqgan_params(path: str | os.PathLike, variant: str | Mapping[str, Any] 
 def count_params(tree: Mapping[str, Any]) -> int:
     """Total number of scalars in a nested dict of arrays."""
     return int(sum(np.size(v) for v in flatten_dict(_strip_params_wrapper(tree)).values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# LWM's LLaMA (EasyLM layout) -> jaxvla.models.llama.Llama params.
+#
+# The layout below is taken from the EasyLM / LWM Flax code (``FlaxLLaMAForCausalLMModule`` and
+# LWM's ``FlaxVideoLLaMAForCausalLMModule``) as remembered; real LWM weight files were not
+# available offline, so it is verified only against synthetic trees built in the tests.
+
+
+def rope_interleaved_to_half(x: np.ndarray) -> np.ndarray:
+    """Permutes the last (head_dim) axis from EasyLM's interleaved RoPE layout, where the pair
+    ``(x[2i], x[2i+1])`` is rotated by frequency ``i`` (a complex number), to the backbone's /
+    HF's rotate-half layout, where the pair is ``(x[i], x[i + Dh/2])``: new ``[r*Dh/2 + i]`` =
+    old ``[2i + r]``. Applied to the output columns of ``wq`` and ``wk`` (the same permutation of
+    q and k leaves every attention score unchanged, and RoPE then acts identically)."""
+    dh = x.shape[-1]
+    return np.swapaxes(x.reshape(*x.shape[:-1], dh // 2, 2), -1, -2).reshape(x.shape)
+
+
+def rope_half_to_interleaved(x: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`rope_interleaved_to_half`."""
+    dh = x.shape[-1]
+    return np.swapaxes(x.reshape(*x.shape[:-1], 2, dh // 2), -1, -2).reshape(x.shape)
+
+
+def _lwm_llama_layer_table(config) -> list[tuple[str, str, tuple, str]]:
+    """(LWM path inside a block, our path inside a layer, LWM shape, kind) for one layer."""
+    d, h, kv, dh, f = config.dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
+    return [
+        ("attention/wq/kernel", "attention/q_proj/kernel", (d, h * dh), "qk"),
+        ("attention/wk/kernel", "attention/k_proj/kernel", (d, kv * dh), "qk"),
+        ("attention/wv/kernel", "attention/v_proj/kernel", (d, kv * dh), "v"),
+        ("attention/wo/kernel", "attention/o_proj/kernel", (h * dh, d), "o"),
+        ("feed_forward/w1/kernel", "mlp/gate_proj/kernel", (d, f), "plain"),
+        ("feed_forward/w3/kernel", "mlp/up_proj/kernel", (d, f), "plain"),
+        ("feed_forward/w2/kernel", "mlp/down_proj/kernel", (f, d), "plain"),
+        ("attention_norm/kernel", "input_norm/scale", (d,), "plain"),
+        ("ffn_norm/kernel", "post_attention_norm/scale", (d,), "plain"),
+    ]
+
+
+def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool = True) -> dict:
+    """LWM's (EasyLM-layout) LLaMA parameter tree -> ``jaxvla.models.llama.Llama`` params
+    (float32 numpy) for ``config`` (a ``LlamaConfig``; ``scan_layers`` picks the output layout).
+
+    ``tree`` is nested or "/"-flat, optionally wrapped in one or more ``{"params": ...}`` levels.
+    Names (kernels are ``[in, out]``, as Flax ``nn.Dense`` stores them)::
+
+        transformer/wte/embedding [V, D]                 -> embed_text/embedding
+        transformer/vte/embedding [V_img, D]             -> embed_image/embedding  (vision models)
+        transformer/h/{i}/attention/wq/kernel [D, H*Dh]  -> q_proj/kernel [D, H, Dh]  (RoPE-permuted)
+        transformer/h/{i}/attention/wk/kernel [D, KV*Dh] -> k_proj/kernel [D, KV, Dh] (RoPE-permuted)
+        transformer/h/{i}/attention/wv/kernel [D, KV*Dh] -> v_proj/kernel [D, KV, Dh]
+        transformer/h/{i}/attention/wo/kernel [H*Dh, D]  -> o_proj/kernel [H, Dh, D]
+        transformer/h/{i}/feed_forward/w1 (gate), w3 (up) [D, F], w2 (down) [F, D]
+        transformer/h/{i}/attention_norm/kernel [D]      -> input_norm/scale
+        transformer/h/{i}/ffn_norm/kernel [D]            -> post_attention_norm/scale
+        transformer/ln_f/kernel [D]                      -> final_norm/scale
+        lm_head/kernel [D, V]                            -> head_text/kernel
+        vision_head/kernel [D, V_img]                    -> head_image/kernel   (vision models)
+
+    A scanned LWM tree (``scan_layers=True`` in LWM's config) keeps one block under
+    ``transformer/h/<name>`` (e.g. ``scan_decoder``) with the layers stacked on axis 0 (LWM's
+    default ``param_scan_axis``); that form is accepted too.
+
+    RoPE: EasyLM/LWM rotate q/k as complex numbers over interleaved pairs ``(2i, 2i+1)``
+    (``apply_rotary_emb`` reshapes to ``[..., Dh/2, 2]``); the backbone uses rotate-half. Unless
+    ``permute_rope=False``, each head's ``wq``/``wk`` output columns are permuted with
+    :func:`rope_interleaved_to_half` (the inverse of the permutation HF's
+    ``convert_llama_weights_to_hf`` applies to Meta's checkpoints).
+
+    ``embed_image``/``head_image`` are filled when ``config.image_vocab > 0`` and required then;
+    when ``config.image_vocab == 0`` any vision tensors are ignored. Latent/action tables are not in
+    LWM's files and are left out (``init_from`` initialises them fresh). With
+    ``config.tie_embeddings`` the heads are not produced. Raises ValueError listing every missing,
+    misshapen or (apart from ignored vision tensors) unexpected tensor.
+    """
+    while isinstance(tree, Mapping) and set(tree.keys()) == {"params"}:
+        tree = tree["params"]
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"LWM LLaMA tree: expected a nested dict of arrays, found {type(tree).__name__}")
+    flat = {k: v for k, v in flatten_dict(tree).items()}
+    d, n = config.dim, config.num_layers
+    h, kv, dh = config.num_heads, config.num_kv_heads, config.head_dim
+    problems: list[str] = []
+    used: set[str] = set()
+
+    def get(path: str, shape: tuple) -> np.ndarray | None:
+        used.add(path)
+        if path not in flat:
+            problems.append(f"missing LWM tensor '{path}' (expected shape {shape})")
+            return None
+        value = np.asarray(flat[path])
+        if value.shape != tuple(shape):
+            problems.append(f"LWM tensor '{path}': expected shape {tuple(shape)}, found {value.shape}")
+            return None
+        return value.astype(np.float32)
+
+    out: dict[str, np.ndarray | None] = {
+        "embed_text/embedding": get("transformer/wte/embedding", (config.text_vocab, d)),
+        "final_norm/scale": get("transformer/ln_f/kernel", (d,)),
+    }
+    if not config.tie_embeddings:
+        out["head_text/kernel"] = get("lm_head/kernel", (d, config.text_vocab))
+    vision = ("transformer/vte/embedding", "vision_head/kernel")
+    if config.image_vocab > 0:
+        out["embed_image/embedding"] = get(vision[0], (config.image_vocab, d))
+        if not config.tie_embeddings:
+            out["head_image/kernel"] = get(vision[1], (d, config.image_vocab))
+    else:
+        used.update(vision)
+
+    # Per-layer blocks (h/0 .. h/{n-1}) or one scanned block (h/<name>, layers on axis 0).
+    children = sorted({k.split("/")[2] for k in flat if k.startswith("transformer/h/") and k.count("/") >= 3})
+    scanned = [c for c in children if not c.isdigit()]
+    table = _lwm_llama_layer_table(config)
+
+    def convert(value: np.ndarray, kind: str, lead: tuple) -> np.ndarray:
+        if kind in ("qk", "v"):
+            value = value.reshape(*lead, d, -1, dh)
+            return rope_interleaved_to_half(value) if (kind == "qk" and permute_rope) else value
+        if kind == "o":
+            return value.reshape(*lead, h, dh, d)
+        return value
+
+    layers: dict[str, np.ndarray | None] = {}
+    if scanned and len(scanned) == 1 and not any(c.isdigit() for c in children):
+        prefix = f"transformer/h/{scanned[0]}/"
+        for lwm, ours, shape, kind in table:
+            value = get(prefix + lwm, (n,) + shape)
+            layers[ours] = None if value is None else convert(value, kind, (n,))
+        per_layer = None
+    else:
+        per_layer = []
+        for i in range(n):
+            layer = {}
+            for lwm, ours, shape, kind in table:
+                value = get(f"transformer/h/{i}/{lwm}", shape)
+                layer[ours] = None if value is None else convert(value, kind, ())
+            per_layer.append(layer)
+    for path in sorted(set(flat) - used):
+        problems.append(f"unexpected LWM tensor '{path}' (shape {np.shape(flat[path])})")
+    if problems:
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise ValueError(
+            f"LWM LLaMA tree does not match the expected layout ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(shown) + more
+            + f"\n(config: dim={d}, layers={n}, heads={h}, kv_heads={kv}, head_dim={dh}, mlp_dim={config.mlp_dim}, "
+              f"text_vocab={config.text_vocab}, image_vocab={config.image_vocab})")
+    if per_layer is not None:
+        if config.scan_layers:
+            layers = {key: np.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}
+        else:
+            for i, layer in enumerate(per_layer):
+                out.update({f"layers_{i}/{k}": np.ascontiguousarray(v) for k, v in layer.items()})
+    if layers:
+        if config.scan_layers:
+            out.update({f"layers/{k}": np.ascontiguousarray(v) for k, v in layers.items()})
+        else:
+            for i in range(n):
+                out.update({f"layers_{i}/{k}": np.ascontiguousarray(v[i]) for k, v in layers.items()})
+    return unflatten_dict(out)
+
+
+def read_easylm_streaming(path: str | os.PathLike) -> dict:
+    """Reads an EasyLM/LWM ``StreamingCheckpointer`` file: a msgpack stream of
+    ``(key path, flax.serialization.to_bytes(array))`` pairs (no pickle). Returns a nested dict."""
+    import msgpack
+    from flax import serialization
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    flat = {}
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, read_size=1 << 24, max_buffer_size=0, raw=False)
+        for item in unpacker:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))
+                    and isinstance(item[1], bytes)):
+                raise ValueError(f"{path}: not an EasyLM streaming checkpoint (found {type(item).__name__} entry)")
+            key, value = item
+            flat["/".join(str(k) for k in key)] = np.asarray(serialization.msgpack_restore(value))
+    if not flat:
+        raise ValueError(f"{path}: empty checkpoint")
+    return unflatten_dict(flat)
+
+
+def load_lwm_llama(path: str | os.PathLike, config) -> dict:
+    """LWM LLaMA weights on disk -> backbone params. ``.npz``/``.pkl``/``.msgpack`` (a flax
+    ``to_bytes`` of the tree) go through :func:`load_param_tree`; anything else (e.g. LWM's
+    ``params`` streaming files) is read with :func:`read_easylm_streaming`."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    tree = load_param_tree(path) if suffix in (".npz", ".pkl", ".pickle", ".msgpack") else read_easylm_streaming(path)
+    return lwm_llama_to_params(tree, config)
