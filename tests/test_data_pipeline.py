@@ -779,3 +779,113 @@ def test_corrupt_tfrecord_clear_error_or_skipped_and_counted(tmp_path):
                                                r"record at record 2 of the file.*1 of its 5 records"):
         list(TrajDataset.from_rlds(path, "train", process_index=0, process_count=1,
                                    standardize_fn=standardize_synth, dataset_name="garbled").iterator())
+
+
+# --------------------------------------------------------------------------- latent action labels
+
+LATENT_HASH = "laq-test-hash"
+LATENT_CODE_SHAPE = (2,)
+
+
+def latent_code(traj_index, frame):
+    """The test labels: a deterministic function of (trajectory index, frame) -> [2] codes in [0, 8)."""
+    return np.asarray([(frame * 3 + k + traj_index) % 8 for k in range(LATENT_CODE_SHAPE[0])], np.int64)
+
+
+@pytest.fixture(scope="module")
+def mw_train_trajs(mw):
+    """[(traj_key, length)] of the fixture's train split, as the pipeline reads them."""
+    from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset
+
+    ds = make_trajectory_dataset(get_dataset_spec("metaworld"), "train", False, 0, 0, 1, data_dir=mw["out"])
+    trajs = [(t["traj_key"][0].decode(), len(t["observation"]["timestep"])) for t in ds.iterator()]
+    assert len(trajs) >= 2
+    return trajs
+
+
+def write_mw_labels(out_dir, trajs, window, skip=()):
+    """Labels frames 0..T-1-window of every trajectory (a full LAQ window ahead) but ``skip``'s.
+    -> {traj_key: trajectory index}, labelled frames."""
+    from jaxvla.data.latent_labels import LatentLabelWriter
+
+    index, labelled = {}, 0
+    with LatentLabelWriter(out_dir, LATENT_HASH, LATENT_CODE_SHAPE, 8, {"gap": window}) as writer:
+        for i, (key, length) in enumerate(trajs):
+            index[key] = i
+            if key in skip:
+                continue
+            frames = np.arange(max(length - window, 0))
+            writer.add(key, frames, np.stack([latent_code(i, f) for f in frames]).reshape(-1, *LATENT_CODE_SHAPE))
+            labelled += len(frames)
+    return index, labelled
+
+
+def all_rows(cfg):
+    rows = []
+    batches = make_batches(cfg, batch_size=1, train=False, seed=0, process_index=0, process_count=1)
+    for batch in batches:
+        rows.append(batch)
+    return batches, rows
+
+
+def test_latent_labels_joined_at_sample_start_frame(mw, mw_train_trajs, tmp_path):
+    gap = 3
+    label_dir = str(tmp_path / "labels")
+    index, labelled = write_mw_labels(label_dir, mw_train_trajs, gap)
+    assert labelled == sum(length - gap for _, length in mw_train_trajs)
+    base = dict(data_dir=mw["out"], eval_split="train", eval_repeat=False, shuffle_buffer=4, image_size=16,
+                latent_labels=label_dir, latent_labels_hash=LATENT_HASH)
+
+    # pairs (x_t, x_{t+gap}): every start frame with a pair has a label; the label is frame t's.
+    batches, rows = all_rows(data_config(sample="pairs", gap_frames=gap, **base))
+    assert batches.latent_labels is not None and batches.latent_labels.code_shape == LATENT_CODE_SHAPE
+    assert len(rows) == labelled
+    seen = set()
+    for batch in rows:
+        assert batch["latent_action"].shape == (1, *LATENT_CODE_SHAPE) and batch["latent_action"].dtype == np.int32
+        assert batch["has_latent"].shape == (1,) and batch["has_latent"].all()
+        key = batch["traj_key"][0].decode()
+        t0, t1 = batch["observation"]["timestep"][0]
+        assert t1 - t0 == gap
+        np.testing.assert_array_equal(batch["latent_action"][0], latent_code(index[key], int(t0)))
+        seen.add((key, int(t0)))
+    assert len(seen) == labelled
+
+    # frames: the last `gap` frames of every trajectory have no label and are dropped by the filter.
+    _, rows = all_rows(data_config(sample="frames", **base))
+    assert len(rows) == labelled
+    for batch in rows:
+        assert batch["has_latent"].all()
+        key, t = batch["traj_key"][0].decode(), int(batch["observation"]["timestep"][0])
+        assert t < dict(mw_train_trajs)[key] - gap
+        np.testing.assert_array_equal(batch["latent_action"][0], latent_code(index[key], t))
+
+    # A trajectory without labels: "skip" drops it (and counts it), "error" names it.
+    skipped_key, skipped_length = mw_train_trajs[0]
+    partial = str(tmp_path / "partial")
+    _, partial_labelled = write_mw_labels(partial, mw_train_trajs, gap, skip={skipped_key})
+    # (check_nonempty off: its probe is a pass of its own, which the skip counter counts too.)
+    cfg = data_config(sample="pairs", gap_frames=gap, check_nonempty=False,
+                      **dict(base, latent_labels=partial, latent_labels_missing="skip"))
+    batches, rows = all_rows(cfg)
+    assert len(rows) == partial_labelled == labelled - (skipped_length - gap)
+    assert skipped_key not in {b["traj_key"][0].decode() for b in rows}
+    assert batches.latent_join_stats["metaworld"].skipped == 1
+    cfg = data_config(sample="pairs", gap_frames=gap, **dict(base, latent_labels=partial))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"no latent labels in.*{skipped_key}"):
+        all_rows(cfg)
+    with pytest.raises(ValueError, match="latent_labels_missing='maybe' is unknown"):
+        all_rows(data_config(sample="pairs", **dict(base, latent_labels_missing="maybe")))
+
+
+def test_latent_labels_wrong_hash_or_missing_dir(mw, mw_train_trajs, tmp_path):
+    label_dir = str(tmp_path / "labels")
+    write_mw_labels(label_dir, mw_train_trajs, 3)
+    cfg = data_config(data_dir=mw["out"], sample="pairs", gap_frames=3, latent_labels=label_dir,
+                      latent_labels_hash="other-hash")
+    with pytest.raises(ValueError, match=f"{LATENT_HASH}.*other-hash"):
+        make_batches(cfg, batch_size=2, train=False, process_index=0, process_count=1)
+    missing = str(tmp_path / "no_labels_here")
+    cfg = data_config(data_dir=mw["out"], sample="pairs", gap_frames=3, latent_labels=missing)
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no latent label directory"):
+        make_batches(cfg, batch_size=2, train=False, process_index=0, process_count=1)

@@ -10,13 +10,18 @@ Stages of ``make_batches`` (per dataset of the mixture, then mixed):
 
 1. ``make_trajectory_dataset``: the dataset's RLDS files, this process's disjoint share
    (``TrajDataset.from_rlds``), standardised to the schema; statistics of the TRAIN split
-   (``stats.compute_statistics``, cached on disk) when normalisation or bins are requested.
+   (``stats.compute_statistics``, cached on disk) when normalisation or bins are requested;
+   with ``latent_labels``, the latent action labels joined onto every trajectory
+   (``latent_labels.join_latent_labels``: ``latent_action`` [T, *code_shape], ``has_latent`` [T],
+   matched by traj_key and ``observation/timestep``; the label directory is read once and shared
+   by every dataset of the mixture).
 2. Per trajectory: action / proprio normalisation (action dims outside the spec's
    ``normalize_mask``, by default the gripper dims, untouched; masked-out steps stay 0), optional
    ``drop_actions``, zero-padding of action / proprio to the mixture's largest dims, dropping
    the cameras not asked for, optional goal relabelling, then the sample transform of
    ``config.data.sample`` (``traj_transforms``), an optional cap of samples per trajectory,
-   ``flatten`` and ``repeat``.
+   ``flatten`` (with ``latent_labels``: then samples whose start frame has no label are dropped)
+   and ``repeat``.
 3. Mixing (``TrajDataset.sample_from_datasets``, probability proportional to the weights), a
    sample shuffle buffer (encoded images, so it is cheap), decode + resize (+ seeded augmentation
    when training), ``batch(drop_remainder=True)``, prefetch, numpy.
@@ -37,6 +42,13 @@ Sample kinds (``config.data.sample``; B = batch size, S = image_size; see ``traj
 
 Every kind also has ``observation/proprio``, ``observation/timestep``,
 ``task/language_instruction`` (bytes), ``dataset_name`` and ``traj_key`` (bytes).
+
+With ``latent_labels`` set, every kind also has ``latent_action`` int32 [B, *code_shape] and
+``has_latent`` bool [B] (always True): the label of the sample's start frame t (``frames``: the
+frame itself, with history the window's last frame; ``pairs``: x_t; ``clips``: the first frame;
+``chunks``: the frame of the chunk's first action). Samples whose start frame has no label (labels
+exist only for frames with a full LAQ window ahead, e.g. not for a trajectory's last H frames) are
+dropped.
 
 Config keys read (``config.data.*``; ``default_data_config()`` has them all with defaults):
 
@@ -71,6 +83,14 @@ Config keys read (``config.data.*``; ``default_data_config()`` has them all with
     goal_relabel          add uniform future goal images (task/image_<cam>)
     eval_repeat           repeat the eval split (so any number of eval batches exists)
     check_nonempty        fail early, naming the dataset, when it yields no samples
+    latent_labels         latent label directory (``latent_labels.LatentLabelWriter``) joined onto
+                          every dataset's trajectories ("" = none); a missing directory raises
+                          ``load_latent_labels``'s FileNotFoundError naming it
+    latent_labels_hash    expected LAQ config hash of the labels ("" = not checked); a mismatch
+                          raises ValueError naming both hashes
+    latent_labels_missing "error" (a trajectory without labels raises, naming its traj_key) |
+                          "skip" (such trajectories are dropped; ``Batches.latent_join_stats``
+                          counts them)
 
 Batch ``s`` of a run depends only on (seed, s, process index / count) in deterministic mode:
 ``start_step`` skips ``start_step * batch_size`` encoded samples (read and windowed, not decoded)
@@ -532,6 +552,9 @@ def default_data_config():
             goal_relabel=False,
             eval_repeat=True,
             check_nonempty=True,
+            latent_labels="",
+            latent_labels_hash="",
+            latent_labels_missing="error",
         )
     )
 
@@ -560,10 +583,18 @@ class Batches:
 
     Attributes: ``statistics`` {dataset name: stats dict} (empty unless normalisation or bins were
     requested), ``specs`` [(DatasetSpec, weight)], ``gaps`` {dataset name: H}, ``dataset`` (the
-    final ``TrajDataset`` of batches), ``batch_size``, ``sample``."""
+    final ``TrajDataset`` of batches), ``batch_size``, ``sample``, ``latent_labels`` (the loaded
+    ``LatentLabels`` or None) and ``latent_join_stats`` {dataset name: ``JoinStats``} (trajectories
+    dropped for lack of labels with ``latent_labels_missing="skip"``, counted on every pass, the
+    ``check_nonempty`` probe included)."""
 
-    def __init__(self, dataset: TrajDataset, *, statistics, specs, gaps, batch_size: int, sample: str, children):
+    def __init__(
+        self, dataset: TrajDataset, *, statistics, specs, gaps, batch_size: int, sample: str, children,
+        latent_labels=None, latent_join_stats=None,
+    ):
         self.dataset = dataset
+        self.latent_labels = latent_labels
+        self.latent_join_stats = dict(latent_join_stats or {})
         self.statistics = statistics
         self.specs = specs
         self.gaps = gaps
@@ -677,6 +708,25 @@ def make_batches(
         gaps = {s.name: dataset_gap(s, get("gap_seconds"), get("gap_frames")) for s, _ in entries}
     max_gap = max(gaps.values()) if gaps else 0
 
+    latent_labels, latent_join_stats = None, {}
+    label_dir = str(get("latent_labels") or "")
+    if label_dir:
+        from jaxvla.data import latent_labels as latent_lib
+
+        missing_labels = str(get("latent_labels_missing") or "error")
+        if missing_labels not in ("error", "skip"):
+            raise ValueError(
+                f"config.data.latent_labels_missing={missing_labels!r} is unknown; expected 'error' or 'skip'"
+            )
+        expected_hash = str(get("latent_labels_hash") or "") or None
+        label_info, latent_labels = latent_lib.load_latent_labels(label_dir)  # once, for every dataset
+        if expected_hash is not None and label_info["laq_config_hash"] != expected_hash:
+            raise ValueError(
+                f"{label_dir}: latent labels were made with LAQ config hash {label_info['laq_config_hash']!r}, "
+                f"expected {expected_hash!r} (config.data.latent_labels_hash; relabel with the current LAQ or "
+                "point config.data.latent_labels at the matching labels)"
+            )
+
     split_key = "split" if train else "eval_split"
     children = []
     for position, (spec, weight) in enumerate(entries):
@@ -695,6 +745,17 @@ def make_batches(
             num_parallel_reads=_parallel(get("num_parallel_reads")),
             num_parallel_calls=_parallel(get("num_parallel_calls")),
         )
+        if latent_labels is not None:
+            # Whole trajectories, before any sample transform: the transforms then take
+            # latent_action / has_latent at each sample's start frame.
+            latent_join_stats[spec.name] = latent_lib.JoinStats()
+            traj = traj._derive(
+                latent_lib.join_latent_labels(
+                    traj.dataset, latent_labels, expected_hash, missing_labels,
+                    stats=latent_join_stats[spec.name],
+                    num_parallel_calls=traj._calls(_parallel(get("num_parallel_calls"))),
+                )
+            )
         children.append((spec, weight, traj))
 
     action_dim = max(int(t.element_spec["action"].shape[-1]) for _, _, t in children)
@@ -759,7 +820,7 @@ def make_batches(
     ds = ds.prefetch(AUTOTUNE if prefetch < 0 else prefetch)
     return Batches(
         ds, statistics=statistics, specs=[(s, w) for s, w, _ in children], gaps=gaps, batch_size=batch_size,
-        sample=sample, children=children,
+        sample=sample, children=children, latent_labels=latent_labels, latent_join_stats=latent_join_stats,
     )
 
 
@@ -861,6 +922,9 @@ def _samples(
     ds = ds.flatten()
     if sample == "chunks":
         ds = ds.filter(lambda s: s["action_pad_mask"][0])
+    if "has_latent" in ds.element_spec:
+        # Labels exist only for frames with a full LAQ window ahead; has_latent is the start frame's.
+        ds = ds.filter(lambda s: s["has_latent"])
     return ds
 
 
@@ -881,6 +945,8 @@ def _check_nonempty(stream: TrajDataset, spec: DatasetSpec, traj: TrajDataset, s
         "chunks": "chunks need steps with actions (has_action)",
         "frames": "frames need non-empty trajectories",
     }[sample]
+    if get("latent_labels"):
+        need += f"; with latent_labels={get('latent_labels')}, only samples whose start frame is labelled"
     raise ValueError(
         f"dataset {spec.name!r}: no {sample} samples from its {traj.num_trajectories or 'all'} trajectories "
         f"on this process ({need}; the dataset may be empty or its trajectories too short)"
