@@ -51,6 +51,8 @@ class Stage:
 _BUILDERS: dict[str, Callable[[Any], Stage] | str] = {
     "tokenizer": "jaxvla.stages.tokenizer",
     "laq": "jaxvla.stages.laq",
+    "finetune": "jaxvla.stages.finetune",
+    "pretrain": "jaxvla.stages.pretrain",
 }
 
 

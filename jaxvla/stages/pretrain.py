@@ -1,0 +1,214 @@
+"""Stage 2: latent pretraining. Config ``configs/pretrain.py``; backbone ``jaxvla/models/llama.py``;
+loss ``jaxvla/losses/pretrain.py``; sequences ``jaxvla/data/sequences.py``.
+
+Each batch: pipeline samples -> frames through the frozen image tokenizer (stage 0) -> latent
+actions from the LAQ (stage 1: encoded on the fly, or read from the labeller's output) or, for
+ACTIONVLA, the ground-truth action bins -> the LAPA / ViPRA / ACTIONVLA sequence of every sample
+-> packed ``[B, seq_len]`` arrays. Parameters are ``{"backbone": <Llama params>}``, the layout the
+finetuning stage's ``init_from`` expects.
+
+Windows follow the latent actions: with ``latent_source="laq"`` the data sample is the LAQ's own
+(lapa: pairs (o_t, o_{t+H}); vipra: clips o_t, o_{t+s}, ..., o_{t+Ls}, whose last frame is the
+future frame o_{t+H}); with ``"labels"`` it is pairs (o_t, o_{t+H}) with H the labels' window
+span and the codes joined at t.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxvla.data import sequences as seq
+from jaxvla.losses.pretrain import check_target_caps, pretrain_loss
+from jaxvla.stages import Stage
+from jaxvla.stages import vla
+
+log = logging.getLogger("jaxvla")
+
+WINDOW_KEYS = ("sample", "gap_seconds", "gap_frames", "clip_length", "clip_stride")
+
+
+def _prerequisites(config):
+    """(FrameTokenizer, LoadedLAQ or None, labels info or None), training what is missing."""
+    mc, data = config.model, config.data
+    tokenizer_dir = vla.ensure_checkpoint(
+        mc.tokenizer_checkpoint, mc.tokenizer_config,
+        {"num_steps": mc.tokenizer_steps, "data.data_dir": data.data_dir}, "image tokenizer",
+    )
+    frames = vla.FrameTokenizer.from_checkpoint(tokenizer_dir)
+    if frames.image_size != int(data.image_size):
+        raise ValueError(
+            f"config.data.image_size={data.image_size} but the image tokenizer in {tokenizer_dir} reads "
+            f"{frames.image_size} px frames"
+        )
+    if mc.objective == "actionvla":
+        return frames, None, None
+    if mc.latent_source == "labels":
+        from jaxvla.data.latent_labels import load_latent_labels
+
+        if not mc.labels_dir:
+            raise ValueError("config.model.latent_source='labels' needs config.model.labels_dir")
+        info, _ = load_latent_labels(mc.labels_dir)
+        variant = info.get("meta", {}).get("variant")
+        if variant != mc.objective:
+            raise ValueError(f"{mc.labels_dir}: labels of a {variant!r} LAQ, but config.model.objective={mc.objective!r}")
+        return frames, None, info
+    if mc.latent_source != "laq":
+        raise ValueError(f"config.model.latent_source={mc.latent_source!r}; expected 'laq' or 'labels'")
+    from jaxvla.latent_actions import load_laq
+
+    laq_dir = vla.ensure_checkpoint(
+        mc.laq_checkpoint, mc.laq_config, {"num_steps": mc.laq_steps, "data.data_dir": data.data_dir}, "LAQ",
+    )
+    laq = load_laq(laq_dir)
+    if laq.model.variant != mc.objective:
+        raise ValueError(
+            f"{laq_dir} holds a {laq.model.variant!r} LAQ but config.model.objective={mc.objective!r} "
+            "(set config.model.laq_checkpoint)"
+        )
+    if laq.model.image_size != int(data.image_size):
+        raise ValueError(f"config.data.image_size={data.image_size} but the LAQ reads {laq.model.image_size} px")
+    return frames, laq, None
+
+
+def data_config_for(config, laq, labels_info) -> ml_collections.ConfigDict:
+    """``config.data`` with the sample window the latent actions need."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if config.model.objective == "actionvla":
+        data.sample = "frames"
+    elif laq is not None:
+        for key in WINDOW_KEYS:
+            data[key] = laq.config.data[key]
+    else:
+        data.sample = "pairs"
+        data.gap_frames = int(labels_info["meta"]["frame_offsets"][-1])
+        data.latent_labels = config.model.labels_dir
+        data.latent_labels_hash = labels_info["laq_config_hash"]
+    return data
+
+
+class SequencePacker:
+    """Pipeline batch -> packed sequence batch (numpy) for one objective."""
+
+    def __init__(self, config, frames: vla.FrameTokenizer, laq, vocab: seq.Vocab, bin_edges=None):
+        self.mc = config.model
+        self.frames, self.laq, self.vocab, self.bin_edges = frames, laq, vocab, bin_edges
+        self.text = vla.TextPrompts(self.mc.text_tokenizer)
+        self.max_targets = dict(self.mc.max_targets)
+
+    def latent_codes(self, batch: dict, images: np.ndarray) -> np.ndarray:
+        if self.laq is not None:
+            return self.laq.encode(images)  # [B, K, M]
+        return np.asarray(batch["latent_action"])
+
+    def __call__(self, batch: dict) -> dict:
+        mc, vocab, markers = self.mc, self.vocab, self.text.markers
+        images = np.asarray(batch["observation"]["image_primary"])
+        instructions = batch["task"]["language_instruction"]
+        built = []
+        if mc.objective == "actionvla":
+            from jaxvla.data.stats import bin_actions
+
+            tokens = self.frames.tokens(images)  # [B, N]
+            bins = bin_actions(np.asarray(batch["action"]), self.bin_edges)  # [B, A]
+            for i, instruction in enumerate(instructions):
+                built.append(seq.build_actionvla(self.text(instruction), tokens[i], bins[i], markers, vocab, mc.seq_len,
+                                                 action_weight=mc.action_weight, text_weight=mc.text_weight))
+        else:
+            first = self.frames.tokens(images[:, 0])
+            codes = self.latent_codes(batch, images)
+            future = self.frames.tokens(images[:, -1]) if mc.objective == "vipra" else None
+            for i, instruction in enumerate(instructions):
+                prompt = self.text(instruction)
+                if mc.objective == "lapa":
+                    built.append(seq.build_lapa(prompt, first[i], codes[i].reshape(-1), markers, vocab, mc.seq_len,
+                                                latent_weight=mc.latent_weight, text_weight=mc.text_weight))
+                else:
+                    built.append(seq.build_vipra(prompt, first[i], future[i], codes[i], markers, vocab, mc.seq_len,
+                                                 latent_weight=mc.latent_weight, future_weight=mc.future_weight,
+                                                 text_weight=mc.text_weight))
+        packed = seq.batch_sequences(built)
+        check_target_caps(packed, self.max_targets, "config.model.max_targets")
+        return {key: packed[key] for key in seq.SEQUENCE_KEYS}
+
+
+def build(config) -> Stage:
+    from jaxvla.data.pipeline import make_batches
+    from jaxvla.models.llama import Llama
+    from jaxvla.stages.laq import ensure_data
+
+    mc = config.model
+    ensure_data(config.data)
+    frames, laq, labels_info = _prerequisites(config)
+    data = data_config_for(config, laq, labels_info)
+    latent_codes = laq.model.codebook_size if laq is not None else int(labels_info["codebook_size"]) if labels_info else 8
+    from jaxvla.models.llama import llama_config
+
+    # Keep the size's image table when it has room (LWM: 8192 codes + 256 extra ids = 8448 rows).
+    table = llama_config(mc.size).image_vocab
+    vocab = seq.Vocab(text_size=32000, image_codes=frames.codebook_size, latent_codes=latent_codes, action_bins=256,
+                      image_vocab=table if table >= frames.codebook_size + 2 else None)
+    backbone_config = vla.backbone_config(
+        mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
+        latent=mc.objective != "actionvla", action=mc.objective == "actionvla",
+    )
+    if backbone_config.max_len < mc.seq_len:
+        raise ValueError(f"config.model.seq_len={mc.seq_len} exceeds the backbone's max_len {backbone_config.max_len}")
+    backbone = Llama(backbone_config)
+    per_process = config.batch_size // jax.process_count()
+
+    bin_edges = None
+    statistics = {}
+    if mc.objective == "actionvla":
+        probe = make_batches(data, batch_size=per_process, train=True, seed=config.seed)
+        statistics = probe.statistics
+        bin_edges = np.asarray(next(iter(statistics.values()))["action"]["bin_edges"])
+    packer = SequencePacker(config, frames, laq, vocab, bin_edges)
+    log.info(
+        "pretraining (%s): %s sequences of %d tokens; image tokens per frame %d; latent codes %d; %s",
+        mc.objective, data.sample, mc.seq_len, frames.tokens_per_frame, latent_codes,
+        f"LAQ {laq.checkpoint}" if laq is not None else (f"labels {mc.labels_dir}" if labels_info else "action bins"),
+    )
+
+    def batches(start_step: int):
+        stream = make_batches(data, batch_size=per_process, train=True, seed=config.seed, start_step=start_step)
+        return (packer(b) for b in stream)
+
+    def eval_batches():
+        stream = make_batches(data, batch_size=per_process, train=False, seed=config.seed + 1)
+        return (packer(b) for b in stream)
+
+    def init_variables(rng):
+        ones = jnp.ones((1, mc.seq_len), jnp.int32)
+        variables = backbone.init(rng, ones, jnp.zeros_like(ones), jnp.arange(mc.seq_len)[None], ones,
+                                  jnp.zeros_like(ones))
+        return {"params": {"backbone": variables["params"]}}
+
+    assets = {
+        "objective": mc.objective,
+        "vocab_sizes": np.asarray(vocab.sizes),
+        "image_codes": np.asarray(vocab.image_codes),
+        "latent_codes": np.asarray(vocab.latent_codes),
+        "seq_len": np.asarray(mc.seq_len),
+        "tokenizer_checkpoint": frames.checkpoint,
+    }
+    if laq is not None:
+        assets.update(laq_checkpoint=laq.checkpoint, laq_config_hash=laq.config_hash)
+    if labels_info is not None:
+        assets.update(labels_dir=mc.labels_dir, laq_config_hash=labels_info["laq_config_hash"])
+    if statistics:
+        from jaxvla.data.stats import to_jsonable
+
+        assets["statistics"] = to_jsonable(statistics)
+    return Stage(
+        init_variables=init_variables,
+        loss_fn=functools.partial(pretrain_loss, backbone=backbone, max_targets=dict(mc.max_targets)),
+        batches=batches,
+        eval_batches=eval_batches,
+        assets=assets,
+    )

@@ -1,0 +1,147 @@
+"""What the backbone stages (2: latent pretraining, 3: action finetuning) share.
+
+* ``ensure_checkpoint``: an earlier stage's checkpoint under a default runs directory, trained
+  first (and said so) when it is missing, so the default commands work on a fresh machine.
+* ``FrameTokenizer``: the frozen image tokenizer (stage 0's VQGAN) from its checkpoint: uint8
+  frames -> VQGAN codes, jitted, on the host side of the data iterator.
+* ``TextPrompts``: instruction -> prompt ids (cached: datasets repeat instructions), marker ids.
+* ``backbone_config``: ``config.model`` -> ``LlamaConfig`` with vocabularies from ``Vocab``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("jaxvla")
+
+
+def has_checkpoint(workdir: str) -> bool:
+    from jaxvla import checkpoint as ckpt
+
+    try:
+        ckpt.resolve_checkpoint(workdir)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def ensure_checkpoint(workdir: str, config_spec: str, overrides: dict | None = None, what: str = "") -> str:
+    """``workdir`` when it holds a checkpoint; otherwise trains ``config_spec`` (e.g.
+    ``configs/tokenizer.py:small``) with ``overrides`` there first, logging that it does so.
+
+    With several processes every process trains (the trainer is multi-process); paths are shared.
+    """
+    if has_checkpoint(workdir):
+        log.info("%s: using the checkpoint in %s", what or config_spec, workdir)
+        return workdir
+    from jaxvla.config import apply_overrides, load_config
+    from jaxvla.trainer import train
+
+    spec = config_spec
+    if not os.path.isabs(spec.partition(":")[0]) and not os.path.exists(spec.partition(":")[0]):
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        spec = os.path.join(repo, spec)
+    config = apply_overrides(load_config(spec), dict(overrides or {}))
+    log.info(
+        "%s: no checkpoint in %s: training %s there first (%d steps; %s)",
+        what or config_spec, workdir, config_spec, config.num_steps,
+        ", ".join(f"{k}={v}" for k, v in (overrides or {}).items()) or "its defaults",
+    )
+    train(config, workdir)
+    return workdir
+
+
+class FrameTokenizer:
+    """Stage 0's VQGAN, frozen: ``tokens(frames uint8 [..., S, S, 3]) -> int32 [..., N]``."""
+
+    def __init__(self, model, params, checkpoint: str):
+        self.model = model
+        self.params = jax.device_put(params)
+        self.checkpoint = checkpoint
+        self.image_size = int(model.resolution)
+        self.codebook_size = int(model.codebook_size)
+        grid = self.image_size // model.downsample_factor
+        self.tokens_per_frame = grid * grid
+
+        def encode(params, frames):
+            images = frames.astype(jnp.float32) / 127.5 - 1.0
+            return model.apply({"params": params}, images, method=model.encode)
+
+        self._encode = jax.jit(encode)
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "FrameTokenizer":
+        from jaxvla import checkpoint as ckpt
+        from jaxvla.config import from_dict
+        from jaxvla.stages.tokenizer import build_model
+
+        state, config_dict, _, step = ckpt.load_checkpoint(path)
+        if config_dict.get("stage") != "tokenizer":
+            raise ValueError(f"{path}: a {config_dict.get('stage')!r} checkpoint, expected the image tokenizer")
+        config = from_dict(config_dict)
+        model = build_model(config.model, "float32")
+        log.info("image tokenizer: %s (step %d), %d codes", path, step, model.codebook_size)
+        return cls(model, state["params"], path)
+
+    def tokens(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        lead = frames.shape[:-3]
+        if frames.shape[-3:-1] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"the image tokenizer reads {self.image_size} px frames, got {frames.shape[-3]}x{frames.shape[-2]}"
+            )
+        flat = frames.reshape(-1, *frames.shape[-3:])
+        codes = np.asarray(self._encode(self.params, flat))
+        return codes.reshape(*lead, self.tokens_per_frame).astype(np.int32)
+
+
+class TextPrompts:
+    """Prompt ids per instruction (cached) and the layout markers' ids."""
+
+    def __init__(self, tokenizer_path: str = ""):
+        from jaxvla.data.text import load_text_tokenizer, marker_ids
+
+        self.tokenizer = load_text_tokenizer(tokenizer_path or None)
+        self.markers = marker_ids(self.tokenizer)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, instruction: Any) -> np.ndarray:
+        from jaxvla.data.text import prompt_ids
+
+        if isinstance(instruction, bytes):
+            instruction = instruction.decode("utf-8")
+        instruction = str(instruction)
+        if instruction not in self._cache:
+            self._cache[instruction] = prompt_ids(self.tokenizer, instruction)
+        return self._cache[instruction]
+
+
+def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, latent: bool = True,
+                    action: bool = True):
+    """``config.model`` (``size`` + non-zero overrides) -> ``LlamaConfig`` whose tables match
+    ``vocab`` (a ``jaxvla.data.sequences.Vocab``)."""
+    from jaxvla.models.llama import llama_config
+
+    overrides = {}
+    for key in ("dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "max_len"):
+        if model_config.get(key):
+            overrides[key] = int(model_config[key])
+    if model_config.get("rope_theta"):
+        overrides["rope_theta"] = float(model_config.rope_theta)
+    text, image, latent_size, action_size = vocab.sizes
+    return llama_config(
+        model_config.size,
+        text_vocab=text,
+        image_vocab=image,
+        latent_vocab=latent_size if latent else 0,
+        action_vocab=action_size if action else 0,
+        dtype=compute_dtype,
+        remat=remat,
+        **overrides,
+    )

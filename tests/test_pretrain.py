@@ -1,0 +1,145 @@
+"""Stage 2 (latent pretraining): the gathered-target loss against a brute-force reference, the
+target caps, training prerequisites first, and short end-to-end runs (LAQ on the fly, labels)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvla.config import apply_overrides, load_config
+from jaxvla.data.sequences import MODALITY_NAMES
+from jaxvla.losses.pretrain import check_target_caps, pretrain_loss
+from jaxvla.models.llama import Llama, llama_config
+from jaxvla.trainer import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unbox(tree):
+    return jax.tree.map(lambda a: a.unbox() if hasattr(a, "unbox") else a, tree, is_leaf=lambda a: hasattr(a, "unbox"))
+
+
+def random_sequences(rng, config, batch=2, length=24):
+    """Sequences with every modality among the targets, padding at the end."""
+    modality = rng.integers(0, 4, (batch, length)).astype(np.int32)
+    sizes = np.asarray([config.vocab(m) for m in MODALITY_NAMES])
+    tokens = (rng.integers(0, 1 << 30, (batch, length)) % sizes[modality]).astype(np.int32)
+    segment = np.ones((batch, length), np.int32)
+    segment[:, -4:] = 0
+    weight = rng.uniform(0, 1, (batch, length)).astype(np.float32) * (rng.uniform(size=(batch, length)) < 0.6)
+    weight[:, -5:] = 0
+    return {
+        "tokens": tokens, "modality": modality, "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+        "segment_ids": segment, "bidirectional_ids": np.zeros((batch, length), np.int32),
+        "targets": np.roll(tokens, -1, axis=1), "target_modality": np.roll(modality, -1, axis=1),
+        "loss_weight": weight,
+    }
+
+
+def test_gathered_loss_equals_full_logits_reference():
+    config = llama_config("tiny")
+    model = Llama(config)
+    rng = np.random.default_rng(0)
+    batch = random_sequences(rng, config)
+    params = unbox(model.init(jax.random.PRNGKey(0), *(jnp.asarray(batch[k]) for k in
+                                                       ("tokens", "modality", "positions", "segment_ids", "bidirectional_ids"))))
+    params = {"backbone": params["params"]}
+    loss, metrics = jax.jit(lambda p, b: pretrain_loss(p, b, None, backbone=model, max_targets={m: 24 for m in MODALITY_NAMES}))(params, batch)
+    logits = model.apply({"params": params["backbone"]}, *(batch[k] for k in
+                                                          ("tokens", "modality", "positions", "segment_ids", "bidirectional_ids")))["logits"]
+    total = 0.0
+    for index, name in enumerate(MODALITY_NAMES):
+        log_probs = np.asarray(jax.nn.log_softmax(logits[name], axis=-1))
+        mask = (batch["target_modality"] == index) & (batch["loss_weight"] > 0)
+        b, i = np.nonzero(mask)
+        ce = -log_probs[b, i, batch["targets"][b, i]]
+        total += np.sum(batch["loss_weight"][b, i] * ce)
+        accuracy = np.mean(np.argmax(log_probs[b, i], -1) == batch["targets"][b, i])
+        assert float(metrics[f"{name}_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    assert float(loss) == pytest.approx(total / 2, rel=1e-5)
+    # Capped below the real count, the iterator's check refuses the batch instead of dropping targets.
+    with pytest.raises(ValueError, match=r"raise config.model.max_targets\.(text|image|latent|action)"):
+        check_target_caps(batch, {m: 2 for m in MODALITY_NAMES}, "config.model.max_targets")
+
+
+def test_missing_prerequisite_is_trained_first_and_said(tmp_path, monkeypatch, caplog):
+    from jaxvla import trainer
+    from jaxvla.stages import vla
+
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda config, workdir: calls.append((config, workdir)))
+    with caplog.at_level(logging.INFO, logger="jaxvla"):
+        out = vla.ensure_checkpoint(str(tmp_path / "tok"), "configs/tokenizer.py:small", {"num_steps": 7}, "image tokenizer")
+    assert out == str(tmp_path / "tok") and len(calls) == 1
+    config, workdir = calls[0]
+    assert config.stage == "tokenizer" and config.num_steps == 7 and workdir == str(tmp_path / "tok")
+    assert "image tokenizer: no checkpoint in" in caplog.text and "training configs/tokenizer.py:small there first" in caplog.text
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prerequisites(metaworld_dataset, tmp_path_factory):
+    """A tiny image tokenizer and a tiny ViPRA LAQ trained for a few steps on the rendered data."""
+    root = tmp_path_factory.mktemp("prereq")
+    data_dir = str(metaworld_dataset["out"])
+    tokenizer = apply_overrides(load_config(os.path.join(REPO, "configs/tokenizer.py:small")), {
+        "num_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0, "image_every": 0,
+        "checkpoint.async_save": False, "model.hidden_channels": 8, "model.embed_dim": 8, "model.codebook_size": 32,
+        "data.source": "rlds", "data.data_dir": str(metaworld_dataset["version_dir"]),
+    })
+    train(tokenizer, str(root / "tokenizer"), devices=jax.devices()[:1])
+    laq = apply_overrides(load_config(os.path.join(REPO, "configs/laq.py:vipra_small")), {
+        "num_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 0, "image_every": 0,
+        "checkpoint.async_save": False, "model.dim": 32, "model.num_heads": 1, "model.head_dim": 32,
+        "model.encoder_depth": 1, "model.decoder_depth": 1, "model.lpips_weight": 0.0, "model.flow_weight": 0.0,
+        "data.data_dir": data_dir, "data.generate_metaworld": False, "data.shuffle_buffer": 16, "data.clip_stride": 4,
+        "data.clip_length": 2,
+    })
+    train(laq, str(root / "laq"), devices=jax.devices()[:1])
+    return {"tokenizer": str(root / "tokenizer"), "laq": str(root / "laq"), "data_dir": data_dir}
+
+
+def tiny_pretrain_config(prerequisites, **overrides):
+    config = load_config(os.path.join(REPO, "configs/pretrain.py:vipra_small"))
+    values = {
+        "batch_size": 4, "log_every": 1, "eval_every": 0, "checkpoint.async_save": False,
+        "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
+        "model.size": "tiny", "data.data_dir": prerequisites["data_dir"],
+        "data.generate_metaworld": False, "data.shuffle_buffer": 16,
+        "model.tokenizer_checkpoint": prerequisites["tokenizer"], "model.laq_checkpoint": prerequisites["laq"],
+        **overrides,
+    }
+    return apply_overrides(config, values)
+
+
+def test_vipra_pretraining_on_the_fly_latents_learns(prerequisites, tmp_path):
+    result = train(tiny_pretrain_config(prerequisites, num_steps=30), str(tmp_path / "pre"), devices=jax.devices()[:1])
+    history = [metrics for _, metrics in result.history]
+    assert history[-1]["latent_ce"] < history[0]["latent_ce"]
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    for key in ("latent_accuracy", "image_accuracy", "text_ce"):
+        assert np.isfinite(result.metrics[key])
+    assert set(result.state.params) == {"backbone"}
+    assert "head_latent" in result.state.params["backbone"]
+
+
+def test_pretraining_from_labeller_output(prerequisites, tmp_path):
+    from jaxvla.latent_actions import label_dataset, load_laq
+
+    laq = load_laq(prerequisites["laq"])
+    labels = label_dataset(laq, laq.config.data, str(tmp_path / "labels"), progress=False)
+    config = tiny_pretrain_config(prerequisites, num_steps=2, **{"model.latent_source": "labels", "model.labels_dir": labels})
+    result = train(config, str(tmp_path / "pre"), devices=jax.devices()[:1])
+    assert np.isfinite(result.metrics["loss"]) and result.step == 2
+    with pytest.raises(ValueError, match="labels of a 'vipra' LAQ"):
+        from jaxvla.stages import build_stage
+
+        build_stage(tiny_pretrain_config(prerequisites, **{"model.objective": "lapa", "model.latent_source": "labels",
+                                                           "model.labels_dir": labels}))
