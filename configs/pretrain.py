@@ -74,7 +74,7 @@ def get_config(variant: str = "vipra_small"):
             action_weight=0.99,
             text_weight=0.02 if vipra else 0.01,
             # Targets of each modality gathered per sequence before its head (see losses/pretrain.py).
-            max_targets=dict(text=96, image=64 if small else 256, latent=64, action=16),
+            max_targets=dict(text=64 if small else 96, image=64 if small else 256, latent=64, action=16),
             history_frames=0,  # vipra: 1 adds o_{t-1} (needs clips reaching one step back)
             text_tokenizer="",  # "" = the SentencePiece model of the mistral-common wheel
             tokenizer_checkpoint="runs/tokenizer",

@@ -111,7 +111,7 @@ def tiny_pretrain_config(prerequisites, **overrides):
     values = {
         "batch_size": 4, "log_every": 1, "eval_every": 0, "checkpoint.async_save": False,
         "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", "optimizer.learning_rate": 3e-3,
-        "model.size": "tiny", "data.data_dir": prerequisites["data_dir"],
+        "model.size": "tiny", "model.max_len": 512, "data.data_dir": prerequisites["data_dir"],
         "data.generate_metaworld": False, "data.shuffle_buffer": 16,
         "model.tokenizer_checkpoint": prerequisites["tokenizer"], "model.laq_checkpoint": prerequisites["laq"],
         **overrides,
