@@ -7,11 +7,14 @@ from jaxvla.losses.actions import (
     make_flow_matching_loss,
     sample_flow_times,
 )
+from jaxvla.losses.finetune import binned_action_loss, flow_matching_loss
 from jaxvla.losses.laq import laq_loss, make_laq_loss
+from jaxvla.losses.pretrain import pretrain_loss
 from jaxvla.losses.tokenizer import make_tokenizer_loss
 
 __all__ = [
     "laq_loss",
+    "pretrain_loss",
     "make_laq_loss",
     "make_tokenizer_loss",
     "flow_matching_loss_from_velocity",
@@ -19,4 +22,6 @@ __all__ = [
     "make_flow_matching_loss",
     "euler_sample",
     "sample_flow_times",
+    "binned_action_loss",
+    "flow_matching_loss",
 ]
