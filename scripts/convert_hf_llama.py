@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from jaxvla.io.hf_llama import hf_config_to_llama, hf_to_params, read_hf_config, read_hf_state_dict
-from jaxvla.io.weights import flatten_dict, save_npz_tree
+from jaxvla.io.weights import flatten_dict, save_param_tree
 
 
 def _bool(text: str) -> bool:
@@ -31,15 +31,6 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
-def _save_msgpack(path: str, params: dict) -> None:
-    from flax import serialization
-
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(params))
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    if suffix == ".npz":
-        save_npz_tree(args.output, params)
-    else:
-        _save_msgpack(args.output, params)
+    save_param_tree(args.output, params)
     count = int(sum(np.size(v) for v in flatten_dict(params).values()))
     print(f"converted {count:,} parameters ({config.num_layers} layers, dim {config.dim}, "
           f"vocab {config.text_vocab}) -> {args.output}")

@@ -16,16 +16,7 @@ import pickle
 import sys
 
 from jaxvla.io.lwm import count_params, load_lwm_vqgan
-from jaxvla.io.weights import save_npz_tree
-
-
-def _save_msgpack(path: str, params: dict) -> None:
-    from flax import serialization
-
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(params))
-    os.replace(tmp, path)
+from jaxvla.io.weights import save_param_tree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     output_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(output_dir, exist_ok=True)
-    if suffix == ".npz":
-        save_npz_tree(args.output, params)
-    else:
-        _save_msgpack(args.output, params)
+    save_param_tree(args.output, params)
     print(f"converted {count_params(params):,} parameters -> {args.output}")
     return 0
 

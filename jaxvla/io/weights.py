@@ -227,3 +227,25 @@ def save_npz_tree(path: str | os.PathLike, tree: Mapping) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **_encode_npz_entries(flatten_dict(tree)))
     os.replace(tmp, path)
+
+
+def save_msgpack_tree(path: str | os.PathLike, tree: Mapping) -> None:
+    """Writes a parameter tree as flax msgpack atomically (temporary file, then rename)."""
+    from flax import serialization
+
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(tree))
+    os.replace(tmp, path)
+
+
+def save_param_tree(path: str | os.PathLike, tree: Mapping) -> None:
+    """``.npz`` or ``.msgpack`` by the file's suffix (what ``load_param_tree`` reads back)."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix == ".npz":
+        save_npz_tree(path, tree)
+    elif suffix == ".msgpack":
+        save_msgpack_tree(path, tree)
+    else:
+        raise ValueError(f"{path}: expected a .npz or .msgpack output, got '{suffix}'")
