@@ -143,3 +143,30 @@ def test_pretraining_from_labeller_output(prerequisites, tmp_path):
 
         build_stage(tiny_pretrain_config(prerequisites, **{"model.objective": "lapa", "model.latent_source": "labels",
                                                            "model.labels_dir": labels}))
+
+
+def test_actionvla_pretraining_targets_action_bins(prerequisites, tmp_path):
+    config = tiny_pretrain_config(prerequisites, num_steps=2, **{
+        "model.objective": "actionvla", "data.num_bins": 256, "data.stats_dir": str(tmp_path / "stats")})
+    result = train(config, str(tmp_path / "pre"), devices=jax.devices()[:1])
+    backbone = result.state.params["backbone"]
+    assert "head_action" in backbone and "head_latent" not in backbone
+    assert np.isfinite(result.metrics["action_ce"]) and 0.0 <= result.metrics["action_accuracy"] <= 1.0
+
+
+def test_five_step_pretrain_then_init_from_finetune(prerequisites, tmp_path, caplog):
+    pretrained = train(tiny_pretrain_config(prerequisites, num_steps=5), str(tmp_path / "pre"), devices=jax.devices()[:1])
+    config = apply_overrides(load_config(os.path.join(REPO, "configs/finetune.py:flow_small")), {
+        "batch_size": 4, "num_steps": 2, "log_every": 1, "eval_every": 0, "checkpoint.async_save": False,
+        "model.size": "tiny", "model.max_len": 512, "model.seq_len": 136,
+        "model.tokenizer_checkpoint": prerequisites["tokenizer"], "data.data_dir": prerequisites["data_dir"],
+        "data.generate_metaworld": False, "data.shuffle_buffer": 16, "data.stats_dir": str(tmp_path / "stats"),
+        "init_from": pretrained.workdir,
+    })
+    with caplog.at_level(logging.INFO, logger="jaxvla"):
+        result = train(config, str(tmp_path / "ft"), devices=jax.devices()[:1])
+    assert result.step == 2 and np.isfinite(result.metrics["loss"])
+    assert "init_from" in caplog.text and "(step 5)" in caplog.text
+    assert "dropped     backbone/head_latent/kernel" in caplog.text
+    assert "kept        backbone/embed_text/embedding" in caplog.text
+    assert "initialised velocity_head" in caplog.text
