@@ -38,3 +38,14 @@ def ensure_metaworld_dataset(data_dir: str, tasks: str = "mt10", episodes_per_ta
 
             multihost_utils.sync_global_devices(f"metaworld dataset {data_dir}")
     return version_dir
+
+
+def ensure_configured_dataset(data_config) -> None:
+    """Generates the embedded Meta-World dataset when a stage's ``config.data`` reads it
+    (``dataset == "metaworld"``, no mixture, ``generate_metaworld``) and it is missing."""
+    if data_config.get("dataset") == "metaworld" and not data_config.get("mixture") and data_config.get(
+            "generate_metaworld", False):
+        ensure_metaworld_dataset(
+            data_config.data_dir, data_config.metaworld_tasks, data_config.metaworld_episodes_per_task,
+            int(data_config.image_size), 0,
+        )

@@ -41,35 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvla.data.embedded import ensure_configured_dataset
 from jaxvla.stages import Stage
 
 log = logging.getLogger("jaxvla")
 
 TEXT_VOCAB = 32000
 LATENT_CODES = 8
-
-
-def tokenizer_overrides(config) -> dict:
-    """Overrides for training the image tokenizer first: its steps and, when this run reads the
-    embedded Meta-World dataset, the same data directory."""
-    overrides = {"num_steps": int(config.model.tokenizer_steps)}
-    data = config.data
-    if data.get("dataset") == "metaworld" and not data.get("mixture"):
-        overrides.update({"data.source": "metaworld", "data.data_dir": str(data.data_dir)})
-        if data.get("metaworld_tasks"):
-            overrides["data.tasks"] = data.metaworld_tasks
-        if data.get("metaworld_episodes_per_task"):
-            overrides["data.episodes_per_task"] = int(data.metaworld_episodes_per_task)
-    return overrides
-
-
-def ensure_data(data_config) -> None:
-    if data_config.get("dataset") == "metaworld" and not data_config.get("mixture") and data_config.get(
-            "generate_metaworld", False):
-        from jaxvla.data.embedded import ensure_metaworld_dataset
-
-        ensure_metaworld_dataset(data_config.data_dir, data_config.metaworld_tasks,
-                                 data_config.metaworld_episodes_per_task, int(data_config.image_size), 0)
 
 
 class Models:
@@ -187,30 +165,18 @@ def _norm_mask(spec, action_dim: int) -> np.ndarray:
 
 def build(config) -> Stage:
     from jaxvla.data.pipeline import make_batches as pipeline_batches
-    from jaxvla.data.sequences import Vocab
     from jaxvla.losses import finetune as losses
     from jaxvla.losses.actions import bin_centres
     from jaxvla.stages import vla
 
     check_config(config)
-    ensure_data(config.data)
+    ensure_configured_dataset(config.data)
     mc = config.model
     head = mc.head
-    tokenizer_dir = vla.ensure_checkpoint(mc.tokenizer_checkpoint, mc.tokenizer_config, tokenizer_overrides(config),
-                                          "image tokenizer")
-    frames = vla.FrameTokenizer.from_checkpoint(tokenizer_dir)
-    if frames.image_size != int(config.data.image_size):
-        raise ValueError(f"config.data.image_size={config.data.image_size} but the image tokenizer "
-                         f"({tokenizer_dir}) reads {frames.image_size} px frames")
+    frames = vla.image_tokenizer(config)
     prompts = vla.TextPrompts(mc.text_tokenizer)
     action_bins = int(config.data.num_bins) if head == "bins" else 256
-    # The image table as stage 2 sizes it (the size's table when it has room: LWM's 8192 codes +
-    # 256 extra ids = 8448 rows), so init_from keeps it.
-    from jaxvla.models.llama import llama_config
-
-    table = llama_config(mc.size).image_vocab
-    vocab = Vocab(text_size=TEXT_VOCAB, image_codes=frames.codebook_size, latent_codes=LATENT_CODES,
-                  action_bins=action_bins, image_vocab=table if table >= frames.codebook_size + 2 else None)
+    vocab = vla.make_vocab(mc.size, frames, LATENT_CODES, action_bins, text_size=TEXT_VOCAB)
 
     per_process = config.batch_size // jax.process_count()
 
@@ -248,7 +214,7 @@ def build(config) -> Stage:
         "finetune (%s): backbone %s dim %d x %d layers, vocab text %d / image %d / action %d (no latent); "
         "chunk %d x %d action dims, sequences of %d, image tokenizer %s (%d tokens per frame)",
         layout, mc.size, models.llama_config.dim, models.llama_config.num_layers, vocab.text_size, vocab.image_size,
-        models.llama_config.action_vocab, int(mc.chunk), action_dim, int(mc.seq_len), tokenizer_dir,
+        models.llama_config.action_vocab, int(mc.chunk), action_dim, int(mc.seq_len), frames.checkpoint,
         frames.tokens_per_frame,
     )
 
@@ -294,7 +260,7 @@ def build(config) -> Stage:
         "vocab": {"text": np.asarray(vocab.text_size), "image": np.asarray(vocab.image_size),
                   "image_codes": np.asarray(vocab.image_codes), "action": np.asarray(vocab.action_bins),
                   "eof_id": np.asarray(vocab.eof_id), "eov_id": np.asarray(vocab.eov_id)},
-        "tokenizer_checkpoint": os.path.abspath(tokenizer_dir),
+        "tokenizer_checkpoint": os.path.abspath(frames.checkpoint),
         "text_tokenizer": str(mc.text_tokenizer or ""),
         "action_normalization": str(config.data.action_normalization or "none"),
         "datasets": dataset_assets,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvla.data.embedded import ensure_configured_dataset
 from jaxvla.losses.laq import FAR_STEP, laq_eval_metrics, make_laq_loss, make_nsvq_replacement
 from jaxvla.losses.tokenizer import images_to_float
 from jaxvla.models.laq import LAQ, laq_size
@@ -64,17 +65,6 @@ def check_data_config(config, model: LAQ) -> None:
         raise ValueError(
             f"config.data.clip_length={config.data.clip_length} gives {config.data.clip_length + 1}-frame clips "
             f"but config.model.num_frames={model.num_frames}"
-        )
-
-
-def ensure_data(data_config) -> None:
-    """Generates the embedded Meta-World dataset when the config reads it and it is missing."""
-    if data_config.get("dataset") == "metaworld" and not data_config.get("mixture") and data_config.get("generate_metaworld", False):
-        from jaxvla.data.embedded import ensure_metaworld_dataset
-
-        ensure_metaworld_dataset(
-            data_config.data_dir, data_config.metaworld_tasks, data_config.metaworld_episodes_per_task,
-            int(data_config.image_size), 0,
         )
 
 
@@ -136,7 +126,7 @@ def reconstruction_figure(model: LAQ, params, frames: jax.Array, count: int = 8)
 def build(config) -> Stage:
     model = build_model(config)
     check_data_config(config, model)
-    ensure_data(config.data)
+    ensure_configured_dataset(config.data)
     mc = config.model
     loss_fn = make_laq_loss(
         model,

@@ -36,16 +36,7 @@ WINDOW_KEYS = ("sample", "gap_seconds", "gap_frames", "clip_length", "clip_strid
 def _prerequisites(config):
     """(FrameTokenizer, LoadedLAQ or None, labels info or None), training what is missing."""
     mc, data = config.model, config.data
-    tokenizer_dir = vla.ensure_checkpoint(
-        mc.tokenizer_checkpoint, mc.tokenizer_config,
-        {"num_steps": mc.tokenizer_steps, "data.data_dir": data.data_dir}, "image tokenizer",
-    )
-    frames = vla.FrameTokenizer.from_checkpoint(tokenizer_dir)
-    if frames.image_size != int(data.image_size):
-        raise ValueError(
-            f"config.data.image_size={data.image_size} but the image tokenizer in {tokenizer_dir} reads "
-            f"{frames.image_size} px frames"
-        )
+    frames = vla.image_tokenizer(config)
     if mc.objective == "actionvla":
         return frames, None, None
     if mc.latent_source == "labels":
@@ -120,9 +111,11 @@ class SequencePacker:
                 built.append(seq.build_actionvla(self.text(instruction), tokens[i], bins[i], markers, vocab, mc.seq_len,
                                                  action_weight=mc.action_weight, text_weight=mc.text_weight))
         else:
-            first = self.frames.tokens(images[:, 0])
+            # o_t (and, for vipra, o_{t+H}) through the tokenizer in one call.
+            frame_index = [0, -1] if mc.objective == "vipra" else [0]
+            tokens = self.frames.tokens(images[:, frame_index])  # [B, 1 or 2, N]
+            first, future = tokens[:, 0], tokens[:, -1]
             codes = self.latent_codes(batch, images)
-            future = self.frames.tokens(images[:, -1]) if mc.objective == "vipra" else None
             for i, instruction in enumerate(instructions):
                 prompt = self.text(instruction)
                 if mc.objective == "lapa":
@@ -140,19 +133,14 @@ class SequencePacker:
 def build(config) -> Stage:
     from jaxvla.data.pipeline import make_batches
     from jaxvla.models.llama import Llama
-    from jaxvla.stages.laq import ensure_data
+    from jaxvla.data.embedded import ensure_configured_dataset
 
     mc = config.model
-    ensure_data(config.data)
+    ensure_configured_dataset(config.data)
     frames, laq, labels_info = _prerequisites(config)
     data = data_config_for(config, laq, labels_info)
     latent_codes = laq.model.codebook_size if laq is not None else int(labels_info["codebook_size"]) if labels_info else 8
-    from jaxvla.models.llama import llama_config
-
-    # Keep the size's image table when it has room (LWM: 8192 codes + 256 extra ids = 8448 rows).
-    table = llama_config(mc.size).image_vocab
-    vocab = seq.Vocab(text_size=32000, image_codes=frames.codebook_size, latent_codes=latent_codes, action_bins=256,
-                      image_vocab=table if table >= frames.codebook_size + 2 else None)
+    vocab = vla.make_vocab(mc.size, frames, latent_codes, action_bins=256)
     backbone_config = vla.backbone_config(
         mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
         latent=mc.objective != "actionvla", action=mc.objective == "actionvla",

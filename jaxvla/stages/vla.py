@@ -145,3 +145,41 @@ def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, late
         remat=remat,
         **overrides,
     )
+
+
+def tokenizer_overrides(config) -> dict:
+    """Overrides for training the image tokenizer first: its steps and, when this run reads the
+    embedded Meta-World dataset, the same data directory, tasks and episodes."""
+    overrides = {"num_steps": int(config.model.tokenizer_steps)}
+    data = config.data
+    if data.get("dataset") == "metaworld" and not data.get("mixture"):
+        overrides.update({"data.source": "metaworld", "data.data_dir": str(data.data_dir)})
+        if data.get("metaworld_tasks"):
+            overrides["data.tasks"] = data.metaworld_tasks
+        if data.get("metaworld_episodes_per_task"):
+            overrides["data.episodes_per_task"] = int(data.metaworld_episodes_per_task)
+    return overrides
+
+
+def image_tokenizer(config) -> FrameTokenizer:
+    """The frozen image tokenizer of ``config.model.tokenizer_checkpoint`` (trained first when
+    missing), checked against ``config.data.image_size``."""
+    mc = config.model
+    tokenizer_dir = ensure_checkpoint(mc.tokenizer_checkpoint, mc.tokenizer_config, tokenizer_overrides(config),
+                                      "image tokenizer")
+    frames = FrameTokenizer.from_checkpoint(tokenizer_dir)
+    if frames.image_size != int(config.data.image_size):
+        raise ValueError(f"config.data.image_size={config.data.image_size} but the image tokenizer "
+                         f"({tokenizer_dir}) reads {frames.image_size} px frames")
+    return frames
+
+
+def make_vocab(size: str, frames: FrameTokenizer, latent_codes: int, action_bins: int, text_size: int = 32000):
+    """The ``Vocab`` of stages 2 and 3. The image table is the backbone size's when it has room
+    (LWM: 8192 codes + 256 extra ids = 8448 rows), so both stages size it alike and init_from keeps it."""
+    from jaxvla.data.sequences import Vocab
+    from jaxvla.models.llama import llama_config
+
+    table = llama_config(size).image_vocab
+    return Vocab(text_size=text_size, image_codes=frames.codebook_size, latent_codes=latent_codes,
+                 action_bins=action_bins, image_vocab=table if table >= frames.codebook_size + 2 else None)
