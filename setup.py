@@ -21,7 +21,11 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "pillow>=10",
+    # Bar plots and loss curves of the evaluation, the comparison and the demo report (Agg backend).
+    "matplotlib>=3.8",
     "msgpack>=1.0",
+    # Policy serving (jaxvla/serve.py): asyncio server + sync client API, proxy= kwarg (15+).
+    "websockets>=15",
     # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py).
     "av>=14,<20",
     # tfds 4.9.x imports it when a builder defined inside a package prepares data.

@@ -47,3 +47,39 @@ def metaworld_dataset(tmp_path_factory):
 def rendered_frames_config(metaworld_dataset):
     """Config overrides pointing a stage at rendered Meta-World frames."""
     return {"data.source": "rlds", "data.data_dir": str(metaworld_dataset["version_dir"])}
+
+
+def _one_device():
+    return jax.devices()[:1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A tiny VQGAN checkpoint (64 px -> 8x8 codes of 64) trained for 2 steps on procedural frames."""
+    from jaxvla.trainer import train
+    from tests.test_tokenizer_stage import tiny_tokenizer_config
+
+    workdir = str(tmp_path_factory.mktemp("tokenizer"))
+    train(tiny_tokenizer_config(num_steps=2, **{"data.num_frames": 16}), workdir, devices=_one_device())
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def finetune_stats_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stats"))
+
+
+@pytest.fixture(scope="session")
+def finetuned(tiny_tokenizer, metaworld_dataset, finetune_stats_dir, tmp_path_factory):
+    """Tiny finetuning checkpoints, 3 steps each (eval at 3): {"flow_small" | "bins_small":
+    (workdir, TrainResult)}. Shared by the finetuning, policy, evaluation and serving tests."""
+    from jaxvla.trainer import train
+    from tests.test_finetune import tiny_finetune_config
+
+    out = {}
+    for variant in ("flow_small", "bins_small"):
+        workdir = str(tmp_path_factory.mktemp(variant))
+        config = tiny_finetune_config(variant, tiny_tokenizer, metaworld_dataset["out"], finetune_stats_dir,
+                                      num_steps=3, eval_every=3)
+        out[variant] = (workdir, train(config, workdir, devices=_one_device()))
+    return out

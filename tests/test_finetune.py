@@ -24,18 +24,8 @@ def _one_device():
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    """A tiny VQGAN checkpoint (64 px -> 8x8 codes of 64) trained for 2 steps on procedural frames."""
-    from tests.test_tokenizer_stage import tiny_tokenizer_config
-
-    workdir = str(tmp_path_factory.mktemp("tokenizer"))
-    train(tiny_tokenizer_config(num_steps=2, **{"data.num_frames": 16}), workdir, devices=_one_device())
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("stats"))
+def stats_dir(finetune_stats_dir):
+    return finetune_stats_dir
 
 
 def tiny_finetune_config(variant, tokenizer, data_dir, stats_dir, **overrides):
@@ -109,19 +99,17 @@ def stage_vocab(stage):
 
 
 @pytest.mark.parametrize("variant", ["flow_small", "bins_small"])
-def test_few_steps_through_trainer(variant, tiny_tokenizer, metaworld_dataset, stats_dir, tmp_path):
+def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
     from jaxvla.checkpoint import load_checkpoint
 
-    config = tiny_finetune_config(variant, tiny_tokenizer, metaworld_dataset["out"], stats_dir,
-                                  num_steps=3, eval_every=3)
-    result = train(config, str(tmp_path), devices=_one_device())
+    workdir, result = finetuned[variant]
     assert np.isfinite(result.metrics["loss"])
     if variant == "flow_small":
         assert np.isfinite(result.metrics["eval/sample_mse"])
     else:
         assert 0.0 <= result.metrics["eval/action_token_accuracy"] <= 1.0
         assert np.isfinite(result.metrics["eval/action_l1"])
-    _, saved_config, assets, step = load_checkpoint(str(tmp_path))
+    _, saved_config, assets, step = load_checkpoint(workdir)
     assert step == 3 and saved_config["stage"] == "finetune"
     stats = assets["datasets"]["metaworld"]["statistics"]["action"]
     assert np.asarray(stats["q01"]).shape == (4,) and np.asarray(stats["q99"]).shape == (4,)

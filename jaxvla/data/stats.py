@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -372,11 +373,11 @@ _EPS = 1e-8
 
 
 def _is_tf(x: Any) -> bool:
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, (tf.Tensor, tf.Variable))
+    # Never import TensorFlow here: a value can only be a tf tensor if TF is already loaded, and
+    # loading TF after MuJoCo's software renderer has started crashes the process (policies
+    # call ``unnormalize`` next to a simulator).
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, (tf.Tensor, tf.Variable))
 
 
 def normalize(x: Any, stats: Mapping[str, Any], mode: str = "q01q99", mask: Sequence[bool] | None = None) -> Any:

@@ -94,6 +94,34 @@ def predict_bins_greedy(params, batch, *, backbone) -> jax.Array:
     return jnp.stack(out, axis=1)
 
 
+def predict_bins_cached(params, batch, *, backbone) -> jax.Array:
+    """``predict_bins_greedy`` with the prefix in a KV cache (what a policy runs at every control
+    step): one prefill with the bin slots masked out (segment 0), whose logits at
+    ``action_positions[:, 0] - 1`` give the first bin, then ``A - 1`` one-token steps, each
+    feeding the bin just chosen at its true position. Same bins as ``predict_bins_greedy`` up to
+    float rounding; ``[B, A]`` int32."""
+    tokens, modality, positions, segment_ids, bidirectional_ids = _seq(batch)
+    action_positions = jnp.asarray(batch["action_positions"], jnp.int32)
+    batch_size, length = tokens.shape
+    num_bins = action_positions.shape[1]
+    rows = jnp.arange(batch_size)
+    prefix_segments = segment_ids.at[rows[:, None], action_positions].set(0)
+    cache = init_cache(backbone.config, batch_size, length + num_bins)
+    out = backbone.apply({"params": params["backbone"]}, tokens, modality, positions, prefix_segments,
+                         bidirectional_ids, cache=cache, heads=("action",))
+    pick = jnp.argmax(out["logits"]["action"][rows, action_positions[:, 0] - 1], axis=-1).astype(jnp.int32)
+    picks, cache = [pick], out["cache"]
+    for i in range(1, num_bins):
+        slot = action_positions[:, i - 1:i]
+        at = lambda x: jnp.take_along_axis(x, slot, axis=1)  # noqa: E731
+        out = backbone.apply({"params": params["backbone"]}, pick[:, None], at(modality), at(positions),
+                             at(segment_ids), at(bidirectional_ids), cache=cache, heads=("action",))
+        pick = jnp.argmax(out["logits"]["action"][:, 0], axis=-1).astype(jnp.int32)
+        picks.append(pick)
+        cache = out["cache"]
+    return jnp.stack(picks, axis=1)
+
+
 # --------------------------------------------------------------------------- flow
 
 
