@@ -167,10 +167,10 @@ def label_dataset(
 
     Each process labels its share of the files with its local devices into ``out_dir/part-<i>``
     (atomic, resumable: ``LatentLabelWriter``); process 0 then writes ``out_dir``'s index
-    (``merge_label_parts``). Returns ``out_dir``.
+    (``merge_label_parts``). ``split`` may list several splits (``"train,val"``: pretraining's
+    held-out evaluation reads the val split's labels); each gets its own parts
+    (``part-<split>-<i>``) in the one directory. Returns ``out_dir``.
     """
-    from tqdm import tqdm
-
     from jaxvla.data import latent_labels as ll
 
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -181,7 +181,27 @@ def label_dataset(
         if process_index == 0:
             os.remove(os.path.join(out_dir, ll.INFO_FILE))
     os.makedirs(out_dir, exist_ok=True)
-    part_dir = os.path.join(out_dir, f"part-{process_index:05d}")
+    splits = [part.strip() for part in str(split).split(",") if part.strip()]
+    if not splits:
+        raise ValueError(f"label_dataset: no split in {split!r}")
+    part_names = [f"part-{process_index:05d}" if len(splits) == 1 else f"part-{name}-{process_index:05d}"
+                  for name in splits]
+    for name, part_name in zip(splits, part_names):
+        _label_split(laq, data_config, os.path.join(out_dir, part_name), name, batch_size=batch_size,
+                     mixture=mixture, resume=resume, overwrite=overwrite, shard_size=shard_size,
+                     progress=progress and process_index == 0, process_index=process_index,
+                     process_count=process_count)
+    return _finish(out_dir, process_index, process_count, splits)
+
+
+def _label_split(laq: LoadedLAQ, data_config: Any, part_dir: str, split: str, *, batch_size: int, mixture,
+                 resume: bool, overwrite: bool, shard_size: int, progress: bool, process_index: int,
+                 process_count: int) -> None:
+    """One split's share of this process, into ``part_dir``."""
+    from tqdm import tqdm
+
+    from jaxvla.data import latent_labels as ll
+
     offsets = laq.frame_offsets
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -193,11 +213,11 @@ def label_dataset(
     code_shape = (model.num_transitions, model.code_tokens)
     if resume and ll.is_complete(part_dir):
         log.info("%s: this process's part is already complete", part_dir)
-        return _finish(out_dir, process_index, process_count)
+        return
     writer = ll.LatentLabelWriter(part_dir, laq.config_hash, code_shape, model.codebook_size, meta,
                                   resume=resume, overwrite=overwrite, shard_size=shard_size)
     done = writer.done_keys()
-    bar = tqdm(desc=f"labelling ({model.variant})", unit="traj", disable=not progress or process_index != 0)
+    bar = tqdm(desc=f"labelling {split} ({model.variant})", unit="traj", disable=not progress)
     try:
         with writer:
             for traj_key, images in decoded_trajectories(
@@ -217,10 +237,9 @@ def label_dataset(
                 writer.add(traj_key, starts, codes)
     finally:
         bar.close()
-    return _finish(out_dir, process_index, process_count)
 
 
-def _finish(out_dir: str, process_index: int, process_count: int) -> str:
+def _finish(out_dir: str, process_index: int, process_count: int, splits: list[str] | None = None) -> str:
     from jaxvla.data import latent_labels as ll
 
     if process_count > 1:
@@ -228,5 +247,9 @@ def _finish(out_dir: str, process_index: int, process_count: int) -> str:
 
         multihost_utils.sync_global_devices(f"latent labels {out_dir}")
     if process_index == 0:
-        ll.merge_label_parts(out_dir, [os.path.join(out_dir, f"part-{i:05d}") for i in range(process_count)])
+        if splits is None or len(splits) == 1:
+            names = [f"part-{i:05d}" for i in range(process_count)]
+        else:
+            names = [f"part-{name}-{i:05d}" for name in splits for i in range(process_count)]
+        ll.merge_label_parts(out_dir, [os.path.join(out_dir, name) for name in names])
     return out_dir

@@ -1,15 +1,23 @@
-"""``make demo``: the main job on the embedded default, on a fresh machine.
+"""``make demo``: the whole method on the embedded default, on a fresh machine, in under 20 minutes
+on 2 CPU cores.
 
-Renders the Meta-World dataset (MT10 experts) if it is missing, then runs every stage that exists
-with its small config, each in its own workdir under ``--run_dir``, and prints a summary with the
-files to look at. Later stages (LAQ, latent pretraining, finetuning, evaluation) join this script
-as they land.
+Renders the Meta-World MT10 expert dataset when it is missing, then trains, each stage in its
+own directory under ``--run_dir`` with the small configs (``jaxvla.experiment.BUDGETS["demo"]``):
+image tokenizer -> ViPRA LAQ -> latent labels for the videos -> latent pretraining (ViPRA
+objective) -> flow-matching finetuning on 2 demonstrations per task -> evaluation in Meta-World
+(MT10, 1 episode per task). Prints the success table and writes ``REPORT.md`` listing the plots
+(loss curves, reconstructions, latent-action semantics, success bars, rollout GIFs).
 
-    python scripts/demo.py [--run_dir=runs/demo] [--tokenizer_steps=300]
+    python scripts/demo.py [--run_dir=runs/demo] [--data_root=runs/data] [--eval_episodes=1]
+
+Finished stages are reused (``stage.json``), so a second run only re-prints the report, and
+``scripts/reproduce.py --run_dir=runs/demo`` builds the other rows on top of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import time
 
@@ -18,11 +26,17 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("run_dir", "runs/demo", "Where the data, every stage's workdir and the report go.")
-flags.DEFINE_string("data_dir", "runs/data/metaworld_mt10_64", "The embedded Meta-World dataset (generated if missing).")
-flags.DEFINE_integer("episodes_per_task", 5, "Expert episodes per MT10 task when generating the data.")
-flags.DEFINE_integer("tokenizer_steps", 300, "Image-tokenizer training steps.")
+flags.DEFINE_string("run_dir", "runs/demo", "Where every stage's workdir and the report go.")
+flags.DEFINE_string("data_root", "runs/data", "Where the Meta-World dataset is (generated when missing).")
+flags.DEFINE_integer("eval_episodes", 0, "Evaluation episodes per MT10 task (0: the demo budget's, 1).")
+flags.DEFINE_integer("steps", 0, "Training steps of every stage (0: the demo budget's, 200).")
 FLAGS = flags.FLAGS
+
+ROW = "VIPRA-FM"
+
+
+def _fmt(value, spec=".3f"):
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
 
 def main(argv):
@@ -31,51 +45,78 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from jaxvla.config import load_config
-    from jaxvla.data.embedded import ensure_metaworld_dataset
-    from jaxvla.trainer import train
+    from jaxvla.evaluation import format_table
+    from jaxvla.experiment import BUDGETS, Experiment
 
-    os.makedirs(FLAGS.run_dir, exist_ok=True)
-    rows = []
-
+    budget = BUDGETS["demo"]
+    if FLAGS.eval_episodes:
+        budget = dataclasses.replace(budget, eval_episodes=FLAGS.eval_episodes)
+    if FLAGS.steps:
+        n = FLAGS.steps
+        budget = dataclasses.replace(budget, tokenizer_steps=n, laq_steps=n, pretrain_steps=n, finetune_steps=n)
     start = time.time()
-    dataset = ensure_metaworld_dataset(FLAGS.data_dir, "mt10", FLAGS.episodes_per_task, 64)
-    rows.append(("data", f"Meta-World MT10 experts, {dataset}", f"{time.time() - start:.0f} s"))
+    exp = Experiment(FLAGS.run_dir, budget, data_root=FLAGS.data_root)
+    result = exp.run_row(ROW)
+    total = time.time() - start
 
-    start = time.time()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = load_config(os.path.join(repo, "configs", "tokenizer.py:small"))
-    config.num_steps = FLAGS.tokenizer_steps
-    config.data.data_dir = FLAGS.data_dir
-    config.eval_every = FLAGS.tokenizer_steps
-    config.checkpoint.every = FLAGS.tokenizer_steps
-    workdir = os.path.join(FLAGS.run_dir, "tokenizer")
-    result = train(config, workdir)
-    m = result.metrics
-    rows.append((
-        "tokenizer",
-        f"held-out PSNR {m.get('eval/psnr', float('nan')):.1f} dB, code perplexity {m.get('eval/code_perplexity', float('nan')):.0f}, "
-        f"codes used {m.get('codes_used_fraction', float('nan')):.0%}",
-        f"{time.time() - start:.0f} s",
-    ))
+    s = exp.stages
+    tok, laq = s["tokenizer"]["metrics"], s["laq_vipra"]["metrics"]
+    pre, ft = s["pretrain_vipra"]["metrics"], s["finetune_vipra-fm"]["metrics"]
+    rows = [
+        ("data", f"Meta-World MT10 experts, {budget.videos_per_task} episodes per task: {exp.video_data}",
+         s["data"]["wall_seconds"]),
+        ("tokenizer", f"held-out PSNR {_fmt(tok.get('eval/psnr'), '.1f')} dB, code perplexity "
+                      f"{_fmt(tok.get('eval/code_perplexity'), '.0f')}", s["tokenizer"]["wall_seconds"]),
+        ("LAQ (ViPRA)", f"held-out PSNR {_fmt(laq.get('eval/psnr'), '.1f')} dB vs copy-frame "
+                        f"{_fmt(laq.get('eval/psnr_copy'), '.1f')}, perplexity {_fmt(laq.get('eval/code_perplexity'), '.2f')}",
+         s["laq_vipra"]["wall_seconds"]),
+        ("labels", f"latent actions for every video clip: {s['labels_vipra']['labels']}", s["labels_vipra"]["wall_seconds"]),
+        ("pretrain", f"held-out latent-token accuracy {_fmt(pre.get('eval/latent_accuracy'))}, future-frame "
+                     f"accuracy {_fmt(pre.get('eval/image_accuracy'))}", s["pretrain_vipra"]["wall_seconds"]),
+        ("finetune", f"flow matching, {budget.demos_per_task} demos per task: held-out sample MSE "
+                     f"{_fmt(ft.get('eval/sample_mse'))} (zeros: {_fmt(ft.get('eval/zero_mse'))})",
+         s["finetune_vipra-fm"]["wall_seconds"]),
+        ("evaluate", f"MT10 success {result['mean']['successes']}/{result['mean']['episodes']} "
+                     f"({result['mean']['success_rate']:.0%}), 95 % CI [{result['mean']['ci95'][0]:.2f}, "
+                     f"{result['mean']['ci95'][1]:.2f}]", s["eval_vipra-fm"]["wall_seconds"]),
+    ]
 
-    images = sorted(os.listdir(os.path.join(workdir, "images")))
-    report = os.path.join(FLAGS.run_dir, "REPORT.md")
+    def rel(path):
+        return os.path.relpath(path, exp.run_dir)
+
+    pictures = []
+    for name in ("tokenizer", "laq_vipra", "pretrain_vipra", "finetune_vipra-fm"):
+        if s[name].get("loss_curve"):
+            pictures.append((f"loss curve: {name}", s[name]["loss_curve"]))
+    for pattern, label in (("tokenizer/images/reconstructions_*.png", "tokenizer reconstructions"),
+                           ("laq_vipra/images/reconstructions_*.png", "LAQ reconstructions"),
+                           ("laq_vipra/images/latent_semantics_*.png", "latent-action semantics")):
+        found = sorted(glob.glob(os.path.join(exp.run_dir, pattern)))
+        if found:
+            pictures.append((label, found[-1]))
+    pictures.append(("success per task", result["files"]["plot"]))
+    pictures += [(f"rollout: {os.path.basename(g)}", g) for g in result["files"]["gifs"]]
+
+    report = os.path.join(exp.run_dir, "REPORT.md")
     with open(report + ".tmp", "w") as f:
-        f.write("# jaxvla demo\n\n| stage | result | wall time |\n|---|---|---|\n")
+        f.write(f"# jaxvla demo ({time.strftime('%Y-%m-%d')}, {total / 60:.1f} min)\n\n")
+        f.write("| stage | result | wall time |\n|---|---|---|\n")
         for stage, text, wall in rows:
-            f.write(f"| {stage} | {text} | {wall} |\n")
+            f.write(f"| {stage} | {text} | {wall:.0f} s |\n")
+        f.write("\n## Meta-World MT10 success (VIPRA-FM)\n\n" + format_table(result) + "\n")
         f.write("\n## Pictures\n\n")
-        for name in images:
-            f.write(f"![{name}](tokenizer/images/{name})\n")
+        for label, path in pictures:
+            f.write(f"- {label}: [{rel(path)}]({rel(path)})\n\n  ![{label}]({rel(path)})\n")
     os.replace(report + ".tmp", report)
 
     width = max(len(r[1]) for r in rows)
-    print("\n" + f"{'stage':<10} | {'result':<{width}} | wall")
-    print("-" * (width + 22))
+    print("\n" + f"{'stage':<12} | {'result':<{width}} | wall")
+    print("-" * (width + 24))
     for stage, text, wall in rows:
-        print(f"{stage:<10} | {text:<{width}} | {wall}")
-    print(f"\nreport: {report}; TensorBoard: tensorboard --logdir {FLAGS.run_dir}")
+        print(f"{stage:<12} | {text:<{width}} | {wall:.0f} s")
+    print("\nMeta-World MT10 success of the VIPRA-FM policy:\n")
+    print(format_table(result))
+    print(f"\n{total / 60:.1f} min in all. Report: {report}; TensorBoard: tensorboard --logdir {exp.run_dir}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default="", help="TFDS data_dir (default: the LAQ's)")
     parser.add_argument("--dataset", default="", help="single dataset name (default: the LAQ's)")
     parser.add_argument("--mixture", default="", help="registered mixture or 'name:weight,...' (overrides --dataset)")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train",
+                        help="split(s) to label, comma-separated (train,val: pretraining's eval reads val)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=256, help="trajectories per label shard")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -3,6 +3,7 @@ target caps, training prerequisites first, and short end-to-end runs (LAQ on the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -134,10 +135,15 @@ def test_pretraining_from_labeller_output(prerequisites, tmp_path):
     from jaxvla.latent_actions import label_dataset, load_laq
 
     laq = load_laq(prerequisites["laq"])
-    labels = label_dataset(laq, laq.config.data, str(tmp_path / "labels"), progress=False)
-    config = tiny_pretrain_config(prerequisites, num_steps=2, **{"model.latent_source": "labels", "model.labels_dir": labels})
+    # Both splits in one directory: the held-out evaluation reads the val split's labels.
+    labels = label_dataset(laq, laq.config.data, str(tmp_path / "labels"), split="train,val", progress=False)
+    with open(os.path.join(labels, "labels_info.json")) as f:
+        assert json.load(f)["parts"] == ["part-train-00000", "part-val-00000"]
+    config = tiny_pretrain_config(prerequisites, num_steps=2, eval_every=2, eval_batches=1,
+                                  **{"model.latent_source": "labels", "model.labels_dir": labels})
     result = train(config, str(tmp_path / "pre"), devices=jax.devices()[:1])
     assert np.isfinite(result.metrics["loss"]) and result.step == 2
+    assert 0.0 <= result.metrics["eval/latent_accuracy"] <= 1.0
     with pytest.raises(ValueError, match="labels of a 'vipra' LAQ"):
         from jaxvla.stages import build_stage
 
