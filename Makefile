@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test workers; test files are the unit of distribution, so module fixtures are built once.
+TEST_WORKERS ?= 2
 # The wheel that ships the SentencePiece text tokenizer (jaxvla/data/text.py reads its data file,
 # never its code). Not in setup.py and installed with --no-deps: on Python <= 3.12 it requires
 # numpy<2.4, which would downgrade our numpy (2.4.x with jax 0.10).
@@ -26,7 +28,7 @@ $(VENV)/.installed-demo: setup.py Makefile
 	touch $@
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS) tests
 
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py

@@ -39,7 +39,9 @@ EXTRAS = {
     # Meta-World pins mujoco 3.3.0; language-world provides one instruction per MT50 task.
     "sim": ["metaworld==3.1.1", "language-world==0.1.1"],
     # torch (CPU build) only for the Hugging Face parity tests.
-    "dev": ["pytest>=8", "torch==2.13.0"],
+    # pytest-xdist: make test runs 2 workers (XLA compiles are single-threaded, so one process
+    # leaves the second core idle most of the time).
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "wandb": ["wandb"],

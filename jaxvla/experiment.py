@@ -67,8 +67,10 @@ class Budget:
 BUDGETS = {
     # make demo: every stage once, under 20 minutes on 2 CPU cores.
     "demo": Budget(tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=200, eval_episodes=1),
-    # scripts/reproduce.py default: the five rows in about an hour (the demo's stages are reused).
-    "hour": Budget(tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=200, eval_episodes=3),
+    # scripts/reproduce.py default: the five rows in about an hour on top of a demo run (its
+    # tokenizer, ViPRA LAQ, labels and pretraining are reused); finetuning on all 4 train episodes.
+    "hour": Budget(tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=400, demos_per_task=4,
+                   eval_episodes=3),
     # Longer training, 10 demonstrations per task, more evaluation episodes.
     "overnight": Budget(tokenizer_steps=2000, laq_steps=3000, pretrain_steps=3000, finetune_steps=2000,
                         video_tasks="mt10", videos_per_task=20, demos_per_task=10, eval_episodes=20, max_steps=200),
@@ -148,15 +150,16 @@ class Experiment:
         return record
 
     def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",)) -> dict:
-        done = self._done(name)
-        if done is not None:
-            log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
-            self.stages[name] = done
-            return done
         from jaxvla.config import apply_overrides, load_config
         from jaxvla.trainer import train
 
         config = apply_overrides(load_config(os.path.join(REPO, config_spec)), overrides)
+        done = self._done(name)
+        if done is not None and done.get("steps") == int(config.num_steps):
+            log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
+            self.stages[name] = done
+            return done
+        # A checkpoint with fewer steps is resumed and trained on to config.num_steps.
         log.info("%s: training %s for %d steps in %s", name, config_spec, config.num_steps, self._path(name))
         start = time.time()
         result = train(config, self._path(name))
@@ -203,13 +206,13 @@ class Experiment:
 
     def labels(self, kind: str) -> dict:
         name = f"labels_{kind}"
+        laq_steps = self.laq(kind)["steps"]
         done = self._done(name)
-        if done is not None:
+        if done is not None and done.get("laq_steps") == laq_steps:
             self.stages[name] = done
             return done
         from jaxvla.latent_actions import label_dataset, load_laq
 
-        self.laq(kind)
         start = time.time()
         laq = load_laq(self._path(f"laq_{kind}"))
         data = laq.config.data
@@ -217,7 +220,7 @@ class Experiment:
         data.data_dir = self.video_data
         out = self._path(name) + "/labels"
         label_dataset(laq, data, out, split="train,val", overwrite=True, progress=self.progress)
-        return self._record(name, time.time() - start, {}, labels=out)
+        return self._record(name, time.time() - start, {}, labels=out, laq_steps=laq_steps)
 
     def pretrain(self, objective: str) -> dict:
         n = self.budget.pretrain_steps
@@ -229,6 +232,11 @@ class Experiment:
             overrides.update({"model.latent_source": "labels", "model.labels_dir": labels["labels"],
                               "model.laq_checkpoint": self._path(f"laq_{objective}")})
         return self._train(f"pretrain_{objective}", f"configs/pretrain.py:{objective}_small", overrides)
+
+    def finetune_name(self, row: str) -> str:
+        """``finetune_<row>_<steps>x<demos>``: budgets that finetune differently share the
+        pretraining stages but never a finetuning run."""
+        return f"finetune_{row.lower()}_{self.budget.finetune_steps}x{self.budget.demos_per_task}"
 
     def finetune(self, row: str) -> dict:
         spec = ROWS[row]
@@ -248,23 +256,25 @@ class Experiment:
             variant = f"{head}_small"
         else:
             variant = f"scratch_{head}_small"
-        return self._train(f"finetune_{row.lower()}", f"configs/finetune.py:{variant}", overrides)
+        return self._train(self.finetune_name(row), f"configs/finetune.py:{variant}", overrides)
 
     def evaluate(self, row: str) -> dict:
-        name = f"eval_{row.lower()}"
+        name = self.finetune_name(row).replace("finetune_", "eval_", 1)
+        self.finetune(row)
+        b = self.budget
         done = self._done(name)
-        if done is not None:
+        settings = {"tasks": b.eval_tasks, "episodes": b.eval_episodes, "max_steps": b.max_steps,
+                    "finetune_steps": self.stages[self.finetune_name(row)]["steps"]}
+        if done is not None and done.get("settings") == settings:
             self.stages[name] = done
             return done
         from jaxvla.evaluation import evaluate
 
-        self.finetune(row)
-        b = self.budget
         start = time.time()
-        summary = evaluate(self._path(f"finetune_{row.lower()}"), b.eval_tasks, b.eval_episodes, max_steps=b.max_steps,
+        summary = evaluate(self._path(self.finetune_name(row)), b.eval_tasks, b.eval_episodes, max_steps=b.max_steps,
                            out_dir=self._path(name), progress=self.progress)
         keep = {k: summary[k] for k in ("tasks", "mean", "latency", "files")}
-        return self._record(name, time.time() - start, {}, **keep)
+        return self._record(name, time.time() - start, {}, settings=settings, **keep)
 
     # ------------------------------------------------------------------ rows
 
@@ -275,7 +285,8 @@ class Experiment:
             names += [f"laq_{spec['laq']}", f"labels_{spec['laq']}"]
         if spec["pretrain"]:
             names.append(f"pretrain_{spec['pretrain']}")
-        return names + [f"finetune_{row.lower()}", f"eval_{row.lower()}"]
+        finetune = self.finetune_name(row)
+        return names + [finetune, finetune.replace("finetune_", "eval_", 1)]
 
     def run_row(self, row: str) -> dict:
         """Every stage ``row`` needs (reusing finished ones), then its evaluation; returns the

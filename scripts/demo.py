@@ -61,7 +61,9 @@ def main(argv):
 
     s = exp.stages
     tok, laq = s["tokenizer"]["metrics"], s["laq_vipra"]["metrics"]
-    pre, ft = s["pretrain_vipra"]["metrics"], s["finetune_vipra-fm"]["metrics"]
+    finetune = exp.finetune_name(ROW)
+    evaluation = finetune.replace("finetune_", "eval_", 1)
+    pre, ft = s["pretrain_vipra"]["metrics"], s[finetune]["metrics"]
     rows = [
         ("data", f"Meta-World MT10 experts, {budget.videos_per_task} episodes per task: {exp.video_data}",
          s["data"]["wall_seconds"]),
@@ -75,17 +77,17 @@ def main(argv):
                      f"accuracy {_fmt(pre.get('eval/image_accuracy'))}", s["pretrain_vipra"]["wall_seconds"]),
         ("finetune", f"flow matching, {budget.demos_per_task} demos per task: held-out sample MSE "
                      f"{_fmt(ft.get('eval/sample_mse'))} (zeros: {_fmt(ft.get('eval/zero_mse'))})",
-         s["finetune_vipra-fm"]["wall_seconds"]),
+         s[finetune]["wall_seconds"]),
         ("evaluate", f"MT10 success {result['mean']['successes']}/{result['mean']['episodes']} "
                      f"({result['mean']['success_rate']:.0%}), 95 % CI [{result['mean']['ci95'][0]:.2f}, "
-                     f"{result['mean']['ci95'][1]:.2f}]", s["eval_vipra-fm"]["wall_seconds"]),
+                     f"{result['mean']['ci95'][1]:.2f}]", s[evaluation]["wall_seconds"]),
     ]
 
     def rel(path):
         return os.path.relpath(path, exp.run_dir)
 
     pictures = []
-    for name in ("tokenizer", "laq_vipra", "pretrain_vipra", "finetune_vipra-fm"):
+    for name in ("tokenizer", "laq_vipra", "pretrain_vipra", finetune):
         if s[name].get("loss_curve"):
             pictures.append((f"loss curve: {name}", s[name]["loss_curve"]))
     for pattern, label in (("tokenizer/images/reconstructions_*.png", "tokenizer reconstructions"),
