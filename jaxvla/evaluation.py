@@ -23,15 +23,16 @@ row each, no frames), ``files``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any, Sequence
 
 import numpy as np
+
+from jaxvla.io.files import atomic_path, write_json
+from jaxvla.tracking import save_figure
 
 log = logging.getLogger("jaxvla")
 
@@ -194,22 +195,25 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
     jobs = [(settings, task, i) for task in tasks for i in range(episodes)]
     bar = tqdm(total=len(jobs), desc="rollouts", unit="ep", disable=not progress)
     results = []
+
+    def collect(rows):
+        for row in rows:
+            results.append(row)
+            bar.update(1)
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}")
+
     try:
         if workers <= 1:
-            for job in jobs:
-                results.append(_run_job(job))
-                bar.update(1)
-                bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}")
-            _close_worker()
+            try:
+                collect(_run_job(job) for job in jobs)
+            finally:
+                _close_worker()
         else:
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")  # jax and MuJoCo must not be forked
             with ctx.Pool(workers, initializer=_init_worker) as pool:
-                for row in pool.imap_unordered(_run_job, jobs):
-                    results.append(row)
-                    bar.update(1)
-                    bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}")
+                collect(pool.imap_unordered(_run_job, jobs))
     finally:
         bar.close()
     order = {(task, i): n for n, (_, task, i) in enumerate(jobs)}
@@ -224,10 +228,8 @@ def write_gif(path: str, frames: np.ndarray, fps: int = 20, scale: int = 2) -> s
     from PIL import Image
 
     images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
-    fd, tmp = tempfile.mkstemp(suffix=".gif", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
 
 
@@ -252,18 +254,13 @@ def bar_plot(path: str, labels: Sequence[str], rates: Sequence[float], cis: Sequ
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(summary: dict, episodes: Sequence[dict], out_dir: str, title: str) -> dict[str, Any]:
-    """results.json, success.png (per task + mean) and GIFs of one success and one failure per
-    task (when frames were recorded). Returns the file list added to ``summary["files"]``."""
-    os.makedirs(out_dir, exist_ok=True)
+    """GIFs of one success and one failure per task (from ``episodes`` with frames), success.png
+    (per task + mean), then results.json: ``summary`` with the file list, which is also set as
+    ``summary["files"]`` and returned."""
     files: dict[str, Any] = {"gifs": []}
     gif_dir = os.path.join(out_dir, "rollouts")
     for task in summary["tasks"]:
@@ -271,7 +268,6 @@ def write_outputs(summary: dict, episodes: Sequence[dict], out_dir: str, title: 
             row = next((e for e in episodes if e["task"] == task and e["success"] == outcome and "frames" in e), None)
             if row is None:
                 continue
-            os.makedirs(gif_dir, exist_ok=True)
             name = f"{task}_ep{row['episode']}_{'success' if outcome else 'failure'}.gif"
             files["gifs"].append(write_gif(os.path.join(gif_dir, name), row["frames"]))
     labels = list(summary["tasks"]) + ["mean"]
@@ -279,12 +275,8 @@ def write_outputs(summary: dict, episodes: Sequence[dict], out_dir: str, title: 
     cis = [summary["tasks"][t]["ci95"] for t in summary["tasks"]] + [summary["mean"]["ci95"]]
     files["plot"] = bar_plot(os.path.join(out_dir, "success.png"), labels, rates, cis, title)
     files["results"] = os.path.join(out_dir, "results.json")
-    summary = dict(summary, files=files)
-    summary["episodes"] = [{k: v for k, v in e.items() if k != "frames"} for e in episodes]
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, files["results"])
+    summary["files"] = files
+    write_json(files["results"], summary)
     return files
 
 
@@ -311,10 +303,10 @@ def evaluate(checkpoint: str, tasks: str | Sequence[str] = "mt10", episodes: int
     summary["settings"] = dict(dataclasses.asdict(settings), tasks=names, episodes_per_task=episodes,
                                workers=workers, eval_seed_base=EVAL_SEED_BASE)
     summary["wall_seconds"] = time.time() - start
-    if out_dir:
-        summary["files"] = write_outputs(summary, rows, out_dir, title=f"{os.path.basename(os.path.abspath(checkpoint))}: "
-                                         f"{len(names)} tasks x {episodes} episodes")
     summary["episodes"] = [{k: v for k, v in e.items() if k != "frames"} for e in rows]
+    if out_dir:
+        write_outputs(summary, rows, out_dir, title=f"{os.path.basename(os.path.abspath(checkpoint))}: "
+                      f"{len(names)} tasks x {episodes} episodes")
     return summary
 
 

@@ -32,9 +32,11 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
+
+from jaxvla.io.files import write_json
+from jaxvla.tracking import save_figure
 
 log = logging.getLogger("jaxvla")
 
@@ -77,13 +79,6 @@ BUDGETS = {
 }
 
 
-def _write_json(path: str, value: Any) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
 def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("loss",)) -> str | None:
     """PNG of the logged ``keys`` against steps (eval/... points as markers); None without history."""
     import matplotlib
@@ -104,12 +99,7 @@ def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("l
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 class Experiment:
@@ -145,7 +135,7 @@ class Experiment:
     def _record(self, name: str, wall: float, metrics: dict, **extra) -> dict:
         record = {"stage": name, "wall_seconds": wall, "metrics": metrics, **extra}
         os.makedirs(self._path(name), exist_ok=True)
-        _write_json(os.path.join(self._path(name), "stage.json"), record)
+        write_json(os.path.join(self._path(name), "stage.json"), record)
         self.stages[name] = record
         return record
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -258,8 +259,6 @@ class ActionChunker:
         self.call_seconds: list[float] = []
 
     def step(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
-        import time
-
         if not self._queue:
             start = time.perf_counter()
             chunk = np.asarray(self.policy.act(observation, instruction))

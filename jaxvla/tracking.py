@@ -36,6 +36,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def save_figure(fig, path: str) -> str:
+    """Writes a matplotlib figure as PNG atomically and closes it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    from jaxvla.io.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes an [H, W, 3] image atomically."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -47,6 +47,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxvla.evaluation import format_table
     from jaxvla.experiment import BUDGETS, Experiment
+    from jaxvla.io.files import write_text
 
     budget = BUDGETS["demo"]
     if FLAGS.eval_episodes:
@@ -99,17 +100,12 @@ def main(argv):
     pictures.append(("success per task", result["files"]["plot"]))
     pictures += [(f"rollout: {os.path.basename(g)}", g) for g in result["files"]["gifs"]]
 
-    report = os.path.join(exp.run_dir, "REPORT.md")
-    with open(report + ".tmp", "w") as f:
-        f.write(f"# jaxvla demo ({time.strftime('%Y-%m-%d')}, {total / 60:.1f} min)\n\n")
-        f.write("| stage | result | wall time |\n|---|---|---|\n")
-        for stage, text, wall in rows:
-            f.write(f"| {stage} | {text} | {wall:.0f} s |\n")
-        f.write("\n## Meta-World MT10 success (VIPRA-FM)\n\n" + format_table(result) + "\n")
-        f.write("\n## Pictures\n\n")
-        for label, path in pictures:
-            f.write(f"- {label}: [{rel(path)}]({rel(path)})\n\n  ![{label}]({rel(path)})\n")
-    os.replace(report + ".tmp", report)
+    lines = [f"# jaxvla demo ({time.strftime('%Y-%m-%d')}, {total / 60:.1f} min)\n",
+             "| stage | result | wall time |", "|---|---|---|"]
+    lines += [f"| {stage} | {text} | {wall:.0f} s |" for stage, text, wall in rows]
+    lines += ["", "## Meta-World MT10 success (VIPRA-FM)", "", format_table(result), "", "## Pictures", ""]
+    lines += [f"- {label}: [{rel(path)}]({rel(path)})\n\n  ![{label}]({rel(path)})" for label, path in pictures]
+    report = write_text(os.path.join(exp.run_dir, "REPORT.md"), "\n".join(lines) + "\n")
 
     width = max(len(r[1]) for r in rows)
     print("\n" + f"{'stage':<12} | {'result':<{width}} | wall")

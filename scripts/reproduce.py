@@ -21,7 +21,6 @@ reused, so an interrupted run continues.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -111,6 +110,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxvla.evaluation import bar_plot
     from jaxvla.experiment import ROWS, Experiment
+    from jaxvla.io.files import write_json, write_text
 
     rows = [r.strip().upper() for r in FLAGS.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -128,16 +128,12 @@ def main(argv):
     date = time.strftime("%Y-%m-%d")
     text = markdown(results, budget, date)
     out = exp.run_dir
-    with open(os.path.join(out, "RESULTS.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(out, "RESULTS.md.tmp"), os.path.join(out, "RESULTS.md"))
+    write_text(os.path.join(out, "RESULTS.md"), text)
     bar_plot(os.path.join(out, "comparison.png"), [r["row"] for r in results],
              [r["mean"]["success_rate"] for r in results], [r["mean"]["ci95"] for r in results],
              f"Meta-World MT10 success ({budget.eval_episodes} episodes per task, {date})")
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump({"date": date, "budget": dataclasses.asdict(budget), "rows": results,
-                   "wall_seconds": time.time() - start}, f, indent=1, default=float)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    write_json(os.path.join(out, "results.json"), {"date": date, "budget": dataclasses.asdict(budget),
+                                                   "rows": results, "wall_seconds": time.time() - start})
     print("\n" + text)
     print(f"Files: {out}/RESULTS.md, {out}/comparison.png, {out}/results.json")
 
