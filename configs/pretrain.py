@@ -67,6 +67,7 @@ def get_config(variant: str = "vipra_small"):
             mlp_dim=0,
             max_len=0,
             rope_theta=0.0,
+            scan_layers=True,  # nn.scan over layers (one compiled body); False unrolls them
             seq_len=256 if small else (1536 if vipra else 384),
             # Loss group weights (spread over each group's targets by the sequence builders).
             latent_weight=0.48 if vipra else 0.99,
@@ -74,14 +75,19 @@ def get_config(variant: str = "vipra_small"):
             action_weight=0.99,
             text_weight=0.02 if vipra else 0.01,
             # Targets of each modality gathered per sequence before its head (see losses/pretrain.py).
-            max_targets=dict(text=64 if small else 96, image=64 if small else 256, latent=64, action=16),
+            # ViPRA at 7B: 14 steps x (16 codes + separator) = 238 latent targets.
+            max_targets=dict(text=64 if small else 96, image=64 if small else 256,
+                             latent=256 if vipra and not small else 64, action=16),
             history_frames=0,  # vipra: 1 adds o_{t-1} (needs clips reaching one step back)
+            # [H, M] latent codes of latent_source="synthetic" sequences (LAPA 1 x 4; ViPRA 14 x 16).
+            synthetic_latent_shape=(1, 4) if not vipra else ((2, 4) if small else (14, 16)),
             text_tokenizer="",  # "" = the SentencePiece model of the mistral-common wheel
             tokenizer_checkpoint="runs/tokenizer",
             tokenizer_config="configs/tokenizer.py:small",
             tokenizer_steps=300,
             # Latent actions: "laq" encodes the clips on the fly with the LAQ checkpoint; "labels"
-            # reads scripts/label_latent_actions.py's output from labels_dir.
+            # reads scripts/label_latent_actions.py's output from labels_dir; "synthetic" trains on
+            # random ids in the objective's layout (no data, tokenizer or LAQ: plan.py, benchmarks).
             latent_source="laq",
             labels_dir="",
             laq_checkpoint=f"runs/laq_{laq_variant.split('_')[0]}",

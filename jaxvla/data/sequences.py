@@ -345,3 +345,39 @@ def attention_mask(seq: Mapping[str, np.ndarray]) -> np.ndarray:
     same_seg = (seg[..., :, None] == seg[..., None, :]) & (seg[..., :, None] > 0)
     block = (bid[..., :, None] == bid[..., None, :]) & (bid[..., :, None] > 0)
     return same_seg & (causal | block)
+
+
+def synthetic_batch(rng: np.random.Generator, batch_size: int, objective: str, vocab: Vocab, max_len: int, *,
+                    frame_tokens: int, latent_shape: tuple[int, int] = (1, 4), history_frames: int = 0,
+                    prompt_tokens: int = 24, action_tokens: int = 4) -> dict[str, np.ndarray]:
+    """``batch_size`` sequences of ``objective``'s layout (lapa | vipra | actionvla) with random
+    ids, packed as :func:`batch_sequences` packs real ones ([B, max_len] arrays).
+
+    The same builders as real data, so positions, masks, loss groups and target counts are those of
+    training; only the ids are random. For what needs the shapes and the arithmetic but no data,
+    tokenizer or LAQ: memory planning, train-step benchmarks, multi-process tests.
+    ``frame_tokens``: VQGAN codes per frame (LWM at 256 px: 256); ``latent_shape``: the [H, M]
+    latent codes (LAPA: 1 x 4, flattened; ViPRA: 14 x 16); ``history_frames`` 1 adds ViPRA's o_{t-1}."""
+    markers = {name: np.array([3 + 2 * i, 4 + 2 * i], np.int32) for i, name in enumerate(MARKERS)}
+
+    def ids(size, high):
+        return rng.integers(0, high, size=size, dtype=np.int32)
+
+    seqs = []
+    for _ in range(batch_size):
+        prompt = np.concatenate([[vocab.bos_id], ids(prompt_tokens - 1, vocab.text_size)]).astype(np.int32)
+        image = ids(frame_tokens, vocab.image_codes)
+        if objective == "lapa":
+            seqs.append(build_lapa(prompt, image, ids(latent_shape, vocab.latent_codes), markers, vocab, max_len))
+        elif objective == "vipra":
+            previous = ids(frame_tokens, vocab.image_codes) if history_frames else None
+            seqs.append(build_vipra(prompt, image, ids(frame_tokens, vocab.image_codes),
+                                    ids(latent_shape, vocab.latent_codes), markers, vocab, max_len,
+                                    prev_image=previous))
+        elif objective == "actionvla":
+            seqs.append(build_actionvla(prompt, image, ids(action_tokens, vocab.action_bins), markers, vocab,
+                                        max_len))
+        else:
+            raise ValueError(f"synthetic_batch: objective {objective!r}; expected lapa, vipra or actionvla")
+    batch = batch_sequences(seqs)
+    return {key: batch[key] for key in SEQUENCE_KEYS}

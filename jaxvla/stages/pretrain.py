@@ -11,6 +11,12 @@ Windows follow the latent actions: with ``latent_source="laq"`` the data sample 
 (lapa: pairs (o_t, o_{t+H}); vipra: clips o_t, o_{t+s}, ..., o_{t+Ls}, whose last frame is the
 future frame o_{t+H}); with ``"labels"`` it is pairs (o_t, o_{t+H}) with H the labels' window
 span and the codes joined at t.
+
+With ``latent_source="synthetic"`` the stage needs no data, tokenizer or LAQ: batches are random
+ids in the objective's real layout (``jaxvla.data.sequences.synthetic_batch``; one image frame is
+``max_targets.image`` codes), batch ``s`` drawn from ``(seed, s)`` and split across processes. The
+backbone, loss and train step are the ones real runs use; ``scripts/plan.py``, the train-step
+benchmarks and the multi-process tests run on it.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ def _prerequisites(config):
             raise ValueError(f"{mc.labels_dir}: labels of a {variant!r} LAQ, but config.model.objective={mc.objective!r}")
         return frames, None, info
     if mc.latent_source != "laq":
-        raise ValueError(f"config.model.latent_source={mc.latent_source!r}; expected 'laq' or 'labels'")
+        raise ValueError(f"config.model.latent_source={mc.latent_source!r}; expected 'laq', 'labels' or 'synthetic'")
     from jaxvla.latent_actions import load_laq
 
     laq_dir = vla.ensure_checkpoint(
@@ -130,12 +136,56 @@ class SequencePacker:
         return {key: packed[key] for key in seq.SEQUENCE_KEYS}
 
 
+def synthetic_vocab(size: str) -> seq.Vocab:
+    """The backbone size's tables: its image table's codes (at most LWM's 8192), 8 latent codes."""
+    from jaxvla.models.llama import llama_config
+
+    table = llama_config(size).image_vocab
+    return seq.Vocab(image_codes=min(table - 2, 8192), image_vocab=table, latent_codes=8, action_bins=256)
+
+
+def synthetic_batches(config, vocab: seq.Vocab):
+    """(batches, eval_batches) of random sequences; global batch ``s`` depends on (seed, s) only and
+    each process takes its rows, so any process count sees the same global batch."""
+    mc = config.model
+    per_process = config.batch_size // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+    def global_batch(seed, step):
+        rng = np.random.default_rng([seed, step])
+        batch = seq.synthetic_batch(rng, config.batch_size, mc.objective, vocab, mc.seq_len,
+                                    frame_tokens=int(mc.max_targets["image"]),
+                                    latent_shape=tuple(mc.synthetic_latent_shape),
+                                    history_frames=int(mc.history_frames))
+        return {key: value[rows] for key, value in batch.items()}
+
+    def batches(start_step: int):
+        step = start_step
+        while True:
+            yield global_batch(config.seed, step)
+            step += 1
+
+    def eval_batches():
+        return (global_batch(config.seed + 1, i) for i in range(max(1, config.eval_batches)))
+
+    return batches, eval_batches
+
+
 def build(config) -> Stage:
     from jaxvla.data.pipeline import make_batches
     from jaxvla.models.llama import Llama
     from jaxvla.data.embedded import ensure_configured_dataset
 
     mc = config.model
+    if mc.latent_source == "synthetic":
+        vocab = synthetic_vocab(mc.size)
+        backbone = Llama(vla.backbone_config(
+            mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
+            latent=mc.objective != "actionvla", action=mc.objective == "actionvla"))
+        batches, eval_batches = synthetic_batches(config, vocab)
+        return _stage(config, backbone, batches, eval_batches, {
+            "objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
+            "seq_len": np.asarray(mc.seq_len)})
     ensure_configured_dataset(config.data)
     frames, laq, labels_info = _prerequisites(config)
     data = data_config_for(config, laq, labels_info)
@@ -145,8 +195,6 @@ def build(config) -> Stage:
         mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
         latent=mc.objective != "actionvla", action=mc.objective == "actionvla",
     )
-    if backbone_config.max_len < mc.seq_len:
-        raise ValueError(f"config.model.seq_len={mc.seq_len} exceeds the backbone's max_len {backbone_config.max_len}")
     backbone = Llama(backbone_config)
     per_process = config.batch_size // jax.process_count()
 
@@ -171,12 +219,6 @@ def build(config) -> Stage:
         stream = make_batches(data, batch_size=per_process, train=False, seed=config.seed + 1)
         return (packer(b) for b in stream)
 
-    def init_variables(rng):
-        ones = jnp.ones((1, mc.seq_len), jnp.int32)
-        variables = backbone.init(rng, ones, jnp.zeros_like(ones), jnp.arange(mc.seq_len)[None], ones,
-                                  jnp.zeros_like(ones))
-        return {"params": {"backbone": variables["params"]}}
-
     assets = {
         "objective": mc.objective,
         "vocab_sizes": np.asarray(vocab.sizes),
@@ -193,6 +235,20 @@ def build(config) -> Stage:
         from jaxvla.data.stats import to_jsonable
 
         assets["statistics"] = to_jsonable(statistics)
+    return _stage(config, backbone, batches, eval_batches, assets)
+
+
+def _stage(config, backbone, batches, eval_batches, assets) -> Stage:
+    mc = config.model
+    if backbone.config.max_len < mc.seq_len:
+        raise ValueError(f"config.model.seq_len={mc.seq_len} exceeds the backbone's max_len {backbone.config.max_len}")
+
+    def init_variables(rng):
+        ones = jnp.ones((1, mc.seq_len), jnp.int32)
+        variables = backbone.init(rng, ones, jnp.zeros_like(ones), jnp.arange(mc.seq_len)[None], ones,
+                                  jnp.zeros_like(ones))
+        return {"params": {"backbone": variables["params"]}}
+
     return Stage(
         init_variables=init_variables,
         loss_fn=functools.partial(pretrain_loss, backbone=backbone, max_targets=dict(mc.max_targets)),

@@ -134,6 +134,8 @@ def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, late
             overrides[key] = int(model_config[key])
     if model_config.get("rope_theta"):
         overrides["rope_theta"] = float(model_config.rope_theta)
+    if "scan_layers" in model_config:
+        overrides["scan_layers"] = bool(model_config.scan_layers)
     text, image, latent_size, action_size = vocab.sizes
     return llama_config(
         model_config.size,

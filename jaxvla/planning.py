@@ -1,0 +1,188 @@
+"""Memory and time plans for a train step, without the hardware (``scripts/plan.py``).
+
+``plan(config, devices)`` builds the stage, derives the train state's shapes and shardings with
+``jax.eval_shape`` (nothing is allocated), lowers and compiles the real jitted train step for the
+mesh of ``devices`` (fake CPU devices stand in for the accelerators) and reads:
+
+* per-device bytes of params, optimizer state and the batch, from each array's shard shape;
+* the compiled step's temporaries (activations kept for the backward pass, gradients, workspace),
+  arguments, outputs and donated aliases from XLA's memory analysis; the peak is
+  ``arguments + outputs - aliased + temporaries``;
+* FLOPs per step from XLA's cost analysis.
+
+XLA's cost analysis counts a loop body once, so a scanned model reports one layer. The FLOPs are
+therefore measured on the same model unrolled (``model.scan_layers=False``) at 1 and 2 layers and
+extrapolated linearly to the real depth (layers are identical, so this is exact), once with the
+configured remat policy (hardware FLOPs: what the chips execute, recomputation included) and once
+without remat (model FLOPs, the MFU convention). Gradient accumulation is planned on one
+micro-batch and scaled.
+
+Caveat: the memory analysis is the CPU compiler's. On GPU / TPU the fusions differ, attention may
+run as a fused (flash) kernel that never materialises the ``[B, H, L, L]`` scores, and bf16 dots
+stay bf16; ``attention_scores_bytes`` reports the score tensor of one layer so the difference can
+be judged. Tests check the plan against real CPU runs (``tests/test_planning.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from jaxvla import config as cfg_lib
+from jaxvla import optim, sharding
+from jaxvla.stages import build_stage
+from jaxvla.trainer import StateFactory, make_train_step
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One compiled train step's per-device memory and per-step FLOPs."""
+
+    mesh: dict[str, int]
+    remat: str
+    grad_accum_steps: int
+    params_bytes: int  # per device
+    opt_state_bytes: int  # per device
+    other_state_bytes: int  # EMA params, step, rng, stage aux (per device)
+    batch_bytes: int  # per device
+    argument_bytes: int  # compiled: state + batch
+    output_bytes: int
+    alias_bytes: int  # outputs written in place of donated arguments
+    temp_bytes: int  # compiled: activations, gradients, workspace
+    attention_scores_bytes: int  # one layer's [B/dev, H, L, L] float32 scores
+    hardware_flops: float  # per step, all devices (recomputation included)
+    model_flops: float  # per step, all devices (no recomputation)
+    compile_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.temp_bytes
+
+    def fits(self, device_memory_bytes: float) -> bool:
+        return self.peak_bytes <= device_memory_bytes
+
+    def step_seconds(self, devices: int, peak_flops_per_device: float, mfu: float) -> float:
+        """Predicted step time when the devices run at ``mfu`` of their peak (model FLOPs)."""
+        return self.model_flops / (devices * peak_flops_per_device * mfu)
+
+
+def _shard_bytes(tree) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _override(config, **values) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in values.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def _compile(config, devices):
+    """(compiled step, abstract sharded state, abstract batch, mesh, backbone config or None)."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.sharding_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        stage = build_stage(config)
+        optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+        factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
+        state = factory.abstract_with_shardings()
+        step_fn = make_train_step(stage, optimizer, schedule, factory.shardings, mesh,
+                                  config.optimizer.grad_accum_steps, config.ema_decay)
+        example = next(stage.batches(0))
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch = {
+            key: jax.ShapeDtypeStruct((config.batch_size, *np.shape(value)[1:]), np.asarray(value).dtype,
+                                      sharding=batch_sharding)
+            for key, value in example.items()
+        }
+        compiled = step_fn.lower(state, batch).compile()
+    return compiled, state, batch, mesh
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def step_flops(config, devices, remat: str) -> float:
+    """All-device FLOPs of one full step: unrolled at 1 and 2 layers, extrapolated (see module doc)."""
+    layers = _num_layers(config)
+    accum = config.optimizer.grad_accum_steps
+    micro = dict(batch_size=config.batch_size // accum)
+    micro["optimizer.grad_accum_steps"] = 1
+    per_depth = []
+    for depth in (1, 2):
+        small = _override(config, remat_policy=remat, **{"model.scan_layers": False, "model.num_layers": depth},
+                          **micro)
+        compiled, *_ = _compile(small, devices)
+        per_depth.append(_flops(compiled) * len(devices))
+    one, two = per_depth
+    return accum * (one + (layers - 1) * (two - one))
+
+
+def _num_layers(config) -> int:
+    from jaxvla.models.llama import llama_config
+
+    return int(config.model.num_layers or llama_config(config.model.size).num_layers)
+
+
+def _attention_scores_bytes(config, mesh_shape: dict[str, int]) -> int:
+    from jaxvla.models.llama import llama_config
+
+    heads = int(config.model.num_heads or llama_config(config.model.size).num_heads)
+    batch_per_device = config.batch_size // config.optimizer.grad_accum_steps // (mesh_shape["data"] * mesh_shape["fsdp"])
+    return batch_per_device * heads * int(config.model.seq_len) ** 2 * 4
+
+
+def plan(config, devices, remat: str | None = None, flops: bool = True, model_flops: float | None = None) -> StepPlan:
+    """Compiles ``config``'s train step for ``devices`` (``remat`` overrides
+    ``config.remat_policy``) and returns its :class:`StepPlan`. Needs a stage that builds without
+    data (the backbone stages: ``model.latent_source="synthetic"``); FLOPs need a LLaMA backbone
+    config (``model.size``), skip them with ``flops=False``. ``model_flops`` reuses a figure from an
+    earlier plan of the same config (it does not depend on the remat policy)."""
+    if remat is not None:
+        config = _override(config, remat_policy=remat)
+    data, fsdp, tensor = cfg_lib.validate(config, len(devices), 1)
+    start = time.perf_counter()
+    compiled, state, batch, mesh = _compile(config, devices)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    other = dataclasses.replace(state, params=None, opt_state=None)
+    is_backbone = "model" in config and "size" in config.model
+    return StepPlan(
+        mesh=dict(data=data, fsdp=fsdp, tensor=tensor),
+        remat=config.remat_policy,
+        grad_accum_steps=config.optimizer.grad_accum_steps,
+        params_bytes=_shard_bytes(state.params),
+        opt_state_bytes=_shard_bytes(state.opt_state),
+        other_state_bytes=_shard_bytes(other),
+        batch_bytes=_shard_bytes(batch),
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        attention_scores_bytes=_attention_scores_bytes(config, dict(data=data, fsdp=fsdp)) if is_backbone else 0,
+        hardware_flops=step_flops(config, devices, config.remat_policy) if flops and is_backbone else float("nan"),
+        model_flops=(model_flops if model_flops is not None else step_flops(config, devices, "none"))
+        if flops and is_backbone else float("nan"),
+        compile_s=compile_s,
+    )
