@@ -68,6 +68,7 @@ def get_config(variant: str = "vipra_small"):
             max_len=0,
             rope_theta=0.0,
             scan_layers=True,  # nn.scan over layers (one compiled body); False unrolls them
+            attention="",  # "" JAX's choice | "xla" | "cudnn" (fused GPU kernel, bf16)
             seq_len=256 if small else (1536 if vipra else 384),
             # Loss group weights (spread over each group's targets by the sequence builders).
             latent_weight=0.48 if vipra else 0.99,

@@ -9,8 +9,8 @@ position (HF's ``labels=input_ids`` loss), backward, AdamW (lr 1e-4, betas 0.9/0
 weight decay 0.01: torch's defaults). torch uses all cores (``torch.set_num_threads``), SDPA
 attention, and in bf16 ``torch.autocast``; jaxvla its jitted, state-donating step with the same
 compute dtype. The first-step losses are printed side by side to show the computations match.
-Each side runs one warm-up step (jax: compile) and ``--steps`` timed steps; the speed-up of the
-medians is printed last.
+Each side runs one warm-up step (jax: compile), then ``--steps`` timed steps, the two sides
+alternating step by step; the speed-up of the medians is printed last.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_integer("batch", 4, "Sequences per step.")
 flags.DEFINE_integer("steps", 8, "Timed steps per side.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
+flags.DEFINE_boolean("scan_layers", True, "jaxvla: nn.scan over layers (the 7B default); false unrolls them.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the token batches.")
 FLAGS = flags.FLAGS
 
@@ -47,17 +48,8 @@ def token_batches(steps: int) -> list[np.ndarray]:
     return [rng.integers(0, FLAGS.vocab, size=(FLAGS.batch, FLAGS.seq_len), dtype=np.int64) for _ in range(steps)]
 
 
-def timed(step, batches) -> tuple[list[float], list[float]]:
-    """(loss of every step, seconds of each step after the first)."""
-    losses, times = [step(batches[0])], []
-    for tokens in batches[1:]:
-        start = time.perf_counter()
-        losses.append(step(tokens))
-        times.append(time.perf_counter() - start)
-    return losses, times
-
-
-def torch_side(batches):
+def torch_side():
+    """(HF config dict, float32 state dict, step(tokens) -> loss)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,19 +75,18 @@ def torch_side(batches):
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    losses, times = timed(step, batches)
-    return hf_config.to_dict(), state_dict, losses, times
+    return hf_config.to_dict(), state_dict, step
 
 
-def jax_side(hf_config, state_dict, batches):
+def jax_side(hf_config, state_dict):
+    """step(tokens) -> loss of the jaxvla backbone with the same weights and optimizer."""
     from jaxvla.io.hf_llama import hf_config_to_llama, hf_to_params
     from jaxvla.models.llama import Llama
 
-    config = hf_config_to_llama(hf_config, dtype=FLAGS.dtype)
+    config = hf_config_to_llama(hf_config, dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers)
     model = Llama(config)
     params = jax.tree.map(jnp.asarray, hf_to_params(state_dict, config))
     optimizer = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
-    opt_state = optimizer.init(params)
     b, l = FLAGS.batch, FLAGS.seq_len
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     zeros, ones = jnp.zeros((b, l), jnp.int32), jnp.ones((b, l), jnp.int32)
@@ -111,35 +102,45 @@ def jax_side(hf_config, state_dict, batches):
         return optax.apply_updates(params, updates), opt_state, loss
 
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    holder = {"params": params, "opt_state": opt_state}
+    holder = {"params": params, "opt_state": optimizer.init(params)}
 
     def step(tokens):
         holder["params"], holder["opt_state"], loss = train_step(holder["params"], holder["opt_state"],
                                                                  jnp.asarray(tokens, jnp.int32))
-        return float(loss)  # blocks
+        return float(loss)  # blocks until the step is done
 
-    start = time.perf_counter()
-    losses, times = timed(step, batches)
-    compile_and_first = time.perf_counter() - start - sum(times)
-    return losses, times, compile_and_first, config
+    return step
 
 
 def main(argv):
     del argv
     batches = token_batches(FLAGS.steps + 1)
-    hf_config, state_dict, torch_losses, torch_times = torch_side(batches)
-    jax_losses, jax_times, jax_first_s, config = jax_side(hf_config, state_dict, batches)
+    hf_config, state_dict, torch_step = torch_side()
+    jax_step = jax_side(hf_config, state_dict)
+    losses = {"torch": [torch_step(batches[0])]}
+    start = time.perf_counter()
+    losses["jaxvla"] = [jax_step(batches[0])]
+    jax_first_s = time.perf_counter() - start
+    # Interleaved, so that whatever else the machine does falls on both sides alike.
+    times = {"torch": [], "jaxvla": []}
+    for tokens in batches[1:]:
+        for name, step in (("torch", torch_step), ("jaxvla", jax_step)):
+            t0 = time.perf_counter()
+            losses[name].append(step(tokens))
+            times[name].append(time.perf_counter() - t0)
     params = sum(v.size for v in state_dict.values())
     tokens = FLAGS.batch * FLAGS.seq_len
-    torch_s, jax_s = statistics.median(torch_times), statistics.median(jax_times)
+    torch_s, jax_s = statistics.median(times["torch"]), statistics.median(times["jaxvla"])
     print(f"model        LLaMA dim {FLAGS.dim}, {FLAGS.layers} layers, {FLAGS.heads} heads, mlp {FLAGS.mlp_dim}, "
-          f"vocab {FLAGS.vocab} ({params / 1e6:.1f}M params); batch {FLAGS.batch} x {FLAGS.seq_len} tokens; {FLAGS.dtype}")
+          f"vocab {FLAGS.vocab} ({params / 1e6:.1f}M params); batch {FLAGS.batch} x {FLAGS.seq_len} tokens; {FLAGS.dtype}; "
+          f"jaxvla layers {'scanned' if FLAGS.scan_layers else 'unrolled'}")
     print(f"machine      {jax.devices()[0].device_kind} x {jax.device_count()} (jax), torch threads {os.cpu_count()}")
-    print(f"first loss   torch {torch_losses[0]:.5f}   jaxvla {jax_losses[0]:.5f}   (same weights, same tokens)")
-    print(f"last loss    torch {torch_losses[-1]:.5f}   jaxvla {jax_losses[-1]:.5f}   (after {len(batches) - 1} AdamW updates)")
-    print(f"torch        {torch_s * 1e3:8.1f} ms/step  (min {min(torch_times) * 1e3:.1f}), {tokens / torch_s:,.0f} tokens/s")
-    print(f"jaxvla       {jax_s * 1e3:8.1f} ms/step  (min {min(jax_times) * 1e3:.1f}), {tokens / jax_s:,.0f} tokens/s; "
-          f"compile + first step {jax_first_s:.1f} s")
+    print(f"first loss   torch {losses['torch'][0]:.5f}   jaxvla {losses['jaxvla'][0]:.5f}   (same weights, same tokens)")
+    print(f"last loss    torch {losses['torch'][-1]:.5f}   jaxvla {losses['jaxvla'][-1]:.5f}   "
+          f"(after {len(batches) - 1} AdamW updates)")
+    for name, median in (("torch", torch_s), ("jaxvla", jax_s)):
+        print(f"{name:<12} {median * 1e3:8.1f} ms/step  (min {min(times[name]) * 1e3:.1f}), {tokens / median:,.0f} tokens/s")
+    print(f"jaxvla compile + first step {jax_first_s:.1f} s")
     print(f"speed-up (torch step / jaxvla step) {torch_s / jax_s:.2f}x")
 
 

@@ -251,3 +251,20 @@ def test_matches_hugging_face_llama():
     with torch.no_grad():
         expected = hf(torch.from_numpy(b["tokens"]).long()).logits.numpy()
     np.testing.assert_allclose(logits(params, apply, b), expected, atol=1e-4)
+
+
+def test_attention_kernels_agree():
+    """The einsum kernel (the CPU default) and jax.nn.dot_product_attention's portable one give the
+    same logits and gradients (GQA, segments, a bidirectional block, padding); an unknown kernel
+    fails when the config is made."""
+    _, params, apply = setup()
+    _, _, apply_einsum = setup(attention="einsum")
+    model_xla, _, apply_xla = setup(attention="xla")
+    b = batch(segment=np.r_[np.ones(L - 3), np.zeros(3)], bidirectional=np.r_[np.zeros(4), np.ones(4), np.zeros(L - 8)])
+    np.testing.assert_array_equal(logits(params, apply, b), logits(params, apply_einsum, b))
+    np.testing.assert_allclose(logits(params, apply_einsum, b), logits(params, apply_xla, b), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda p: apply(p, b)["hidden"][:, : L - 3].sum())(params) for apply in (apply_einsum, apply_xla)]
+    for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-3)  # sums of ~1e2 terms
+    with pytest.raises(ValueError, match="attention='flash'"):
+        llama_config("tiny", attention="flash")

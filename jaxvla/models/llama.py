@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jaxvla.models.transformer import constrain, remat_policy
 
 MODALITIES = ("text", "image", "latent", "action")
+ATTENTION_KERNELS = ("", "einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class LlamaConfig:
     max_len: int = 4096  # default cache length (init_cache); RoPE itself has no limit
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: str = "none"  # none | full | dots_saveable | nothing_saveable
+    # Attention kernel: "einsum" (two einsums around a float32 softmax: fastest on CPU, 2x
+    # jax.nn.dot_product_attention's portable path there), "xla" / "cudnn" (jax.nn.dot_product_attention;
+    # cudnn: the fused GPU kernel, bf16/fp16, never materialises the [B, H, L, L] scores), or ""
+    # (einsum on CPU, JAX's choice elsewhere).
+    attention: str = ""
     scan_layers: bool = True
     tie_embeddings: bool = False  # head_m = embed_m transposed
 
@@ -82,6 +88,8 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         remat_policy(self.remat)  # validates the name
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_KERNELS}")
 
     def vocab(self, modality: str) -> int:
         return getattr(self, f"{modality}_vocab")
@@ -164,6 +172,23 @@ def attention_mask(q_seg, q_bid, q_pos, k_seg, k_bid, k_pos, offset=0) -> jax.Ar
     return (same_segment & (causal | block) | padding_self)[:, None]
 
 
+def attend(q, k, v, mask, kernel: str = "") -> jax.Array:
+    """Softmax attention, grouped-query natively. ``q [B, Lq, H, Dh]``, ``k``/``v`` ``[B, Lk, KV, Dh]``
+    (``H`` a multiple of ``KV``), ``mask`` bool ``[B, 1, Lq, Lk]`` (every row has a True) ->
+    ``[B, Lq, H, Dh]`` in ``q``'s dtype. ``kernel``: see ``LlamaConfig.attention``."""
+    if kernel == "" and jax.default_backend() == "cpu":
+        kernel = "einsum"
+    if kernel != "einsum":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kernel or None)
+    b, lq, h, dh = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, lq, kv, h // kv, dh)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dh))
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, lq, h, dh)
+
+
 class Projection(nn.Module):
     """``[B, L, D] -> [B, L, heads, head_dim]`` or (``out``) ``[B, L, H, Dh] -> [B, L, D]``; no bias."""
 
@@ -205,7 +230,7 @@ class Attention(nn.Module):
             new_cache = (cache_k, cache_v)
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
         # GQA natively: [B, Lk, KV, Dh] keys/values with H query heads.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, H, Dh]
+        out = attend(q, k, v, mask, c.attention)  # [B, L, H, Dh]
         out = Projection((h, dh, d), ("heads", "kv", "embed"), dtype, out=True, name="o_proj")(out)
         return out, new_cache
 

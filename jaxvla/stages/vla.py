@@ -136,6 +136,8 @@ def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, late
         overrides["rope_theta"] = float(model_config.rope_theta)
     if "scan_layers" in model_config:
         overrides["scan_layers"] = bool(model_config.scan_layers)
+    if model_config.get("attention"):
+        overrides["attention"] = str(model_config.attention)
     text, image, latent_size, action_size = vocab.sizes
     return llama_config(
         model_config.size,
