@@ -79,6 +79,7 @@ def get_config(variant: str = "flow_small"):
             mlp_dim=0,
             max_len=0,
             rope_theta=0.0,
+            attention="",  # "" (einsum on CPU, JAX's choice elsewhere) | einsum | xla | cudnn
             # prompt (<= ~41 tokens on Meta-World) + <vision> (3) + 64 image codes + eov + </vision> (3)
             # + 14 flow slots = 126, or + <delta> (3) + 4 bins + </delta> (3) = 122.
             seq_len=192 if small else 768,

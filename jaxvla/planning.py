@@ -139,6 +139,11 @@ def step_flops(config, devices, remat: str) -> float:
     return accum * (one + (layers - 1) * (two - one))
 
 
+def is_backbone(config) -> bool:
+    """Does ``config`` train the LLaMA backbone (stages 2 and 3), whose FLOPs ``step_flops`` counts?"""
+    return config.stage in ("pretrain", "finetune") and "num_layers" in config.get("model", {})
+
+
 def _num_layers(config) -> int:
     from jaxvla.models.llama import llama_config
 
@@ -167,7 +172,7 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     other = dataclasses.replace(state, params=None, opt_state=None)
-    is_backbone = "model" in config and "size" in config.model
+    backbone = is_backbone(config)
     return StepPlan(
         mesh=dict(data=data, fsdp=fsdp, tensor=tensor),
         remat=config.remat_policy,
@@ -180,9 +185,9 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
-        attention_scores_bytes=_attention_scores_bytes(config, dict(data=data, fsdp=fsdp)) if is_backbone else 0,
-        hardware_flops=step_flops(config, devices, config.remat_policy) if flops and is_backbone else float("nan"),
+        attention_scores_bytes=_attention_scores_bytes(config, dict(data=data, fsdp=fsdp)) if backbone else 0,
+        hardware_flops=step_flops(config, devices, config.remat_policy) if flops and backbone else float("nan"),
         model_flops=(model_flops if model_flops is not None else step_flops(config, devices, "none"))
-        if flops and is_backbone else float("nan"),
+        if flops and backbone else float("nan"),
         compile_s=compile_s,
     )

@@ -445,9 +445,21 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _init_from(config, params):
-    """Grafts ``config.init_from``'s parameters into freshly initialised, sharded ``params``."""
-    params, report, step = ckpt_lib.graft_from_checkpoint(params, config.init_from, config.init_drop)
-    log.info("init_from %s (step %d):", config.init_from, step)
+    """Grafts ``config.init_from``'s parameters into freshly initialised, sharded ``params``: a
+    stage's workdir, or a weights file of ``scripts/convert_hf_llama.py`` / the LWM converters
+    (.npz / .msgpack; a bare backbone tree goes under ``backbone`` when the stage nests it so)."""
+    path = config.init_from
+    if os.path.isfile(path):
+        from jaxvla.io.weights import load_param_tree
+
+        source = load_param_tree(path)
+        if set(params) == {"backbone"} and "backbone" not in source:
+            source = {"backbone": source}
+        params, report = ckpt_lib.graft_params(params, source, config.init_drop, f"config.init_from={path}")
+        step = 0
+    else:
+        params, report, step = ckpt_lib.graft_from_checkpoint(params, path, config.init_drop)
+    log.info("init_from %s (step %d):", path, step)
     for line in report:
         log.info("  %s", line)
     return params

@@ -36,12 +36,17 @@ flags.DEFINE_integer("image_tokens", 64, "Image tokens per frame (64 px / 8).")
 FLAGS = flags.FLAGS
 
 
-def _time(fn, *args, repeats: int) -> tuple[float, np.ndarray]:
-    out = np.asarray(fn(*args))  # compile
-    start = time.perf_counter()
+def _time_interleaved(fns, *args, repeats: int) -> tuple[list[float], list[np.ndarray]]:
+    """Median seconds per call of each of ``fns`` and its last output; the functions alternate call
+    by call, so whatever else the machine does falls on all of them alike."""
+    outs = [np.asarray(fn(*args)) for fn in fns]  # compile
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        out = np.asarray(fn(*args))
-    return (time.perf_counter() - start) / repeats, out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = np.asarray(fn(*args))
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times], outs
 
 
 def main(argv):
@@ -82,8 +87,8 @@ def main(argv):
     cached = jax.jit(functools.partial(losses.sample_action_chunk, **kw))
     recompute = jax.jit(functools.partial(losses.sample_action_chunk_recompute, **kw))
     sample_rng = jax.random.PRNGKey(1)
-    cached_s, cached_out = _time(cached, params, batch, sample_rng, repeats=FLAGS.repeats)
-    full_s, full_out = _time(recompute, params, batch, sample_rng, repeats=FLAGS.repeats)
+    (cached_s, full_s), (cached_out, full_out) = _time_interleaved(
+        (cached, recompute), params, batch, sample_rng, repeats=FLAGS.repeats)
 
     execute = int(config.model.get("execute_steps", chunk))
     real = int(seq["segment_ids"].sum())

@@ -26,7 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from jaxvla import sharding  # noqa: E402
 from jaxvla.benchmark import matmul_peak, time_train_step  # noqa: E402
-from jaxvla.planning import step_flops  # noqa: E402
+from jaxvla.planning import is_backbone, step_flops  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "A configs/<stage>.py[:variant] file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
@@ -43,10 +43,11 @@ def main(argv):
     peak = matmul_peak(timing.mesh, FLAGS.matmul_size, dtype)
     step_s = timing.step_s
     devices = list(timing.mesh.devices.flat)
-    backbone = "model" in config and "size" in config.model
+    backbone = is_backbone(config)
     # XLA's figure is per device; the backbone's counts all devices.
     flops = step_flops(config, devices, "none") if backbone else timing.flops_per_step * len(devices)
-    source = "model FLOPs, unrolled + extrapolated" if backbone else "XLA cost analysis"
+    source = ("model FLOPs, unrolled + extrapolated" if backbone
+              else "XLA cost analysis; a scanned loop body counts once, so a lower bound")
     achieved = flops / step_s
     times = timing.step_times_s
     print(f"stage                 {config.stage} ({timing.num_params:,} parameters, batch {config.batch_size}, mesh {sharding.describe_mesh(timing.mesh)})")

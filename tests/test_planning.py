@@ -143,3 +143,31 @@ def test_backbone_train_step_two_processes_match_one(tmp_path):
     # ... and the main process logged the same step-3 loss.
     loss = float(re.findall(r"\] step 3: .*[ ,]loss=([-+.e0-9]+)", outputs[0])[-1])
     assert loss == pytest.approx(single.metrics["loss"], rel=1e-3)
+
+
+def test_init_from_a_converted_weights_file(tmp_path):
+    """``--config.init_from=llama.npz`` (what scripts/convert_hf_llama.py writes: a bare backbone
+    tree) grafts into the stage's ``backbone``; init_drop keeps fresh tables; a wrong shape names
+    the file and the parameter."""
+    import flax.linen as nn
+
+    from jaxvla.io.weights import flatten_dict, save_param_tree
+    from jaxvla.stages import build_stage
+    from jaxvla.trainer import _init_from
+
+    config = tiny_config()
+    stage = build_stage(config)
+    fresh = nn.meta.unbox(stage.init_variables(jax.random.PRNGKey(0))["params"])
+    other = jax.device_get(nn.meta.unbox(stage.init_variables(jax.random.PRNGKey(1))["params"])["backbone"])
+    save_param_tree(str(tmp_path / "llama.npz"), other)
+    grafted = _init_from(_override(config, init_from=str(tmp_path / "llama.npz"), init_drop="head_latent"), fresh)
+    flat, want, before = flatten_dict(grafted["backbone"]), flatten_dict(other), flatten_dict(fresh["backbone"])
+    assert set(flat) == set(want)
+    for path in flat:
+        expected = before[path] if path.startswith("head_latent") else want[path]
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(expected), err_msg=path)
+    assert not np.array_equal(np.asarray(before["layers/mlp/up_proj/kernel"]), want["layers/mlp/up_proj/kernel"])
+    other["embed_text"]["embedding"] = other["embed_text"]["embedding"][:100]
+    save_param_tree(str(tmp_path / "bad.npz"), other)
+    with pytest.raises(ValueError, match=r"bad.npz.*embed_text/embedding.*\(100, 64\)"):
+        _init_from(_override(config, init_from=str(tmp_path / "bad.npz")), fresh)
