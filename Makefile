@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # numpy<2.4, which would downgrade our numpy (2.4.x with jax 0.10).
 TEXT_TOKENIZER := mistral-common==1.13.1
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(VENV)/.installed-test: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py
+
+# The README's benchmark rows that need no dataset (each prints its ratio last).
+BACKBONE_BENCH := --config=configs/pretrain.py:lapa_small --config.model.latent_source=synthetic \
+	--config.model.dim=1024 --config.model.num_layers=4 --config.model.num_heads=16 \
+	--config.model.num_kv_heads=16 --config.model.mlp_dim=2816 --config.batch_size=8
+bench: $(VENV)/.installed-test
+	$(PY) scripts/bench_train_step.py $(BACKBONE_BENCH) --steps=5
+	$(PY) scripts/bench_vs_torch.py
+	$(PY) scripts/bench_flow_inference.py
 
 clean:
 	rm -rf $(VENV) runs
