@@ -84,6 +84,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(variant) if variant else module.get_config()
 
 
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A locked copy of ``config`` with ``apply_overrides(overrides)``; ``config`` is untouched."""
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.lock()
+    return apply_overrides(copy, overrides)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     """Sets dotted keys in place, like ``--config.a.b=v`` on the command line: {"a.b": v}.
 

@@ -31,7 +31,6 @@ import time
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from jaxvla import config as cfg_lib
@@ -84,19 +83,8 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def _override(config, **values) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(config.to_dict())
-    for key, value in values.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
-
-
 def _compile(config, devices):
-    """(compiled step, abstract sharded state, abstract batch, mesh, backbone config or None)."""
+    """(compiled train step, abstract sharded state, abstract sharded batch, mesh)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -131,8 +119,8 @@ def step_flops(config, devices, remat: str) -> float:
     micro["optimizer.grad_accum_steps"] = 1
     per_depth = []
     for depth in (1, 2):
-        small = _override(config, remat_policy=remat, **{"model.scan_layers": False, "model.num_layers": depth},
-                          **micro)
+        small = cfg_lib.with_overrides(config, {"remat_policy": remat, "model.scan_layers": False,
+                                                "model.num_layers": depth, **micro})
         compiled, *_ = _compile(small, devices)
         per_depth.append(_flops(compiled) * len(devices))
     one, two = per_depth
@@ -165,7 +153,7 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
     config (``model.size``), skip them with ``flops=False``. ``model_flops`` reuses a figure from an
     earlier plan of the same config (it does not depend on the remat policy)."""
     if remat is not None:
-        config = _override(config, remat_policy=remat)
+        config = cfg_lib.with_overrides(config, {"remat_policy": remat})
     data, fsdp, tensor = cfg_lib.validate(config, len(devices), 1)
     start = time.perf_counter()
     compiled, state, batch, mesh = _compile(config, devices)

@@ -14,7 +14,8 @@ import pytest
 from configs.pretrain import get_config
 from jaxvla import checkpoint as ckpt_lib
 from jaxvla.data import sequences as seq
-from jaxvla.planning import _compile, _flops, _override, plan
+from jaxvla.config import with_overrides
+from jaxvla.planning import _compile, _flops, plan
 from jaxvla.trainer import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +29,7 @@ STEP_MEMORY_TOLERANCE = 0.15
 
 
 def tiny_config(**overrides):
-    return _override(get_config("vipra_small"), **{**TINY, **overrides})
+    return with_overrides(get_config("vipra_small"), {**TINY, **overrides})
 
 
 def env(**extra):
@@ -84,8 +85,8 @@ def test_flops_extrapolated_from_two_depths_match_the_unrolled_model():
     devices = jax.devices()[:1]
     config = tiny_config(**{"model.num_layers": 3, "batch_size": 4})
     p = plan(config, devices, remat="nothing_saveable")
-    unrolled, *_ = _compile(_override(config, remat_policy="none", **{"model.scan_layers": False}), devices)
-    scanned, *_ = _compile(_override(config, remat_policy="none"), devices)
+    unrolled, *_ = _compile(with_overrides(config, {"remat_policy": "none", "model.scan_layers": False}), devices)
+    scanned, *_ = _compile(with_overrides(config, {"remat_policy": "none"}), devices)
     assert p.model_flops == pytest.approx(_flops(unrolled), rel=1e-3)
     assert _flops(scanned) < 0.8 * p.model_flops  # what the scan alone would report
     assert p.hardware_flops > 1.05 * p.model_flops  # the layers' forward again (the text head dominates here)
@@ -96,7 +97,7 @@ def test_flops_extrapolated_from_two_depths_match_the_unrolled_model():
 
 def test_plan_script_reports_fit_and_rejects_a_bad_mesh():
     args = [sys.executable, os.path.join(REPO, "scripts", "plan.py"), "--config=configs/pretrain.py:vipra_small",
-            "--devices=2", "--remat=config", "--device_memory_gb=0.05",
+            "--devices=2", "--remat=config", "--device_memory_gb=0.05", "--flops=false",
             *[f"--config.{k}={v}" for k, v in TINY.items() if k != "model.latent_source"]]
     out = subprocess.run([*args, "--mesh=data=1,fsdp=2"], cwd=REPO, env=env(), capture_output=True, text=True,
                          timeout=300)
@@ -133,7 +134,8 @@ def test_backbone_train_step_two_processes_match_one(tmp_path):
         assert p.returncode == 0, out
     state, _, _, step = ckpt_lib.load_checkpoint(str(workdir))
     assert step == 3
-    config = tiny_config(num_steps=3, batch_size=4, eval_every=0, log_every=1, **{"mesh.data": 2, "mesh.fsdp": 1})
+    config = tiny_config(**{"num_steps": 3, "batch_size": 4, "eval_every": 0, "log_every": 1, "mesh.data": 2,
+                            "mesh.fsdp": 1})
     single = train(config, str(tmp_path / "one"), devices=jax.devices()[:2])
     assert single.step == 3
     assert_trees_close(state["params"], jax.device_get(single.state.params), rtol=1e-4, atol=1e-6)
@@ -160,7 +162,7 @@ def test_init_from_a_converted_weights_file(tmp_path):
     fresh = nn.meta.unbox(stage.init_variables(jax.random.PRNGKey(0))["params"])
     other = jax.device_get(nn.meta.unbox(stage.init_variables(jax.random.PRNGKey(1))["params"])["backbone"])
     save_param_tree(str(tmp_path / "llama.npz"), other)
-    grafted = _init_from(_override(config, init_from=str(tmp_path / "llama.npz"), init_drop="head_latent"), fresh)
+    grafted = _init_from(with_overrides(config, {"init_from": str(tmp_path / "llama.npz"), "init_drop": "head_latent"}), fresh)
     flat, want, before = flatten_dict(grafted["backbone"]), flatten_dict(other), flatten_dict(fresh["backbone"])
     assert set(flat) == set(want)
     for path in flat:
@@ -170,4 +172,4 @@ def test_init_from_a_converted_weights_file(tmp_path):
     other["embed_text"]["embedding"] = other["embed_text"]["embedding"][:100]
     save_param_tree(str(tmp_path / "bad.npz"), other)
     with pytest.raises(ValueError, match=r"bad.npz.*embed_text/embedding.*\(100, 64\)"):
-        _init_from(_override(config, init_from=str(tmp_path / "bad.npz")), fresh)
+        _init_from(with_overrides(config, {"init_from": str(tmp_path / "bad.npz")}), fresh)

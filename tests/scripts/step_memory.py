@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configs.pretrain import get_config  # noqa: E402
 from jaxvla import optim, sharding  # noqa: E402
-from jaxvla.planning import _override, plan  # noqa: E402
+from jaxvla.config import with_overrides  # noqa: E402
+from jaxvla.planning import plan  # noqa: E402
 from jaxvla.stages import build_stage  # noqa: E402
 from jaxvla.trainer import StateFactory, make_train_step  # noqa: E402
 
@@ -48,7 +49,7 @@ def device0_bytes(tree) -> int:
 
 
 overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
-config = _override(get_config("vipra_small"), **{"model.latent_source": "synthetic", **overrides})
+config = with_overrides(get_config("vipra_small"), {"model.latent_source": "synthetic", **overrides})
 devices = jax.devices()[:devices_count]
 planned = plan(config, devices, flops=False)
 
