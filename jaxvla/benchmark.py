@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxvla import config as cfg_lib
-from jaxvla import optim, sharding
-from jaxvla.stages import build_stage
-from jaxvla.trainer import StateFactory, make_train_step
+from jaxvla import sharding
+from jaxvla.trainer import setup_train_step
 
 
 @dataclasses.dataclass
@@ -38,14 +37,10 @@ def time_train_step(config, steps: int = 10) -> StepTiming:
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        stage = build_stage(config)
-        optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
-        factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
-        state = factory.create(config.seed)
-        step_fn = make_train_step(
-            stage, optimizer, schedule, factory.shardings, mesh, config.optimizer.grad_accum_steps, config.ema_decay
-        )
-        batches = stage.batches(0)
+        setup = setup_train_step(config, mesh, rules)
+        state = setup.factory.create(config.seed)
+        step_fn = setup.step
+        batches = setup.stage.batches(0)
         batch = sharding.global_batch(next(batches), mesh)
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxvla import config as cfg_lib
-from jaxvla import optim, sharding
-from jaxvla.stages import build_stage
-from jaxvla.trainer import StateFactory, make_train_step
+from jaxvla import sharding
+from jaxvla.trainer import setup_train_step
 
 
 @dataclasses.dataclass
@@ -57,15 +55,10 @@ class StepPlan:
     attention_scores_bytes: int  # one layer's [B/dev, H, L, L] float32 scores
     hardware_flops: float  # per step, all devices (recomputation included)
     model_flops: float  # per step, all devices (no recomputation)
-    compile_s: float
 
     @property
     def peak_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    @property
-    def activation_bytes(self) -> int:
-        return self.temp_bytes
 
     def fits(self, device_memory_bytes: float) -> bool:
         return self.peak_bytes <= device_memory_bytes
@@ -84,25 +77,21 @@ def _shard_bytes(tree) -> int:
 
 
 def _compile(config, devices):
-    """(compiled train step, abstract sharded state, abstract sharded batch, mesh)."""
+    """(compiled train step, abstract sharded state, abstract sharded batch)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        stage = build_stage(config)
-        optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
-        factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
-        state = factory.abstract_with_shardings()
-        step_fn = make_train_step(stage, optimizer, schedule, factory.shardings, mesh,
-                                  config.optimizer.grad_accum_steps, config.ema_decay)
-        example = next(stage.batches(0))
+        setup = setup_train_step(config, mesh, rules)
+        state = setup.factory.abstract_with_shardings()
+        example = next(setup.stage.batches(0))
         batch_sharding = sharding.batch_sharding(mesh)
         batch = {
             key: jax.ShapeDtypeStruct((config.batch_size, *np.shape(value)[1:]), np.asarray(value).dtype,
                                       sharding=batch_sharding)
             for key, value in example.items()
         }
-        compiled = step_fn.lower(state, batch).compile()
-    return compiled, state, batch, mesh
+        compiled = setup.step.lower(state, batch).compile()
+    return compiled, state, batch
 
 
 def _flops(compiled) -> float:
@@ -155,9 +144,7 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
     if remat is not None:
         config = cfg_lib.with_overrides(config, {"remat_policy": remat})
     data, fsdp, tensor = cfg_lib.validate(config, len(devices), 1)
-    start = time.perf_counter()
-    compiled, state, batch, mesh = _compile(config, devices)
-    compile_s = time.perf_counter() - start
+    compiled, state, batch = _compile(config, devices)
     memory = compiled.memory_analysis()
     other = dataclasses.replace(state, params=None, opt_state=None)
     backbone = is_backbone(config)
@@ -177,5 +164,4 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
         hardware_flops=step_flops(config, devices, config.remat_policy) if flops and backbone else float("nan"),
         model_flops=(model_flops if model_flops is not None else step_flops(config, devices, "none"))
         if flops and backbone else float("nan"),
-        compile_s=compile_s,
     )

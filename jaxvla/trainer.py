@@ -248,6 +248,29 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@dataclasses.dataclass
+class TrainSetup:
+    """A stage's train step built for one mesh: the stage, its optimizer and schedule, the state
+    factory (shapes, shardings, sharded creation) and the jitted, state-donating step."""
+
+    stage: Stage
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    factory: StateFactory
+    step: Any
+
+
+def setup_train_step(config, mesh: jax.sharding.Mesh, rules, stage: Stage | None = None) -> TrainSetup:
+    """Builds ``config.stage`` (or ``stage``) and its step the way ``train`` does; call inside
+    ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)``. Benchmarks and plans use it too."""
+    stage = stage or build_stage(config)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+    factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
+    step = make_train_step(stage, optimizer, schedule, factory.shardings, mesh,
+                           config.optimizer.grad_accum_steps, config.ema_decay)
+    return TrainSetup(stage, optimizer, schedule, factory, step)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -309,9 +332,8 @@ def train(config, workdir: str, stage: Stage | None = None, devices=None) -> Tra
 
 
 def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
-    stage = stage or build_stage(config)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
-    factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
+    setup = setup_train_step(config, mesh, rules, stage)
+    stage, factory, schedule, train_step = setup.stage, setup.factory, setup.schedule, setup.step
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
     log.info("stage %s: %s parameters", config.stage, f"{n_params:,}")
 
@@ -336,10 +358,6 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
     if frozen_arrays:
         log.info("frozen: %d parameter arrays (%s scalars) matching %r", frozen_arrays, f"{frozen_scalars:,}", config.optimizer.freeze)
 
-    train_step = make_train_step(
-        stage, optimizer, schedule, factory.shardings, mesh,
-        config.optimizer.grad_accum_steps, config.ema_decay,
-    )
     stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
     eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
     visualize_fn = jax.jit(stage.visualize) if stage.visualize else None

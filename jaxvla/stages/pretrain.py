@@ -173,17 +173,13 @@ def synthetic_batches(config, vocab: seq.Vocab):
 
 def build(config) -> Stage:
     from jaxvla.data.pipeline import make_batches
-    from jaxvla.models.llama import Llama
     from jaxvla.data.embedded import ensure_configured_dataset
 
     mc = config.model
     if mc.latent_source == "synthetic":
         vocab = synthetic_vocab(mc.size)
-        backbone = Llama(vla.backbone_config(
-            mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
-            latent=mc.objective != "actionvla", action=mc.objective == "actionvla"))
         batches, eval_batches = synthetic_batches(config, vocab)
-        return _stage(config, backbone, batches, eval_batches, {
+        return _stage(config, vocab, batches, eval_batches, {
             "objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
             "seq_len": np.asarray(mc.seq_len)})
     ensure_configured_dataset(config.data)
@@ -191,11 +187,6 @@ def build(config) -> Stage:
     data = data_config_for(config, laq, labels_info)
     latent_codes = laq.model.codebook_size if laq is not None else int(labels_info["codebook_size"]) if labels_info else 8
     vocab = vla.make_vocab(mc.size, frames, latent_codes, action_bins=256)
-    backbone_config = vla.backbone_config(
-        mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
-        latent=mc.objective != "actionvla", action=mc.objective == "actionvla",
-    )
-    backbone = Llama(backbone_config)
     per_process = config.batch_size // jax.process_count()
 
     bin_edges = None
@@ -235,11 +226,17 @@ def build(config) -> Stage:
         from jaxvla.data.stats import to_jsonable
 
         assets["statistics"] = to_jsonable(statistics)
-    return _stage(config, backbone, batches, eval_batches, assets)
+    return _stage(config, vocab, batches, eval_batches, assets)
 
 
-def _stage(config, backbone, batches, eval_batches, assets) -> Stage:
+def _stage(config, vocab: seq.Vocab, batches, eval_batches, assets) -> Stage:
+    """The backbone for ``vocab`` with the objective's tables, its initialiser and loss."""
+    from jaxvla.models.llama import Llama
+
     mc = config.model
+    backbone = Llama(vla.backbone_config(
+        mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
+        latent=mc.objective != "actionvla", action=mc.objective == "actionvla"))
     if backbone.config.max_len < mc.seq_len:
         raise ValueError(f"config.model.seq_len={mc.seq_len} exceeds the backbone's max_len {backbone.config.max_len}")
 

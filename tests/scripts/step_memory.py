@@ -21,15 +21,13 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", devices_count)
 
 import flax.linen as nn  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configs.pretrain import get_config  # noqa: E402
-from jaxvla import optim, sharding  # noqa: E402
+from jaxvla import sharding  # noqa: E402
 from jaxvla.config import with_overrides  # noqa: E402
 from jaxvla.planning import plan  # noqa: E402
-from jaxvla.stages import build_stage  # noqa: E402
-from jaxvla.trainer import StateFactory, make_train_step  # noqa: E402
+from jaxvla.trainer import setup_train_step  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -56,13 +54,10 @@ planned = plan(config, devices, flops=False)
 mesh = sharding.make_mesh(config.mesh, devices)
 rules = sharding.logical_rules(config.sharding_rules)
 with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    stage = build_stage(config)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
-    factory = StateFactory(stage, optimizer, mesh, rules, ema=config.ema_decay > 0)
-    state = factory.create(config.seed)
-    step = make_train_step(stage, optimizer, schedule, factory.shardings, mesh,
-                           config.optimizer.grad_accum_steps, config.ema_decay)
-    batches = stage.batches(0)
+    setup = setup_train_step(config, mesh, rules)
+    state = setup.factory.create(config.seed)
+    step = setup.step
+    batches = setup.stage.batches(0)
     batch = sharding.global_batch(next(batches), mesh)
     compiled = step.lower(state, batch).compile()
     state_bytes = {"params": device0_bytes(state.params), "opt_state": device0_bytes(state.opt_state)}
