@@ -2,22 +2,26 @@
 
 from setuptools import find_packages, setup
 
+# Compatible ranges; the exact versions every `make test` / `make demo` installs are in
+# requirements/lock.txt (`make lock`). JAX, Flax, Orbax and TensorFlow change APIs between minor
+# releases, so each is capped below the next minor above the locked one (and numpy, transformers
+# below their next major): raise a cap only after the suite passes on the new version.
 CORE = [
-    "jax>=0.6",
-    "flax>=0.10",
-    "optax>=0.2.4",
-    "orbax-checkpoint>=0.11",
-    "ml-collections>=1.0",
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "ml-collections>=1.0,<2",
     "absl-py>=2.0",
     "einops>=0.8",
-    "chex>=0.1.88",
-    "numpy>=1.26",
-    "tensorflow-cpu>=2.16",
-    "tensorflow-datasets>=4.9.6",
-    "transformers>=4.45",
+    "chex>=0.1.88,<0.2",
+    "numpy>=2.0,<3",
+    "tensorflow-cpu>=2.16,<2.22",
+    "tensorflow-datasets>=4.9.6,<4.10",
+    "transformers>=4.45,<6",
     "sentencepiece>=0.2",
-    # The SentencePiece model itself comes from the mistral-common wheel, installed by the
-    # Makefile with --no-deps (its numpy<2.4 bound on Python <= 3.12 conflicts with ours).
+    # The SentencePiece model itself comes from the mistral-common wheel, locked without its
+    # dependencies (requirements/text-tokenizer.in: its numpy<2.4 bound conflicts with jax's numpy).
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "pillow>=10",
@@ -25,7 +29,7 @@ CORE = [
     "matplotlib>=3.8",
     "msgpack>=1.0",
     # Policy serving (jaxvla/serve.py): asyncio server + sync client API, proxy= kwarg (15+).
-    "websockets>=15",
+    "websockets>=15,<18",
     # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py).
     "av>=14,<20",
     # tfds 4.9.x imports it when a builder defined inside a package prepares data.
@@ -42,8 +46,10 @@ EXTRAS = {
     # pytest-xdist: make test runs 2 workers (XLA compiles are single-threaded, so one process
     # leaves the second core idle most of the time).
     "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
-    "gpu": ["jax[cuda12]"],
-    "tpu": ["jax[tpu]"],
+    # Accelerators: install with the lock as constraints so jax stays the locked version, e.g.
+    # pip install -c requirements/lock.txt -e ".[gpu]" (README "Installing").
+    "gpu": ["jax[cuda12]>=0.10,<0.11"],
+    "tpu": ["jax[tpu]>=0.10,<0.11"],
     "wandb": ["wandb"],
 }
 
