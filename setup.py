@@ -46,8 +46,8 @@ EXTRAS = {
     # pytest-xdist: make test runs 2 workers (XLA compiles are single-threaded, so one process
     # leaves the second core idle most of the time).
     "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
-    # Accelerators: install with the lock as constraints so jax stays the locked version, e.g.
-    # pip install -c requirements/lock.txt -e ".[gpu]" (README "Installing").
+    # Accelerators, on top of the locked CPU environment: .venv/bin/pip install -e ".[gpu]"
+    # keeps the locked jax and adds its CUDA plugin of the same version (README "Installing").
     "gpu": ["jax[cuda12]>=0.10,<0.11"],
     "tpu": ["jax[tpu]>=0.10,<0.11"],
     "wandb": ["wandb"],
