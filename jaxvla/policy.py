@@ -44,6 +44,20 @@ def _scalar(value) -> int:
     return int(np.asarray(value))
 
 
+def prompt_token_budget(head: str, seq_len: int, markers, vocab, tokens_per_frame: int, *, chunk: int,
+                        action_dim: int) -> int:
+    """How many prompt ids (bos and template included) fit in one ``seq_len`` sequence of ``head``:
+    ``seq_len`` minus the image, marker and action tokens (measured by building an empty prompt's)."""
+    from jaxvla.data.sequences import build_bins, build_flow
+
+    empty, image = np.zeros(0, np.int32), np.zeros(tokens_per_frame, np.int32)
+    if head == "flow":
+        seq = build_flow(empty, image, markers, vocab, seq_len, chunk=chunk)
+    else:
+        seq = build_bins(empty, image, np.zeros(action_dim, np.int32), markers, vocab, seq_len)
+    return seq_len - int(seq["segment_ids"].sum())
+
+
 class Policy:
     """Restored finetuned model + everything needed to turn its outputs into robot actions.
 
@@ -54,10 +68,11 @@ class Policy:
 
     def __init__(self, params: Any, config, assets: Mapping[str, Any], *, step: int = 0, checkpoint: str = "",
                  dataset: str | None = None, execute_steps: int | None = None, seed: int = 0,
-                 tokenizer_checkpoint: str | None = None, flow_steps: int | None = None):
+                 tokenizer_checkpoint: str | None = None, flow_steps: int | None = None,
+                 text_cache_size: int | None = None):
         from jaxvla.data.sequences import Vocab
         from jaxvla.stages.finetune import LATENT_CODES, Models
-        from jaxvla.stages.vla import FrameTokenizer, TextPrompts
+        from jaxvla.stages.vla import DEFAULT_TEXT_CACHE_SIZE, FrameTokenizer, TextPrompts
 
         self.checkpoint = checkpoint
         self.step = int(step)
@@ -100,7 +115,8 @@ class Policy:
         if self.image_size != _scalar(assets["image_size"]):
             raise ValueError(f"{checkpoint}: trained on {_scalar(assets['image_size'])} px frames but the image "
                              f"tokenizer {tokenizer_dir} reads {self.image_size} px")
-        self.prompts = TextPrompts(str(assets.get("text_tokenizer", "")))
+        self.prompts = TextPrompts(str(assets.get("text_tokenizer", "")),
+                                   cache_size=DEFAULT_TEXT_CACHE_SIZE if text_cache_size is None else text_cache_size)
 
         v = assets["vocab"]
         image_rows = _scalar(v["image"])
@@ -108,6 +124,11 @@ class Policy:
         self.vocab = Vocab(text_size=_scalar(v["text"]), image_codes=image_codes,
                            image_vocab=image_rows if image_rows != image_codes + 2 else None,
                            latent_codes=LATENT_CODES, action_bins=_scalar(v["action"]))
+        self.prompt_budget = prompt_token_budget(self.head, self.seq_len, self.prompts.markers, self.vocab,
+                                                 self.frames.tokens_per_frame, chunk=self.chunk,
+                                                 action_dim=self.action_dim)
+        self.prompts.set_budget(self.prompt_budget, f"the checkpoint's seq_len {self.seq_len} minus "
+                                f"{self.seq_len - self.prompt_budget} image, marker and action tokens")
         models = Models(config, self.vocab, self.action_dim)
         self.params = jax.device_put(params)
         self._rng = jax.random.PRNGKey(seed)
@@ -119,7 +140,8 @@ class Policy:
     def from_checkpoint(cls, path: str, **kwargs) -> "Policy":
         """The latest (or the given step directory's) finetuning checkpoint under ``path``.
         ``kwargs``: ``dataset`` (whose statistics map actions back; default the first),
-        ``execute_steps``, ``seed``, ``tokenizer_checkpoint``, ``flow_steps``."""
+        ``execute_steps``, ``seed``, ``tokenizer_checkpoint``, ``flow_steps``, ``text_cache_size``
+        (instructions whose prompt ids are kept; default 1024)."""
         from jaxvla import checkpoint as ckpt
         from jaxvla.config import from_dict
 
@@ -208,6 +230,13 @@ class Policy:
         self._rng, rng = jax.random.split(self._rng)
         out = np.asarray(self._infer(self.params, seq, rng))
         return self.to_robot_units(out)
+
+    def check_instruction(self, instruction: str) -> None:
+        """Raise TypeError / ValueError (naming the limit) unless ``instruction``'s prompt fits the
+        sequence (``prompt_budget`` ids); a fitting one stays cached for the next ``act``."""
+        if not isinstance(instruction, (str, bytes)):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        self.prompts(instruction)
 
     def act(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
         """float32 ``[K, A]`` for one observation ``{"image": uint8 [S, S, 3]}``."""

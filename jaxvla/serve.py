@@ -20,7 +20,11 @@ Then each client message gets exactly one reply, in order:
   mis-typed observation key, a non-str instruction) or an exception inside ``policy.act`` ->
   ``{"error": str}``; the connection stays open.
 
-Inference runs on one worker thread (the policy is not thread-safe), off the event loop.
+Inference runs on one worker thread (the policy is not thread-safe), off the event loop. Requests
+are validated before they are queued for it: an instruction longer than ``max_instruction_chars``
+(``--max_instruction_chars``, default 2048) or, when the policy has ``check_instruction`` (a real
+``Policy`` does), one whose prompt does not fit the policy's sequence is refused with an error
+naming the limit and the length, so it never delays other clients' inferences.
 The server binds 127.0.0.1 by default. With a token (``--token`` or ``JAXVLA_SERVE_TOKEN``)
 the handshake must carry ``Authorization: Bearer <token>`` or it is refused with HTTP 401.
 A plain ``GET /healthz`` answers 200 "ok". Run: ``python -m jaxvla.serve --checkpoint=DIR``.
@@ -56,6 +60,7 @@ PROTOCOL_VERSION = 1
 TOKEN_ENV = "JAXVLA_SERVE_TOKEN"
 HEALTH_PATH = "/healthz"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_INSTRUCTION_CHARS = 2048
 # Instruction keys of the nested layout and of openpi's flat layout; never observation keys.
 _INSTRUCTION_KEYS = ("instruction", "prompt")
 
@@ -134,7 +139,12 @@ def unpackb(data: bytes) -> Any:
 
 
 class ServablePolicy(Protocol):
-    """What `PolicyServer` needs from a policy (`jaxvla.policy.Policy` provides it)."""
+    """What `PolicyServer` needs from a policy (`jaxvla.policy.Policy` provides it).
+
+    Optional: ``check_instruction(instruction)``, raising ValueError / TypeError for an instruction
+    the policy cannot take; the server calls it on the event loop before queueing the request, so it
+    must be cheap (the server's character limit bounds its input).
+    """
 
     @property
     def metadata(self) -> dict: ...
@@ -168,7 +178,8 @@ class PolicyServer:
 
     `serve_forever()` blocks the calling thread; `start()` / `stop()` run the server on a
     background thread instead (tests, notebooks). `port=0` picks a free port: read `.port`
-    after `start()`.
+    after `start()`. `max_instruction_chars` bounds instructions (longer ones are refused before
+    they reach the inference worker).
     """
 
     def __init__(
@@ -178,8 +189,15 @@ class PolicyServer:
         port: int = 8000,
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS,
     ):
+        if int(max_instruction_chars) < 1:
+            raise ValueError(
+                f"max_instruction_chars={max_instruction_chars}: expected >= 1 character"
+            )
         self.policy = policy
+        self.max_instruction_chars = int(max_instruction_chars)
+        self._check_instruction = getattr(policy, "check_instruction", None)
         self.host = host
         self.port = port
         self.token = token or None
@@ -434,6 +452,11 @@ class PolicyServer:
             )
         if not isinstance(instruction, str):
             raise RequestError(f"{instruction_key!r} must be a str, got {type(instruction).__name__}")
+        if len(instruction) > self.max_instruction_chars:
+            raise RequestError(
+                f"{instruction_key!r} is {len(instruction)} characters; this server accepts at most "
+                f"{self.max_instruction_chars} (max_instruction_chars, --max_instruction_chars)"
+            )
         for key, (shape, dtype) in self.spec.items():
             expected = f"a {dtype.name} array of shape {shape}"
             if key not in observation:
@@ -454,6 +477,11 @@ class PolicyServer:
                 raise RequestError(
                     f"observation[{key!r}] has shape {tuple(value.shape)}, expected {shape}"
                 )
+        if self._check_instruction is not None:  # e.g. the prompt's tokens against the sequence
+            try:
+                self._check_instruction(instruction)
+            except (ValueError, TypeError) as e:
+                raise RequestError(f"{instruction_key!r} refused by the policy: {e}") from None
         return observation, instruction
 
 
@@ -551,8 +579,24 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get(TOKEN_ENV),
         help=f"shared secret clients send as 'Authorization: Bearer <token>' (default: ${TOKEN_ENV})",
     )
+    parser.add_argument(
+        "--max_instruction_chars",
+        type=int,
+        default=DEFAULT_MAX_INSTRUCTION_CHARS,
+        help="longer instructions are refused before inference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--text_cache_size",
+        type=int,
+        default=None,
+        help="instructions whose prompt ids the policy keeps, LRU (default: 1024)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request's timing")
     args = parser.parse_args(argv)
+    if args.max_instruction_chars < 1:
+        parser.error(f"--max_instruction_chars={args.max_instruction_chars}: expected >= 1")
+    if args.text_cache_size is not None and args.text_cache_size < 0:
+        parser.error(f"--text_cache_size={args.text_cache_size}: expected >= 0 (0 disables the cache)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose:  # our per-request timings, not websockets' frame dumps
         logger.setLevel(logging.DEBUG)
@@ -560,13 +604,19 @@ def main(argv: list[str] | None = None) -> None:
     from jaxvla.policy import Policy  # heavy (jax); only the CLI needs it
 
     logger.info("Loading policy from %s", args.checkpoint)
-    policy = Policy.from_checkpoint(args.checkpoint)
+    policy = Policy.from_checkpoint(args.checkpoint, text_cache_size=args.text_cache_size)
     # Compile before the first client connects, so its first request is as fast as the rest.
     start = time.perf_counter()
     warmup = {key: np.zeros(shape, dtype) for key, (shape, dtype) in policy.observation_spec().items()}
     policy.act(warmup, "warm up")
     logger.info("Policy compiled in %.1f s", time.perf_counter() - start)
-    server = PolicyServer(policy, host=args.host, port=args.port, token=args.token)
+    server = PolicyServer(
+        policy,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_instruction_chars=args.max_instruction_chars,
+    )
     logger.info("Policy metadata: %s", server.metadata)
     try:
         server.serve_forever()

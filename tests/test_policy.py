@@ -193,6 +193,15 @@ def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
     policy = policies["bins"]  # deterministic: the served actions equal a direct call's
     frames, instructions = _frames(metaworld_dataset, 1)
     expected = policy.act({"image": frames[0]}, instructions[0])
+    # The checkpoint's text slots: a prompt of exactly prompt_budget ids is served, one more is
+    # refused at parse time (never queued, never cached), naming the budget.
+    from jaxvla.data.text import prompt_ids
+
+    tokenizer = policy.prompts.tokenizer
+    words = {prompt_ids(tokenizer, " ".join(["robot"] * k)).size: k for k in range(1, 300)}  # ids -> words
+    fitting = " ".join(["robot"] * words[policy.prompt_budget])
+    too_long = " ".join(["robot"] * words[policy.prompt_budget + 1])
+    expected_fitting = policy.act({"image": frames[0]}, fitting)
     server = PolicyServer(policy, port=0).start()
     try:
         with Client(port=server.port) as client:
@@ -202,5 +211,12 @@ def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
                 client.act({"image": frames[0][:32]}, instructions[0])
             assert client.health()["status"] == "ok"
             np.testing.assert_array_equal(client.act({"image": frames[0]}, instructions[0]), expected)
+            np.testing.assert_array_equal(client.act({"image": frames[0]}, fitting), expected_fitting)
+            with pytest.raises(RuntimeError, match=rf"'instruction' refused by the policy: .* is "
+                               rf"{policy.prompt_budget + 1} prompt tokens .* at most {policy.prompt_budget} fit "
+                               rf"\(the checkpoint's seq_len {policy.seq_len} minus"):
+                client.act({"image": frames[0]}, too_long)
+            assert fitting in policy.prompts.cached() and too_long not in policy.prompts.cached()
+            assert client.health()["requests"] == 3
     finally:
         server.stop()

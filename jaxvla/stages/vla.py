@@ -4,7 +4,8 @@
   first (and said so) when it is missing, so the default commands work on a fresh machine.
 * ``FrameTokenizer``: the frozen image tokenizer (stage 0's VQGAN) from its checkpoint: uint8
   frames -> VQGAN codes, jitted, on the host side of the data iterator.
-* ``TextPrompts``: instruction -> prompt ids (cached: datasets repeat instructions), marker ids.
+* ``TextPrompts``: instruction -> prompt ids (bounded LRU cache: datasets repeat instructions;
+  optional token budget), marker ids.
 * ``backbone_config``: ``config.model`` -> ``LlamaConfig`` with vocabularies from ``Vocab``.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import jax
@@ -19,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger("jaxvla")
+
+DEFAULT_TEXT_CACHE_SIZE = 1024
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -102,14 +107,42 @@ class FrameTokenizer:
 
 
 class TextPrompts:
-    """Prompt ids per instruction (cached) and the layout markers' ids."""
+    """Prompt ids per instruction and the layout markers' ids.
 
-    def __init__(self, tokenizer_path: str = ""):
+    Ids are kept in an LRU cache of ``cache_size`` instructions (0: no cache); the returned arrays
+    are read-only. With a token budget (``max_tokens`` or :meth:`set_budget`) an instruction whose
+    prompt (bos and LAPA's template included) is longer raises ValueError. Failed instructions are
+    never cached. Thread-safe: one lock guards the cache and the tokenizer.
+    """
+
+    def __init__(self, tokenizer_path: str = "", cache_size: int = DEFAULT_TEXT_CACHE_SIZE,
+                 max_tokens: int | None = None):
         from jaxvla.data.text import load_text_tokenizer, marker_ids
 
+        if int(cache_size) < 0:
+            raise ValueError(f"text cache_size={cache_size}: expected >= 0 instructions (0 disables the cache)")
+        self.cache_size = int(cache_size)
         self.tokenizer = load_text_tokenizer(tokenizer_path or None)
         self.markers = marker_ids(self.tokenizer)
-        self._cache: dict[str, np.ndarray] = {}
+        self.max_tokens: int | None = None
+        self._budget_reason = "max_tokens"
+        if max_tokens is not None:
+            self.set_budget(max_tokens)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def set_budget(self, max_tokens: int | None, reason: str = "max_tokens") -> None:
+        """Refuse prompts longer than ``max_tokens`` ids (None: no limit); ``reason`` says where the
+        limit comes from in the error message."""
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens={max_tokens} ({reason}): expected >= 1 prompt token")
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self._budget_reason = reason
+
+    def cached(self) -> list[str]:
+        """The cached instructions, least recently used first."""
+        with self._lock:
+            return list(self._cache)
 
     def __call__(self, instruction: Any) -> np.ndarray:
         from jaxvla.data.text import prompt_ids
@@ -117,9 +150,23 @@ class TextPrompts:
         if isinstance(instruction, bytes):
             instruction = instruction.decode("utf-8")
         instruction = str(instruction)
-        if instruction not in self._cache:
-            self._cache[instruction] = prompt_ids(self.tokenizer, instruction)
-        return self._cache[instruction]
+        with self._lock:
+            ids = self._cache.get(instruction)
+            if ids is None:
+                ids = prompt_ids(self.tokenizer, instruction)
+                ids.flags.writeable = False
+            else:
+                self._cache.move_to_end(instruction)
+            if self.max_tokens is not None and ids.size > self.max_tokens:
+                self._cache.pop(instruction, None)  # cached before the budget was set
+                raise ValueError(
+                    f"instruction of {len(instruction)} characters is {ids.size} prompt tokens (bos and "
+                    f"LAPA's template included); at most {self.max_tokens} fit ({self._budget_reason})")
+            if self.cache_size and instruction not in self._cache:
+                self._cache[instruction] = ids
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return ids
 
 
 def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, latent: bool = True,
