@@ -7,12 +7,24 @@ and ``config.no_such_key`` in code both fail loudly.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import os
+import re
 from typing import Any
 
 import ml_collections
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "rsqrt")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.ema_decay = 0.0  # 0: no EMA copy of the params
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=3, async_save=True))
+    # verify: restores check each step's files against its SHA-256 manifest (and resume falls back
+    # past a step that fails); false restores checkpoints written before digests existed.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=3, async_save=True, verify=True))
     c.log_every = 10
     c.eval_every = 0  # 0: no periodic eval
     c.eval_batches = 4
@@ -104,42 +118,126 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> tuple[int, int, int]:
-    """Checks mesh and batch against the devices; returns the resolved mesh shape.
+def config_keys(config: ml_collections.ConfigDict | dict, prefix: str = "") -> list[str]:
+    """Every dotted key of ``config``: nested dicts and their leaves, e.g. "checkpoint",
+    "checkpoint.every"."""
+    keys = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            keys.extend(config_keys(value, path + "."))
+    return keys
 
-    Raises ValueError naming the key and the numbers.
+
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """None when ``key`` (dotted, e.g. "checkpoint.max_to_keep") exists in ``config``; else one
+    line naming it and the closest valid keys (difflib; keys under the same parent first)."""
+    keys = config_keys(config)
+    if key in keys:
+        return None
+    leaves = [k for k in keys if not isinstance(_lookup(config, k), (dict, ml_collections.ConfigDict))]
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in leaves if parent and k.startswith(parent + ".")]
+    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)
+    close += [k for k in difflib.get_close_matches(key, leaves, n=6, cutoff=0.0) if k not in close]
+    return f"unknown config key config.{key}; closest valid keys: {', '.join('config.' + k for k in close[:3])}"
+
+
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} is not allowed: expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no devices: counts, intervals, names and ranges of the shared keys.
+
+    Raises ConfigError naming the key, the value and what is allowed. Runs before anything
+    compiles: ``validate`` calls it, and ``python -m jaxvla.train`` runs it right after parsing the
+    flags, before TensorFlow or the trainer are imported.
+    """
+    from jaxvla.models.transformer import REMAT_POLICIES
+
+    if not config.stage:
+        raise ConfigError("config.stage is empty; the stage config must set it (e.g. 'tokenizer')")
+    positive = [("num_steps", config.num_steps), ("batch_size", config.batch_size), ("log_every", config.log_every),
+                ("checkpoint.every", config.checkpoint.every), ("checkpoint.max_to_keep", config.checkpoint.max_to_keep),
+                ("optimizer.grad_accum_steps", config.optimizer.grad_accum_steps)]
+    for key, value in positive:
+        _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")
+    for key in ("eval_every", "image_every", "eval_batches"):
+        _check(_is_int(config[key]) and config[key] >= 0, key, config[key], "an integer >= 0 (0: off)")
+    if config.eval_every:
+        _check(config.eval_batches >= 1, "eval_batches", config.eval_batches, f"an integer >= 1 when config.eval_every={config.eval_every}")
+    for key in ("warmup_steps", "decay_steps"):
+        value = config.optimizer[key]
+        _check(_is_int(value) and value >= 0, f"optimizer.{key}", value, "an integer >= 0")
+    _check(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", config.compute_dtype, f"one of {', '.join(COMPUTE_DTYPES)}")
+    _check(config.remat_policy in REMAT_POLICIES, "remat_policy", config.remat_policy, f"one of {', '.join(REMAT_POLICIES)}")
+    opt = config.optimizer
+    _check(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {', '.join(OPTIMIZERS)}")
+    _check(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {', '.join(SCHEDULES)}")
+    for key in ("learning_rate", "weight_decay", "grad_clip_norm", "eps", "end_lr_ratio"):
+        _check(_is_number(opt[key]) and opt[key] >= 0, f"optimizer.{key}", opt[key], "a finite number >= 0")
+    for key in ("b1", "b2"):
+        _check(_is_number(opt[key]) and 0 <= opt[key] < 1, f"optimizer.{key}", opt[key], "a number in [0, 1)")
+    _check(_is_number(config.ema_decay) and 0 <= config.ema_decay < 1, "ema_decay", config.ema_decay, "a number in [0, 1) (0: no EMA)")
+    for key, pattern in (("optimizer.freeze", opt.freeze), ("optimizer.weight_decay_exclude", opt.weight_decay_exclude),
+                         ("init_drop", config.init_drop)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.{key}={pattern!r} is not a valid regular expression: {e}") from e
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> tuple[int, int, int]:
+    """Checks the shared keys' values (``check_values``), then mesh and batch against the
+    devices; returns the resolved mesh shape.
+
+    Raises ConfigError (a ValueError) naming the key and the numbers.
     """
     from jaxvla.sharding import resolve_mesh_shape
 
-    if not config.stage:
-        raise ValueError("config.stage is empty; the stage config must set it (e.g. 'tokenizer')")
-    data, fsdp, tensor = resolve_mesh_shape(
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices
-    )
+    check_values(config)
+    try:
+        data, fsdp, tensor = resolve_mesh_shape(
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     batch = config.batch_size
     accum = config.optimizer.grad_accum_steps
-    if batch <= 0:
-        raise ValueError(f"config.batch_size must be positive, got {batch}")
-    if accum <= 0 or batch % accum:
-        raise ValueError(
+    if batch % accum:
+        raise ConfigError(
             f"config.batch_size={batch} must be divisible by "
             f"config.optimizer.grad_accum_steps={accum}"
         )
     micro = batch // accum
     if micro % (data * fsdp):
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={batch} (micro-batch {micro} with grad_accum_steps={accum}) is not "
             f"divisible by data x fsdp = {data} x {fsdp} = {data * fsdp}"
         )
     if batch % num_processes:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={batch} is not divisible by the {num_processes} processes"
         )
-    for key in ("num_steps", "log_every"):
-        if config[key] <= 0:
-            raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if config.checkpoint.every <= 0:
-        raise ValueError(f"config.checkpoint.every must be positive, got {config.checkpoint.every}")
     return data, fsdp, tensor
 
 

@@ -96,7 +96,7 @@ def load_laq(checkpoint: str, use_ema: bool = False) -> LoadedLAQ:
         raise ValueError(f"{checkpoint}: a {config_dict.get('stage')!r} checkpoint, expected an LAQ (stage 'laq')")
     config = from_dict(config_dict)
     params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    step_dir, _ = ckpt.resolve_checkpoint(checkpoint)
+    step_dir, _ = ckpt.resolve_checkpoint(checkpoint, step=int(step))  # the step load_checkpoint verified
     return LoadedLAQ(build_model(config), params, config, int(step), str(step_dir), config_hash(config_dict))
 
 

@@ -6,11 +6,13 @@
 2. builds the mesh and the stage; derives every shard of the train state from
    ``jax.eval_shape`` of the initialiser and creates the state already sharded
    (``jit(init, out_shardings=...)``): nothing is materialised whole on one device;
-3. restores the latest checkpoint of the workdir when there is one (and says so), else initialises
-   and applies ``config.init_from`` surgery;
+3. restores the newest checkpoint of the workdir that verifies against its digests when there is
+   one (and says so, and which newer steps it skipped and moved aside), else initialises and
+   applies ``config.init_from`` surgery;
 4. runs the jitted, state-donating train step with a progress bar, TensorBoard scalars, images,
    periodic eval and checkpoints; stops cleanly on SIGTERM (saves, returns) and loudly on a
-   non-finite loss (names the step; the last good checkpoint stays).
+   non-finite loss, gradient norm or parameters (names the step; a checkpoint whose parameters
+   give a non-finite loss is moved aside, the last good checkpoint stays).
 """
 
 from __future__ import annotations
@@ -137,6 +139,17 @@ class StateFactory:
 # The step.
 
 
+# A step's metric: 1.0 when every updated parameter and the gradient norm are finite. The loop
+# takes it out of the logged metrics and refuses to go on (or save) when it is 0.
+FINITE_UPDATE = "finite_update"
+
+
+def _all_finite(params: Any, *scalars: jax.Array) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags += [jnp.isfinite(s) for s in scalars]
+    return jnp.all(jnp.stack(flags)).astype(jnp.float32)
+
+
 def _split_aux(metrics: dict) -> tuple[dict, dict]:
     aux = {k: v for k, v in metrics.items() if k.startswith("aux/")}
     return {k: v for k, v in metrics.items() if k not in aux}, aux
@@ -201,11 +214,13 @@ def make_train_step(
         ema_params = state.ema_params
         if ema_decay:
             ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            FINITE_UPDATE: _all_finite(params, grad_norm),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, aux=aux, ema_params=ema_params
@@ -279,11 +294,32 @@ def _host_scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _check_finite(step: int, metrics: dict[str, float], workdir: str, last_saved: int | None) -> None:
+def _check_finite(step: int, metrics: dict[str, float], workdir: str, checkpointer: ckpt_lib.Checkpointer) -> None:
+    """Takes the FINITE_UPDATE flag out of ``metrics``; raises NonFiniteLossError when step
+    ``step``'s loss, gradient norm or updated parameters are not finite.
+
+    Step s's loss is the loss of the parameters after step s-1's update, so it is checked one step
+    after they were made: a checkpoint of step s-1 whose parameters give a non-finite loss (an
+    exploded but still finite update, e.g. +-1e30) is moved aside to
+    ``checkpoints/nonfinite-<step>-<time>`` and the error names the step that remains. Parameters
+    that are themselves non-finite are caught here before the loop can save them.
+    """
+    finite_update = metrics.pop(FINITE_UPDATE, 1.0)
     loss = metrics["loss"]
+    if np.isfinite(loss) and finite_update:
+        return
+    checkpointer.wait()
+    moved = ""
     if not np.isfinite(loss):
-        kept = f"the last good checkpoint (step {last_saved}) is kept in {workdir}" if last_saved is not None else "no checkpoint had been saved"
-        raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping: {kept}")
+        problem = f"non-finite loss ({loss}) at step {step}"
+        if step - 1 in checkpointer.all_steps():
+            target = checkpointer.set_aside(step - 1, "nonfinite")
+            moved = f"the checkpoint of step {step - 1} (its parameters give this loss) was moved aside to {target}; "
+    else:
+        problem = f"non-finite parameters or gradient norm (grad_norm={metrics.get('grad_norm')}) after step {step}'s update"
+    remaining = checkpointer.all_steps()
+    kept = f"the last good checkpoint (step {max(remaining)}) is kept in {workdir}" if remaining else "no good checkpoint is left"
+    raise NonFiniteLossError(f"{problem}; stopping: {moved}{kept}")
 
 
 def _evaluate(stage: Stage, params, config, mesh, eval_fn) -> dict[str, float]:
@@ -341,10 +377,13 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
         workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
     )
     assets = dict(stage.assets)
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    # The newest step that verifies against its digests; newer ones that do not are skipped
+    # (warned about) and moved aside to checkpoints/corrupt-<step>-<time>.
+    restored = checkpointer.restore_latest(factory.abstract_with_shardings(), verify=config.checkpoint.verify)
+    latest = restored[0] if restored is not None else None
+    if restored is not None:
+        _, state, _, saved_assets = restored
         log.info("resuming from step %d: found a checkpoint in %s", latest, checkpointer.directory)
-        state, _, saved_assets = checkpointer.restore(latest, factory.abstract_with_shardings())
         assets = {**saved_assets, **assets}
     else:
         state = factory.create(config.seed)
@@ -390,7 +429,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
         step, device_metrics = pending
         pending = None
         metrics = _host_scalars(device_metrics)
-        _check_finite(step, metrics, workdir, last_saved)
+        _check_finite(step, metrics, workdir, checkpointer)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         sums_count += 1
@@ -476,7 +515,7 @@ def _init_from(config, params):
         params, report = ckpt_lib.graft_params(params, source, config.init_drop, f"config.init_from={path}")
         step = 0
     else:
-        params, report, step = ckpt_lib.graft_from_checkpoint(params, path, config.init_drop)
+        params, report, step = ckpt_lib.graft_from_checkpoint(params, path, config.init_drop, verify=config.checkpoint.verify)
     log.info("init_from %s (step %d):", path, step)
     for line in report:
         log.info("  %s", line)

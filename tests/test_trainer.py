@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +88,63 @@ def test_mesh_and_batch_errors_name_keys_and_numbers():
     with pytest.raises(ValueError, match="grad_accum_steps=3"):
         cfg_lib.validate(config, num_devices=1, num_processes=1)
     assert cfg_lib.validate(toy_config(**{"mesh.data": -1, "mesh.tensor": 2}), 8, 1) == (4, 1, 2)
+
+
+BAD_VALUES = [
+    ({"checkpoint.max_to_keep": 0}, r"config\.checkpoint\.max_to_keep=0 is not allowed: expected an integer >= 1"),
+    ({"checkpoint.every": 0}, r"config\.checkpoint\.every=0 .*>= 1"),
+    ({"log_every": 0}, r"config\.log_every=0 .*>= 1"),
+    ({"num_steps": -1}, r"config\.num_steps=-1 .*>= 1"),
+    ({"eval_every": -1}, r"config\.eval_every=-1 .*>= 0"),
+    ({"image_every": -5}, r"config\.image_every=-5 .*>= 0"),
+    ({"eval_every": 2, "eval_batches": 0}, r"config\.eval_batches=0 .*>= 1 when config\.eval_every=2"),
+    ({"compute_dtype": "float7"}, r"config\.compute_dtype='float7' .*one of float32, bfloat16"),
+    ({"remat_policy": "some"}, r"config\.remat_policy='some' .*one of none, full"),
+    ({"optimizer.name": "adamx"}, r"config\.optimizer\.name='adamx' .*adamw, adam, sgd"),
+    ({"optimizer.learning_rate": -1e-3}, r"config\.optimizer\.learning_rate=-0\.001 .*>= 0"),
+    ({"optimizer.b2": 1.0}, r"config\.optimizer\.b2=1\.0 .*\[0, 1\)"),
+    ({"ema_decay": 1.5}, r"config\.ema_decay=1\.5 .*\[0, 1\)"),
+    ({"optimizer.freeze": "(head"}, r"config\.optimizer\.freeze='\(head' is not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=[",".join(o) for o, _ in BAD_VALUES])
+def test_bad_values_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cfg_lib.validate(toy_config(**overrides), num_devices=1, num_processes=1)
+
+
+def test_bad_value_fails_before_anything_is_written_or_compiled(tmp_path):
+    # max_to_keep=0 used to train and then delete every checkpoint, exiting 0.
+    with pytest.raises(ValueError, match=r"config\.checkpoint\.max_to_keep=0"):
+        train(toy_config(num_steps=2, **{"checkpoint.max_to_keep": 0}), str(tmp_path), devices=jax.devices()[:1])
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_config_mistakes_are_one_line(tmp_path):
+    def run(*overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "jaxvla.train", f"--config={REPO}/configs/tokenizer.py:small",
+             f"--workdir={tmp_path / 'w'}", *overrides],
+            env=toy_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+
+    typo = run("--config.checkpoint.max_to_kep=1")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert typo.stderr.strip().splitlines() == [
+        "error: unknown config key config.checkpoint.max_to_kep; closest valid keys: "
+        "config.checkpoint.max_to_keep, config.checkpoint.async_save, config.checkpoint.every"
+    ]
+    unknown = run("--config.nosuchkey=1")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    (line,) = unknown.stderr.strip().splitlines()
+    assert line.startswith("error: unknown config key config.nosuchkey; closest valid keys: config.")
+    bad_value = run("--config.checkpoint.max_to_keep=0")
+    assert bad_value.returncode == 2 and "Traceback" not in bad_value.stderr
+    assert bad_value.stderr.strip().splitlines() == [
+        "error: config.checkpoint.max_to_keep=0 is not allowed: expected an integer >= 1"
+    ]
+    assert not (tmp_path / "w").exists()
 
 
 def test_resolved_config_saved(tmp_path):
@@ -219,10 +281,194 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # Step 4's loss is the loss of the parameters after step 3: step 3's checkpoint is not "good"
+    # (the trainer cannot tell a poisoned batch from poisoned parameters), so it is moved aside
+    # and step 2 is the last good one.
     config = toy_config(num_steps=10, **{"checkpoint.every": 1, "data.nan_at_step": 4})
-    with pytest.raises(NonFiniteLossError, match=r"at step 4.*step 3"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 4.*checkpoint of step 3 .*moved aside.*last good checkpoint \(step 2\)"):
         train(config, str(tmp_path), devices=jax.devices()[:1])
-    assert max(ckpt_lib.Checkpointer(str(tmp_path)).all_steps()) == 3
+    assert max(ckpt_lib.Checkpointer(str(tmp_path)).all_steps()) == 2
+    assert [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("nonfinite-3-")]
+
+
+def test_exploding_update_is_not_kept_as_last_good_checkpoint(tmp_path):
+    """learning_rate=1e30: step 4's update makes the parameters +-1e30 (finite), step 5's loss is
+    inf. Step 4's checkpoint must not survive as the last good one; step 3's does, and resuming
+    from it gives finite losses."""
+    workdir = str(tmp_path)
+    train(toy_config(num_steps=3, **{"checkpoint.every": 1}), workdir, devices=jax.devices()[:1])
+    exploding = toy_config(num_steps=10, **{"checkpoint.every": 1, "optimizer.learning_rate": 1e30})
+    with pytest.raises(NonFiniteLossError, match=r"loss \(inf\) at step 5.*step 4 .*moved aside.*last good checkpoint \(step 3\)"):
+        train(exploding, workdir, devices=jax.devices()[:1])
+    assert max(ckpt_lib.Checkpointer(workdir).all_steps()) == 3
+    state, _, _, step = ckpt_lib.load_checkpoint(workdir)
+    assert step == 3
+    # Three steps of lr 1e-2 from a LeCun-normal init of fan-in 8/16: nowhere near 1e30.
+    assert all(np.all(np.isfinite(x)) and np.max(np.abs(x)) < 100 for x in jax.tree.leaves(state["params"]))
+    resumed = train(toy_config(num_steps=5, **{"checkpoint.every": 1}), workdir, devices=jax.devices()[:1])
+    assert resumed.history[0][0] == 4 and all(np.isfinite(m["loss"]) for _, m in resumed.history)
+
+
+def test_non_finite_update_is_never_saved(tmp_path):
+    """A finite loss with an infinite gradient (d sqrt|b| / db at b = 0) gives NaN parameters
+    after step 1: the run stops at step 1, before the step-1 checkpoint is written."""
+    from toy import build_toy
+
+    config = toy_config(num_steps=5, **{"checkpoint.every": 1})
+    stage = dataclasses.replace(
+        build_toy(config),
+        loss_fn=lambda params, batch, rng: (jax.numpy.sum(jax.numpy.sqrt(jax.numpy.abs(params["hidden"]["bias"]))), {}),
+    )
+    with pytest.raises(NonFiniteLossError, match=r"non-finite parameters or gradient norm \(grad_norm=inf\) after step 1's update.*no good checkpoint"):
+        train(config, str(tmp_path), stage=stage, devices=jax.devices()[:1])
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint integrity: digests, refusing damaged steps, falling back past them.
+
+# hidden=512 puts the arrays in OCDBT data files (small ones are inlined in b-tree nodes, which
+# TensorStore checks itself); async saves exercise the background digests.
+DIGEST_RUN = {"model.hidden": 512, "checkpoint.async_save": True}
+DAMAGES = ("flip", "truncate", "no_metadata", "garbage_config", "garbage_assets")
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 6-step toy run saving steps 3 and 6: {workdir, result, clean: {step: load_checkpoint}}."""
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    result = train(toy_config(num_steps=6, **DIGEST_RUN), str(workdir), devices=jax.devices()[:1])
+    clean = {s: ckpt_lib.load_checkpoint(str(workdir / "checkpoints" / str(s)))[0] for s in (3, 6)}
+    return {"workdir": workdir, "result": result, "clean": clean}
+
+
+def copy_run(saved_run, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(saved_run["workdir"], target)
+    return target
+
+
+def files_under(step_dir, items=("state", "config", "assets")):
+    return sorted(
+        os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
+        for item in items for root, _, names in os.walk(step_dir / item) for name in names
+    )
+
+
+def damage(step_dir, kind) -> str:
+    """Damages one file of ``step_dir``; returns its path relative to the step directory."""
+    if kind in ("flip", "truncate"):
+        # The largest state file: an OCDBT data file holding parameter / optimizer arrays.
+        rel = max(files_under(step_dir, ("state",)), key=lambda f: os.path.getsize(step_dir / f))
+        data = bytearray((step_dir / rel).read_bytes())
+        if kind == "flip":
+            data[len(data) // 2] ^= 0x40
+        else:
+            data = data[: len(data) // 2]
+        (step_dir / rel).write_bytes(bytes(data))
+    elif kind == "no_metadata":
+        rel = "state/_METADATA"
+        (step_dir / rel).unlink()
+    else:
+        rel = f"{kind.split('_')[1]}/metadata"
+        (step_dir / rel).write_text('{"not json": ')
+    return rel
+
+
+def test_each_step_records_digests_of_every_file(saved_run):
+    for step in (3, 6):
+        step_dir = saved_run["workdir"] / "checkpoints" / str(step)
+        manifest = json.loads((step_dir / "jaxvla_digests.json").read_text())
+        assert manifest["step"] == step and manifest["algorithm"] == "sha256"
+        assert sorted(manifest["files"]) == files_under(step_dir)
+        assert "state/_METADATA" in manifest["files"] and "config/metadata" in manifest["files"]
+        for rel, entry in manifest["files"].items():
+            data = (step_dir / rel).read_bytes()
+            assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
+
+
+def test_flipped_byte_is_refused_naming_step_and_file(saved_run, tmp_path):
+    workdir = copy_run(saved_run, tmp_path)
+    step_dir = workdir / "checkpoints" / "6"
+    rel = damage(step_dir, "flip")
+    expected = rf"step 6 .*{re.escape(rel)} has SHA-256"
+    with pytest.raises(ValueError, match=expected):
+        ckpt_lib.load_checkpoint(str(step_dir))
+    state = saved_run["result"].state
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    checkpointer = ckpt_lib.Checkpointer(str(workdir), async_save=False)
+    try:
+        with pytest.raises(ValueError, match=expected):
+            checkpointer.restore(6, abstract)
+        # Without the digests the flip goes unnoticed (different numbers) or fails deep in TensorStore.
+        try:
+            unverified, *_ = ckpt_lib.load_checkpoint(str(step_dir), verify=False)
+        except ckpt_lib.CheckpointError as e:
+            assert "step 6" in str(e)
+        else:
+            assert not leaves_equal(unverified, saved_run["clean"][6])
+        # The step-3 checkpoint is untouched and restores.
+        restored, _, _ = checkpointer.restore(3, abstract)
+        assert leaves_equal(restored.params, saved_run["clean"][3]["params"])
+    finally:
+        checkpointer.close()
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_load_checkpoint_falls_back_past_a_damaged_latest_step(saved_run, tmp_path, caplog, kind):
+    workdir = copy_run(saved_run, tmp_path)
+    rel = damage(workdir / "checkpoints" / "6", kind)
+    with caplog.at_level(logging.WARNING, logger="jaxvla"):
+        state, config, assets, step = ckpt_lib.load_checkpoint(str(workdir))
+    assert step == 3 and config["stage"] == "toy" and int(state["step"]) == 3
+    assert leaves_equal(state, saved_run["clean"][3])
+    np.testing.assert_array_equal(assets["target_scale"], np.arange(3, dtype=np.float32))
+    assert re.search(rf"checkpoint step 6 is skipped: .*{re.escape(rel)}", caplog.text)
+    # An explicit step never falls back.
+    for path, step in ((workdir, 6), (workdir / "checkpoints" / "6", None)):
+        with pytest.raises(ValueError, match=rf"checkpoint step 6 .*{re.escape(rel)}"):
+            ckpt_lib.load_checkpoint(str(path), step=step)
+
+
+@pytest.mark.parametrize("kind", ("flip", "truncate", "no_metadata", "garbage_config"))
+def test_resume_falls_back_past_a_damaged_latest_step(saved_run, tmp_path, caplog, kind):
+    workdir = copy_run(saved_run, tmp_path)
+    rel = damage(workdir / "checkpoints" / "6", kind)
+    with caplog.at_level(logging.INFO, logger="jaxvla"):
+        resumed = train(toy_config(num_steps=6, **DIGEST_RUN), str(workdir), devices=jax.devices()[:1])
+    assert re.search(rf"checkpoint step 6 is skipped: .*{re.escape(rel)}", caplog.text)
+    assert "resuming from step 3" in caplog.text
+    # Steps 4-6 again from step 3 give the uninterrupted run's state, bit for bit ...
+    straight = saved_run["result"].state
+    assert resumed.step == 6
+    assert leaves_equal(resumed.state.params, straight.params) and leaves_equal(resumed.state.opt_state, straight.opt_state)
+    # ... the damaged step was moved aside, not deleted, and step 6 was saved again and verifies.
+    aside = [d for d in os.listdir(workdir / "checkpoints") if d.startswith("corrupt-6-")]
+    assert len(aside) == 1 and files_under(workdir / "checkpoints" / aside[0]) != []
+    assert ckpt_lib.Checkpointer(str(workdir)).all_steps() == [3, 6]
+    assert ckpt_lib.load_checkpoint(str(workdir))[3] == 6
+
+
+def test_step_without_manifest_is_refused_unless_verify_false(saved_run, tmp_path):
+    workdir = copy_run(saved_run, tmp_path)
+    (workdir / "checkpoints" / "6" / "jaxvla_digests.json").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint step 6 .*no digest manifest jaxvla_digests\.json.*verify=False"):
+        ckpt_lib.load_checkpoint(str(workdir), step=6)
+    state, _, _, step = ckpt_lib.load_checkpoint(str(workdir), step=6, verify=False)
+    assert step == 6 and leaves_equal(state, saved_run["clean"][6])
+    assert ckpt_lib.load_checkpoint(str(workdir))[3] == 3  # the latest without a step: falls back
+
+
+def test_init_from_verifies_the_source(saved_run, tmp_path, caplog):
+    workdir = copy_run(saved_run, tmp_path)
+    rel = damage(workdir / "checkpoints" / "6", "flip")
+    params = saved_run["result"].state.params
+    with pytest.raises(ValueError, match=rf"checkpoint step 6 .*{re.escape(rel)}"):
+        ckpt_lib.graft_from_checkpoint(params, str(workdir / "checkpoints" / "6"))
+    with caplog.at_level(logging.WARNING, logger="jaxvla"):
+        grafted, _, step = ckpt_lib.graft_from_checkpoint(params, str(workdir))
+    assert step == 3 and "checkpoint step 6 is skipped" in caplog.text
+    assert leaves_equal(grafted, saved_run["clean"][3]["params"])
 
 
 # ---------------------------------------------------------------------------------------------
