@@ -453,6 +453,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
                 logged = {k: v / sums_count for k, v in sums.items()}
                 logged["perf/steps_per_sec"] = window_steps / elapsed
                 logged["perf/examples_per_sec"] = window_steps * config.batch_size / elapsed
+                logged.update(getattr(batches, "data_metrics", dict)())  # e.g. data/skipped/<dataset>
                 writer.scalars(step, logged)
                 history.append((step, dict(logged)))
                 progress.set_postfix(

@@ -54,7 +54,9 @@ is compared with the number the split's metadata promises: with ``ignore_errors=
 shortfall raises ``CorruptDataError`` (from ``iterator()``) naming the dataset, the file, the
 first bad record and the count; with ``ignore_errors=True`` the missing records are skipped, one
 warning line per affected file and pass goes to stderr, and they are counted in ``num_skipped``
-(cumulative over passes; read it after iterating).
+(cumulative over passes; read it after iterating) and in ``num_unreadable`` (distinct bad records:
+each file counted once, whatever the number of passes). A shard file that ``dataset_info.json``
+declares but that is not on disk raises ``DatasetFilesError`` before anything is read.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ _CORRUPT_MARKER = "JAXVLA_CORRUPT_DATA"
 
 class CorruptDataError(RuntimeError):
     """A TFRecord file with corrupt or unparseable records (``ignore_errors=False``)."""
+
+
+class DatasetFilesError(FileNotFoundError):
+    """A TFDS dataset version directory lacks a file it needs: ``features.json``, or shard files
+    that ``dataset_info.json`` declares for a split (raised before any record is read)."""
 
 
 # --------------------------------------------------------------------------- nested dict helpers
@@ -154,7 +161,8 @@ def load_builder(builder_or_dir: Any, dataset_name: str | None = None) -> tfds.c
     """A TFDS builder from a builder object or a dataset version directory (local or ``gs://``).
 
     A missing directory (or one without ``dataset_info.json``) raises ``FileNotFoundError`` naming
-    the dataset and the path (and the version directories found below it, if any)."""
+    the dataset and the path (and the version directories found below it, if any); one without
+    ``features.json`` raises ``DatasetFilesError`` naming that file."""
     if not isinstance(builder_or_dir, (str, os.PathLike)):
         return builder_or_dir
     path = abs_path(builder_or_dir)
@@ -172,7 +180,43 @@ def load_builder(builder_or_dir: Any, dataset_name: str | None = None) -> tfds.c
         raise FileNotFoundError(
             f"{label}{path} is not a TFDS dataset version directory (no dataset_info.json){hint}"
         )
+    if not path_exists(os.path.join(path, "features.json")):
+        present = sorted(tf.io.gfile.listdir(path))
+        raise DatasetFilesError(
+            f"{label}{path} has no features.json: a TFDS dataset version directory holds "
+            f"dataset_info.json, features.json and the splits' *.tfrecord* shard files; found {present}"
+        )
     return tfds.builder_from_directory(path)
+
+
+def check_split_files(shards: Sequence["FileShard"], split: str, dataset_name: str = "dataset") -> None:
+    """Raises ``DatasetFilesError`` naming the dataset, the split and every shard file of ``shards``
+    (the files ``dataset_info.json`` declares for the split) that is not on disk. One directory
+    listing per directory, so it is cheap on ``gs://`` too; without it a missing shard makes
+    tf.data retry the unreadable file forever."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for shard in shards:
+        directory, base = os.path.split(shard.filename)
+        if directory not in listings:
+            try:
+                listings[directory] = {f.rstrip("/") for f in tf.io.gfile.listdir(directory)}
+            except tf.errors.NotFoundError:
+                listings[directory] = set()
+        if base not in listings[directory] and shard.filename not in missing:
+            missing.append(shard.filename)
+    if not missing:
+        return
+    declared = sorted({os.path.basename(s.filename) for s in shards})
+    directory = os.path.dirname(missing[0])
+    present = sorted(f for f in listings.get(directory, ()) if ".tfrecord" in f)
+    names = [os.path.basename(m) for m in missing]
+    shown = names if len(names) <= 10 else names[:10] + [f"... ({len(names) - 10} more)"]
+    raise DatasetFilesError(
+        f"dataset {dataset_name!r} split {split!r}: {len(missing)} of the {len(declared)} shard file(s) that "
+        f"{os.path.join(directory, 'dataset_info.json')} declares for the split are missing in {directory}: "
+        f"{shown}; *.tfrecord* files present: {present if len(present) <= 10 else present[:10] + ['...']}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +371,7 @@ class TrajDataset:
         seed: int | None = None,
         flat: bool = False,
         num_trajectories: int | None = None,
-        skip_counters: Sequence[tf.Variable] = (),
+        skip_counters: Sequence["_SkipCounters"] = (),
         num_parallel_calls: int | None = None,
     ):
         self.dataset = dataset
@@ -416,6 +460,7 @@ class TrajDataset:
         total = sum(s.take for s in all_shards)
         if total == 0:
             raise ValueError(f"dataset {name!r}: split {split!r} is empty (0 episodes)")
+        check_split_files(all_shards, split, name)
         shards = shard_file_instructions(all_shards, process_index, process_count)
         selected = None
         if traj_indices is not None:
@@ -437,6 +482,10 @@ class TrajDataset:
         decoders = _step_decoders(features)
         steps_feature = features["steps"].feature if "steps" in features else None
         skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_skipped_records")
+        # Per file of this share: records found unreadable (the same on every pass).
+        unreadable = tf.Variable(
+            tf.zeros([len(shards)], tf.int64), trainable=False, name=f"{name}_unreadable_records"
+        )
         strict = not ignore_errors
 
         def parse(serialized: tf.Tensor) -> dict:
@@ -450,7 +499,9 @@ class TrajDataset:
         probe = tf.function(parse).get_concrete_function(tf.TensorSpec([], tf.string))
         parsed_spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), probe.structured_outputs)
 
-        def read_file(filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor, start: tf.Tensor) -> tf.data.Dataset:
+        def read_file(
+            filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor, start: tf.Tensor, file_index: tf.Tensor
+        ) -> tf.data.Dataset:
             # (position in this share of the file, parsed episode, is-end-sentinel); a record that
             # fails (framing or parse) is dropped here and noticed at the sentinel.
             records = tf.data.TFRecordDataset(filename).skip(skip).take(take).enumerate()
@@ -507,7 +558,10 @@ class TrajDataset:
                             ]
                         )
                         print_op = tf.print(message, output_stream=sys.stderr)
-                        with tf.control_dependencies([print_op]):
+                        per_file = unreadable.scatter_max(
+                            tf.IndexedSlices(tf.reshape(missing, [1]), tf.reshape(file_index, [1]))
+                        )
+                        with tf.control_dependencies([print_op, per_file]):
                             return skipped.assign_add(missing)
 
                     done = tf.cond(missing > 0, report, lambda: tf.identity(skipped.read_value()))
@@ -525,6 +579,7 @@ class TrajDataset:
                 np.asarray([s.skip for s in shards], np.int64),
                 np.asarray([s.take for s in shards], np.int64),
                 np.asarray([s.start for s in shards], np.int64),
+                np.arange(len(shards), dtype=np.int64),
             )
         )
         if shuffle and len(shards) > 1:
@@ -600,7 +655,7 @@ class TrajDataset:
             deterministic=deterministic,
             seed=seed,
             num_trajectories=num,
-            skip_counters=(skipped,),
+            skip_counters=(_SkipCounters(skipped, unreadable),),
             num_parallel_calls=None if not deterministic else DETERMINISTIC_PARALLELISM,
         )
 
@@ -777,7 +832,23 @@ class TrajDataset:
     @property
     def num_skipped(self) -> int:
         """Corrupt / unreadable records skipped so far (``ignore_errors=True``), over all passes."""
-        return int(sum(int(c.numpy()) for c in self._skip_counters))
+        return int(sum(int(c.total.numpy()) for c in self._skip_counters))
+
+    @property
+    def num_unreadable(self) -> int:
+        """Distinct records of this process's share found corrupt / unreadable so far
+        (``ignore_errors=True``): each file counts once however many passes read it, so after one
+        full pass this is the number of bad records in the share."""
+        return int(sum(int(c.per_file.numpy().sum()) for c in self._skip_counters))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SkipCounters:
+    """One ``from_rlds`` reader's counters: ``total`` skipped records over all passes and
+    ``per_file`` [files of the share] unreadable records of each file."""
+
+    total: tf.Variable
+    per_file: tf.Variable
 
 
 class _ErrorTranslatingIterator:

@@ -72,8 +72,10 @@ Config keys read (``config.data.*``; ``default_data_config()`` has them all with
     deterministic         same seed -> same batches (order-preserving parallelism)
     num_parallel_reads, num_parallel_calls   -1 = AUTOTUNE
     prefetch              batches prefetched (-1 = AUTOTUNE)
-    ignore_errors         skip and count corrupt TFRecord records (``Batches.num_skipped``);
-                          image bytes that fail to decode still raise
+    ignore_errors         skip and count corrupt TFRecord records (``Batches.num_skipped``, over
+                          all passes; ``Batches.data_metrics()``: distinct bad records per dataset,
+                          which the trainer logs as ``data/skipped/<dataset>``); image bytes that
+                          fail to decode still raise
     action_normalization, proprio_normalization   none | q01q99 | min_max | mean_std
     num_bins              > 0: the statistics also hold quantile bin edges (``stats``)
     stats_dir             statistics cache ("" -> $JAXVLA_CACHE_DIR or ~/.cache/jaxvla/stats)
@@ -342,12 +344,48 @@ def resolve_builder_dir(spec: DatasetSpec, data_dir: str | os.PathLike | None) -
             )
             if versions:
                 return os.path.join(path, versions[-1])
+    expected = (
+        "expected the directory holding the TFDS datasets (<data_dir>/<dataset>/<version>/dataset_info.json) "
+        "or one dataset's version directory (holding dataset_info.json)"
+    )
+    if data_dir and not path_exists(data_dir):
+        raise FileNotFoundError(f"dataset {spec.name!r}: config.data.data_dir={data_dir} does not exist; {expected}")
     if data_dir and not is_dir(data_dir):
-        raise FileNotFoundError(f"dataset {spec.name!r}: config.data.data_dir={data_dir} does not exist")
+        raise NotADirectoryError(f"dataset {spec.name!r}: config.data.data_dir={data_dir} is a file; {expected}")
+    found = _version_dirs_below(data_dir) if data_dir else []
+    hint = f"; dataset version directories found below it: {found}" if found else ""
     raise FileNotFoundError(
         f"dataset {spec.name!r}: no TFDS dataset (dataset_info.json) at {candidates or [data_dir]} "
-        f"(config.data.data_dir={data_dir or None})"
+        f"(config.data.data_dir={data_dir or None}; {expected}){hint}"
     )
+
+
+def _version_dirs_below(root: str, depth: int = 3, limit: int = 5, budget: int = 200) -> list[str]:
+    """Up to ``limit`` directories holding dataset_info.json within ``depth`` levels below ``root``
+    (a hint when ``data_dir`` points at the wrong level; at most ``budget`` directories listed)."""
+    found, level = [], [root]
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            budget -= 1
+            if budget < 0:
+                return found
+            try:
+                entries = tf.io.gfile.listdir(directory)
+            except tf.errors.OpError:
+                continue
+            for entry in sorted(entries):
+                path = os.path.join(directory, entry.rstrip("/"))
+                if not is_dir(path):
+                    continue
+                if path_exists(os.path.join(path, "dataset_info.json")):
+                    found.append(path)
+                    if len(found) >= limit:
+                        return found
+                else:
+                    below.append(path)
+        level = below
+    return found
 
 
 def _is_absolute(path: str) -> bool:
@@ -570,6 +608,58 @@ def _cfg(config: Any, key: str, default: Any = None) -> Any:
         return getattr(config, key, default)
 
 
+def _image_size(value: Any, entries: Sequence[tuple[DatasetSpec, float]] = (), data_dir: Any = None) -> int:
+    """``config.data.image_size`` as a positive int; otherwise a ValueError naming the key, what it
+    expects and the image sizes the datasets declare."""
+    try:
+        size = int(value)
+        ok = not isinstance(value, bool) and (size == value or str(size) == str(value).strip())
+    except (TypeError, ValueError):
+        size, ok = 0, False
+    if ok and size >= 1:
+        return size
+    declared = {}
+    for spec, _ in entries:
+        shapes = _declared_image_shapes(spec, data_dir)
+        if shapes:
+            declared[spec.name] = shapes
+    hint = f"; the datasets' image features: {declared}" if declared else ""
+    raise ValueError(
+        f"config.data.image_size={value!r}: expected a positive integer S (every camera's frames are decoded "
+        f"and resized to S x S pixels, e.g. the datasets' own frame size){hint}"
+    )
+
+
+def _declared_image_shapes(spec: DatasetSpec, data_dir: Any) -> dict[str, tuple]:
+    """{feature key: declared shape} of the image features in a dataset's features.json
+    (best effort, for error messages; {} when it cannot be read)."""
+    if spec.trajectories_fn is not None:
+        return {}
+    try:
+        import tensorflow_datasets as tfds
+
+        from jaxvla.data.dataset import load_builder
+
+        features = load_builder(resolve_builder_dir(spec, data_dir), spec.name).info.features
+    except Exception:  # noqa: BLE001 - only a hint for another error
+        return {}
+    out = {}
+
+    def walk(node, prefix):
+        items = node.items() if hasattr(node, "items") else ()
+        for key, value in items:
+            path = f"{prefix}/{key}" if prefix else key
+            if isinstance(value, tfds.features.Dataset):
+                walk(value.feature, path)
+            elif isinstance(value, tfds.features.Image):
+                out[path] = tuple(value.shape)
+            elif hasattr(value, "items"):
+                walk(value, path)
+
+    walk(features, "")
+    return out
+
+
 def _parallel(value: Any) -> int:
     value = -1 if value is None else int(value)
     return AUTOTUNE if value < 0 else value
@@ -590,9 +680,10 @@ class Batches:
 
     def __init__(
         self, dataset: TrajDataset, *, statistics, specs, gaps, batch_size: int, sample: str, children,
-        latent_labels=None, latent_join_stats=None,
+        latent_labels=None, latent_join_stats=None, ignore_errors: bool = False,
     ):
         self.dataset = dataset
+        self.ignore_errors = bool(ignore_errors)
         self.latent_labels = latent_labels
         self.latent_join_stats = dict(latent_join_stats or {})
         self.statistics = statistics
@@ -620,8 +711,22 @@ class Batches:
 
     @property
     def num_skipped(self) -> int:
-        """Corrupt records skipped so far (``ignore_errors``)."""
+        """Corrupt records skipped so far (``ignore_errors``), cumulative over passes."""
         return self.dataset.num_skipped
+
+    def data_metrics(self) -> dict[str, float]:
+        """With ``ignore_errors``: ``{"data/skipped/<dataset>": n}``, the distinct corrupt records
+        found so far in this process's share of each dataset (``TrajDataset.num_unreadable``: after
+        one full pass, the number of bad records; it does not grow with further passes). The
+        trainer logs these at every log step, summed over processes (``jaxvla.stages.DataStream``).
+        {} otherwise."""
+        if not self.ignore_errors:
+            return {}
+        counts: dict[str, float] = {}
+        for spec, _, traj in self._children:
+            key = f"data/skipped/{spec.name}"
+            counts[key] = counts.get(key, 0.0) + float(getattr(traj, "num_unreadable", 0))
+        return counts
 
 
 def _pad_last(x: tf.Tensor, size: int) -> tf.Tensor:
@@ -676,7 +781,6 @@ def make_batches(
 
     process_index, process_count = _default_process(process_index, process_count)
     deterministic = bool(get("deterministic")) or not train
-    image_size = int(get("image_size"))
     cameras = [c.strip() for c in str(get("cameras")).split(",") if c.strip()]
     if not cameras:
         raise ValueError("config.data.cameras is empty; name at least one camera (e.g. 'primary')")
@@ -691,6 +795,7 @@ def make_batches(
     entries = [(s, w) for s, w in entries if w > 0]
     if not entries:
         raise ValueError(f"mixture {mixture!r} has no dataset with a positive weight")
+    image_size = _image_size(get("image_size"), entries, data_dir)
 
     action_norm = get("action_normalization") or "none"
     proprio_norm = get("proprio_normalization") or "none"
@@ -821,6 +926,7 @@ def make_batches(
     return Batches(
         ds, statistics=statistics, specs=[(s, w) for s, w, _ in children], gaps=gaps, batch_size=batch_size,
         sample=sample, children=children, latent_labels=latent_labels, latent_join_stats=latent_join_stats,
+        ignore_errors=bool(get("ignore_errors")),
     )
 
 

@@ -11,6 +11,8 @@ import importlib
 from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -27,7 +29,9 @@ class Stage:
         named ``aux/...`` (any shape) are not logged but handed to ``post_step``.
       batches: ``start_step -> iterator`` of this process's share of each global batch (numpy,
         leading dim ``batch_size / process_count``). Batch ``s`` must depend only on (seed, s) so
-        resumed runs see the same data.
+        resumed runs see the same data. An iterator with a ``data_metrics()`` method (a
+        ``DataStream``) has those scalars (e.g. ``data/skipped/<dataset>``) logged at every log
+        step and in the final metrics.
       assets: JSON-able data (numpy arrays allowed) saved with every checkpoint.
       init_aux: params -> stage state updated outside the gradient (e.g. codebook usage).
       post_step: ``(params, aux, aux_outputs, step, rng) -> (params, aux, metrics)``, jitted into
@@ -46,6 +50,34 @@ class Stage:
     eval_batches: Callable[[], Iterator[Batch]] | None = None
     eval_fn: Callable | None = None
     visualize: Callable | None = None
+
+
+class DataStream:
+    """Iterator of stage batches ``fn(batch)`` over a data pipeline's batches (``source``: e.g.
+    ``jaxvla.data.pipeline.Batches``) that passes on the source's ``data_metrics()`` for the
+    trainer to log (summed over processes: every process must call it at the same steps, as the
+    trainer's log block does)."""
+
+    def __init__(self, source: Any, fn: Callable[[Batch], Batch] | None = None):
+        self._source = source
+        self._iterator = iter(source)
+        self._fn = fn
+
+    def __iter__(self) -> "DataStream":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._iterator)
+        return batch if self._fn is None else self._fn(batch)
+
+    def data_metrics(self) -> dict[str, float]:
+        metrics = getattr(self._source, "data_metrics", None)
+        values = dict(metrics()) if metrics is not None else {}
+        if values and jax.process_count() > 1:
+            keys = sorted(values)
+            gathered = multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.float32))
+            values = dict(zip(keys, (float(v) for v in np.asarray(gathered).reshape(-1, len(keys)).sum(0))))
+        return values
 
 
 _BUILDERS: dict[str, Callable[[Any], Stage] | str] = {

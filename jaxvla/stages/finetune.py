@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvla.data.embedded import ensure_configured_dataset
-from jaxvla.stages import Stage
+from jaxvla.stages import DataStream, Stage
 
 log = logging.getLogger("jaxvla")
 
@@ -243,7 +243,7 @@ def build(config) -> Stage:
         eval_fn = functools.partial(losses.bins_eval_metrics, backbone=models.backbone)
 
     def train_batches(start_step: int):
-        return (packer(b) for b in pipeline(True, start_step))
+        return DataStream(pipeline(True, start_step), packer)
 
     def eval_batches():
         return (packer(b, eval=True) for b in pipeline(False, seed_offset=1))

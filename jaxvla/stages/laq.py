@@ -26,7 +26,7 @@ from jaxvla.losses.laq import FAR_STEP, laq_eval_metrics, make_laq_loss, make_ns
 from jaxvla.losses.tokenizer import images_to_float
 from jaxvla.models.laq import LAQ, laq_size
 from jaxvla.models.nsvq import LAPA_SCHEDULE
-from jaxvla.stages import Stage
+from jaxvla.stages import DataStream, Stage
 
 log = logging.getLogger("jaxvla")
 
@@ -84,7 +84,8 @@ def make_batches(config, *, train: bool, start_step: int = 0, seed_offset: int =
         config.data, batch_size=per_process, train=train, seed=config.seed + seed_offset, start_step=start_step
     )
     if train:
-        return (laq_batch(b, step) for step, b in zip(itertools.count(start_step), batches))
+        steps = itertools.count(start_step)
+        return DataStream(batches, lambda b: laq_batch(b, next(steps)))
     return (laq_batch(b, None) for b in batches)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxvla.data import sequences as seq
 from jaxvla.losses.pretrain import check_target_caps, pretrain_loss
-from jaxvla.stages import Stage
+from jaxvla.stages import DataStream, Stage
 from jaxvla.stages import vla
 
 log = logging.getLogger("jaxvla")
@@ -204,7 +204,7 @@ def build(config) -> Stage:
 
     def batches(start_step: int):
         stream = make_batches(data, batch_size=per_process, train=True, seed=config.seed, start_step=start_step)
-        return (packer(b) for b in stream)
+        return DataStream(stream, packer)
 
     def eval_batches():
         stream = make_batches(data, batch_size=per_process, train=False, seed=config.seed + 1)
