@@ -591,6 +591,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="instructions whose prompt ids the policy keeps, LRU (default: 1024)",
     )
+    parser.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="persistent XLA compilation cache directory, or 'off' (default: $JAXVLA_COMPILATION_CACHE, "
+        "else ~/.cache/jaxvla/xla)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request's timing")
     args = parser.parse_args(argv)
     if args.max_instruction_chars < 1:
@@ -601,7 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.verbose:  # our per-request timings, not websockets' frame dumps
         logger.setLevel(logging.DEBUG)
 
-    from jaxvla.policy import Policy  # heavy (jax); only the CLI needs it
+    from jaxvla import compilation_cache  # heavy (jax); only the CLI needs it
+    from jaxvla.policy import Policy
+
+    logger.info("compilation cache: %s", compilation_cache.enable(args.compilation_cache) or "off")
 
     logger.info("Loading policy from %s", args.checkpoint)
     policy = Policy.from_checkpoint(args.checkpoint, text_cache_size=args.text_cache_size)

@@ -17,11 +17,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from jaxvla import compilation_cache  # noqa: E402
 from jaxvla import config as cfg_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/<stage>.py[:variant] file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go (resumes if present).")
+flags.DEFINE_string("compilation_cache", None, "Persistent XLA compilation cache directory, or 'off' "
+                    f"(default: ${compilation_cache.ENV_VAR}, else ~/.cache/jaxvla/xla).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -81,6 +84,8 @@ def main(argv):
         tf.config.set_visible_devices([], "GPU")
     except ImportError:
         pass
+    cache_dir = compilation_cache.enable(FLAGS.compilation_cache)
+    logging.getLogger("jaxvla").info("compilation cache: %s", cache_dir or "off")
     from jaxvla.trainer import train
 
     try:

@@ -45,6 +45,9 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from jaxvla import compilation_cache
+
+    compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     from jaxvla.evaluation import format_table
     from jaxvla.experiment import BUDGETS, Experiment
     from jaxvla.io.files import write_text

@@ -36,6 +36,9 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from jaxvla import compilation_cache
+
+    compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     from jaxvla.evaluation import evaluate, format_table
 
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.checkpoint, "eval")

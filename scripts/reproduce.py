@@ -108,6 +108,9 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from jaxvla import compilation_cache
+
+    compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     from jaxvla.evaluation import bar_plot
     from jaxvla.experiment import ROWS, Experiment
     from jaxvla.io.files import write_json, write_text

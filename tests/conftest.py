@@ -11,6 +11,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from jaxvla import compilation_cache  # noqa: E402
+
+# The suite compiles the same tiny programs in many tests and both workers: share them on disk
+# ($JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables).
+compilation_cache.enable()
+
 import pytest  # noqa: E402
 
 
