@@ -3,13 +3,15 @@ tables, parameter counts and logical axes. Everything uses the ``tiny`` config i
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvla.models.llama import (MODALITIES, Llama, abstract_params, count_params, init_cache, llama_config,
+from jaxvla.models.llama import (MODALITIES, Llama, abstract_params, attend, count_params, init_cache, llama_config,
                                  param_counts)
 
 L = 10
@@ -56,6 +58,99 @@ def changed(a, b):
     return np.abs(a[0] - b[0]).max(axis=-1) > 1e-6
 
 
+# ----------------------------------------------------------------------------------------------
+# An independent reference: LLaMA written out from its definition (not from jaxvla's modules), in
+# NumPy float64 or, for gradients, jax.numpy. RoPE rotates each pair (j, j + Dh/2) of a head by
+# pos * theta^(-2j/Dh); query head h reads key/value head h // (H / KV).
+
+
+def reference_mask(b):
+    """[B, L, L] bool: query i sees key j iff same non-zero segment and (pos_j <= pos_i or both in
+    the same positive bidirectional block); a padding query sees only itself."""
+    seg, pos, bid = (np.asarray(b[k]) for k in ("segment_ids", "positions", "bidirectional_ids"))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    earlier = pos[:, None, :] <= pos[:, :, None]
+    block = (bid[:, :, None] == bid[:, None, :]) & (bid[:, :, None] > 0)
+    own = (seg == 0)[:, :, None] & np.eye(seg.shape[1], dtype=bool)[None]
+    return (same & (earlier | block)) | own
+
+
+def reference_attention(q, k, v, allowed, xp=np):
+    """Softmax attention ``q [B, L, H, Dh]``, ``k``/``v`` ``[B, S, KV, Dh]``, ``allowed [B, L, S]``."""
+    group = q.shape[2] // k.shape[2]
+    k, v = xp.repeat(k, group, axis=2), xp.repeat(v, group, axis=2)
+    scores = xp.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
+    scores = xp.where(allowed[:, None], scores, -1e30)
+    weights = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return xp.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def reference_logits(params, config, b, xp=np, input_embeddings=None, embedding_mask=None):
+    """{modality: logits [B, L, V]} of the whole sequence ``b``; params stacked (scan) or per layer."""
+    c = config
+    f = (lambda a: np.asarray(a, np.float64)) if xp is np else (lambda a: a)
+    tokens, modality, pos = (np.asarray(b[k]) for k in ("tokens", "modality", "positions"))
+    x = 0.0
+    for m, name in enumerate(MODALITIES):
+        if c.vocab(name):
+            rows = f(params[f"embed_{name}"]["embedding"])[np.clip(tokens, 0, c.vocab(name) - 1)]
+            x = x + (modality == m)[..., None] * rows
+    if input_embeddings is not None:
+        x = xp.where(np.asarray(embedding_mask)[..., None], f(input_embeddings), x)
+    allowed = reference_mask(b)
+
+    half = c.head_dim // 2
+    angle = pos[..., None].astype(np.float64) * c.rope_theta ** (-2.0 * np.arange(half) / c.head_dim)
+    cos, sin = np.cos(angle)[:, :, None, :], np.sin(angle)[:, :, None, :]  # [B, L, 1, Dh/2]
+
+    def rope(t):
+        first, second = t[..., :half], t[..., half:]
+        return xp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+    def rms_norm(t, scale):
+        return t / xp.sqrt(xp.mean(t * t, axis=-1, keepdims=True) + c.norm_eps) * f(scale)
+
+    for i in range(c.num_layers):
+        p = params[f"layers_{i}"] if f"layers_{i}" in params else jax.tree.map(lambda a: a[i], params["layers"])
+        a = p["attention"]
+        h = rms_norm(x, p["input_norm"]["scale"])
+        q = rope(xp.einsum("bld,dhk->blhk", h, f(a["q_proj"]["kernel"])))
+        k = rope(xp.einsum("bld,dhk->blhk", h, f(a["k_proj"]["kernel"])))
+        v = xp.einsum("bld,dhk->blhk", h, f(a["v_proj"]["kernel"]))
+        x = x + xp.einsum("blhk,hkd->bld", reference_attention(q, k, v, allowed, xp), f(a["o_proj"]["kernel"]))
+        h = rms_norm(x, p["post_attention_norm"]["scale"])
+        gate = h @ f(p["mlp"]["gate_proj"]["kernel"])
+        x = x + (gate / (1.0 + xp.exp(-gate)) * (h @ f(p["mlp"]["up_proj"]["kernel"]))) @ f(
+            p["mlp"]["down_proj"]["kernel"])
+    hidden = rms_norm(x, params["final_norm"]["scale"])
+    out = {}
+    for name in c.present:
+        head = params[f"head_{name}"]["kernel"] if f"head_{name}" in params else params[f"embed_{name}"]["embedding"].T
+        out[name] = hidden @ f(head)
+    return out
+
+
+def assert_matches_reference(got, params, config, b, atol=2e-4, **kwargs):
+    """Every present modality's logits (a dict of [B, L', V], L' = the last L' positions of ``b``)."""
+    want = reference_logits(params, config, b, **kwargs)
+    for name in config.present:
+        g = np.asarray(got[name])
+        np.testing.assert_allclose(g, want[name][:, -g.shape[1]:], atol=atol, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": False}, {"tie_embeddings": True}],
+                         ids=["scan", "loop", "tied"])
+def test_matches_numpy_reference(overrides):
+    """Logits of every modality equal the NumPy LLaMA above (RoPE at shifted positions, GQA,
+    segments, a bidirectional block, padding, mixed modalities)."""
+    model, params, apply = setup(**overrides)
+    b = batch(modality=[0, 0, 1, 1, 2, 0, 3, 3, 1, 0], segment=[1, 1, 1, 1, 1, 1, 1, 1, 0, 2],
+              bidirectional=[1, 1, 1, 0, 0, 2, 2, 2, 0, 0])
+    b["positions"] = b["positions"] + np.array([[3], [11]], np.int32)  # RoPE is not just relative offsets here
+    assert_matches_reference(apply(params, b)["logits"], params, model.config, b)
+
+
 def test_attention_rule_causal_bidirectional_padding():
     _, params, apply = setup()
     # Positions 0-2 a bidirectional prefix (id 1), 3 padding, 4-5 causal, 6-8 a block (id 2), 9 causal.
@@ -100,8 +195,11 @@ def test_kv_cache_decoding_matches_full_pass(scan_layers):
         steps.append(out["logits"])
         cache = out["cache"]
     assert int(cache["index"]) == L and cache["k"].shape == (2, 2, 16, 2, 16)
+    decoded = {m: np.concatenate([s[m] for s in steps], axis=1) for m in MODALITIES}
     for m in MODALITIES:
-        np.testing.assert_allclose(np.concatenate([s[m] for s in steps], axis=1), full[m], atol=1e-5)
+        np.testing.assert_allclose(decoded[m], full[m], atol=1e-5)
+    # ... and both equal the independent reference (a wrong RoPE would agree with itself).
+    assert_matches_reference(decoded, params, model.config, b)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -118,6 +216,8 @@ def test_flow_style_block_against_prefix_cache(scan_layers):
                       input_embeddings=noise[:, prefix:], embedding_mask=mask[:, prefix:])
         np.testing.assert_allclose(block["hidden"], full["hidden"][:, prefix:], atol=1e-5)
         np.testing.assert_allclose(block["logits"]["action"], full["logits"]["action"][:, prefix:], atol=1e-5)
+        want = reference_logits(params, model.config, b, input_embeddings=np.asarray(noise), embedding_mask=mask)
+        np.testing.assert_allclose(block["logits"]["action"], want["action"][:, prefix:], atol=2e-4, rtol=1e-4)
 
 
 def test_scan_and_loop_agree():
@@ -130,6 +230,8 @@ def test_scan_and_loop_agree():
     assert jax.tree.structure(converted) == jax.tree.structure(loop_params)
     b = batch(bidirectional=[1, 1, 1] + [0] * 7)
     np.testing.assert_allclose(logits(converted, loop, b), logits(scanned_params, scanned, b), atol=1e-5)
+    want = reference_logits(scanned_params, model.config, b)["text"]
+    np.testing.assert_allclose(logits(converted, loop, b), want, atol=2e-4, rtol=1e-4)
 
 
 def test_remat_policies_give_same_gradients():
@@ -146,6 +248,18 @@ def test_remat_policies_give_same_gradients():
         grads[policy] = jax.jit(jax.grad(loss))(params)
     for policy, g in grads.items():
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-5), g, grads["none"])
+
+    # The gradients themselves: jax.grad of the reference LLaMA written in jax.numpy.
+    def reference_loss(p):
+        out = reference_logits(p, model.config, b, xp=jnp)
+        return jnp.mean(out["text"] ** 2) + jnp.mean(out["image"] ** 2)
+
+    def check(path, got, ref):
+        got, ref = np.asarray(got), np.asarray(ref)
+        scale = np.abs(ref).max() + 1e-12  # within 1e-4 of each parameter's largest gradient entry
+        np.testing.assert_allclose(got / scale, ref / scale, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(check, grads["full"], jax.jit(jax.grad(reference_loss))(params))
 
 
 def test_input_embeddings_replace_tokens():
@@ -253,16 +367,44 @@ def test_matches_hugging_face_llama():
     np.testing.assert_allclose(logits(params, apply, b), expected, atol=1e-4)
 
 
-def test_attention_kernels_agree():
-    """The einsum kernel (the CPU default) and jax.nn.dot_product_attention's portable one give the
-    same logits and gradients (GQA, segments, a bidirectional block, padding); an unknown kernel
-    fails when the config is made."""
-    _, params, apply = setup()
-    _, _, apply_einsum = setup(attention="einsum")
-    model_xla, _, apply_xla = setup(attention="xla")
+def test_attention_kernels_agree(monkeypatch):
+    """Two different implementations, each against the NumPy softmax attention: the einsum kernel
+    (the CPU default) and jax.nn.dot_product_attention's XLA one (a spy shows which ran); then the
+    same for the whole model's logits, and einsum vs XLA gradients (GQA, segments, a bidirectional
+    block, padding). An unknown kernel fails when the config is made."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     b = batch(segment=np.r_[np.ones(L - 3), np.zeros(3)], bidirectional=np.r_[np.zeros(4), np.ones(4), np.zeros(L - 8)])
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, L, 4, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, L, 2, 16)).astype(np.float32) for _ in range(2))
+    allowed = reference_mask(b)
+    want = reference_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), allowed)
+    out = {}
+    for kernel in ("einsum", "xla"):
+        before = len(calls)
+        out[kernel] = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed)[:, None],
+                                        kernel))
+        assert calls[before:] == ([] if kernel == "einsum" else ["xla"]), (kernel, calls)
+        np.testing.assert_allclose(out[kernel], want, atol=1e-5, rtol=1e-5, err_msg=kernel)
+
+    _, params, apply = setup()
+    model_einsum, _, apply_einsum = setup(attention="einsum")
+    model_xla, _, apply_xla = setup(attention="xla")
+    # "" resolves to einsum on CPU: the very same computation, bit for bit.
     np.testing.assert_array_equal(logits(params, apply, b), logits(params, apply_einsum, b))
-    np.testing.assert_allclose(logits(params, apply_einsum, b), logits(params, apply_xla, b), rtol=1e-5, atol=1e-5)
+    seq = [b[k] for k in ("tokens", "modality", "positions", "segment_ids", "bidirectional_ids")]
+    for model, run, expected in ((model_einsum, apply_einsum, set()), (model_xla, apply_xla, {"xla"})):
+        calls.clear()
+        jax.eval_shape(lambda p: model.apply({"params": p}, *seq), params)  # a fresh trace, no compilation
+        assert set(calls) == expected and (len(calls) > 0) == bool(expected), (model.config.attention, calls)
+        assert_matches_reference(run(params, b)["logits"], params, model.config, b)
     grads = [jax.grad(lambda p: apply(p, b)["hidden"][:, : L - 3].sum())(params) for apply in (apply_einsum, apply_xla)]
     for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-3)  # sums of ~1e2 terms

@@ -402,7 +402,14 @@ def read_easylm_streaming(path: str | os.PathLike) -> dict:
                     and isinstance(item[1], bytes)):
                 raise ValueError(f"{path}: not an EasyLM streaming checkpoint (found {type(item).__name__} entry)")
             key, value = item
-            flat["/".join(str(k) for k in key)] = np.asarray(serialization.msgpack_restore(value))
+            name = "/".join(str(k) for k in key)
+            try:
+                flat[name] = np.asarray(serialization.msgpack_restore(value))
+            except ValueError as e:  # e.g. numpy refusing an object dtype for a buffer
+                raise ValueError(f"{path}: entry '{name}' is not an array: {e}") from e
+            if flat[name].dtype.hasobject:
+                raise ValueError(f"{path}: entry '{name}' has object dtype; object arrays are not admitted in a "
+                                 "parameter tree")
     if not flat:
         raise ValueError(f"{path}: empty checkpoint")
     return unflatten_dict(flat)
