@@ -69,7 +69,17 @@ def get_config(variant: str = "vipra_small"):
             rope_theta=0.0,
             scan_layers=True,  # nn.scan over layers (one compiled body); False unrolls them
             attention="",  # "" JAX's choice | "xla" | "cudnn" (fused GPU kernel, bf16)
+            # The row length; packed (pack=True), the most tokens a row of packed examples holds.
             seq_len=256 if small else (1536 if vipra else 384),
+            # Packing (jaxvla/data/sequences.py pack_examples): the batch's batch_size examples go
+            # several a row (segment ids 1, 2, ...) into rows sized to the longest possible example,
+            # the one with a pack_prompt_tokens-id prompt (bos and template included; a longer
+            # prompt is an error naming this key; Meta-World MT10's prompts are 26-34 ids, MT50's
+            # up to 41). The loss's per-row target caps follow from that example (max_targets is
+            # then unused, except max_targets.image as synthetic frames' tokens). False: one example
+            # a [batch_size, seq_len] row.
+            pack=small,
+            pack_prompt_tokens=36,
             # Loss group weights (spread over each group's targets by the sequence builders).
             latent_weight=0.48 if vipra else 0.99,
             future_weight=0.48,

@@ -86,7 +86,9 @@ def _compile(config, devices):
         example = next(setup.stage.batches(0))
         batch_sharding = sharding.batch_sharding(mesh)
         batch = {
-            key: jax.ShapeDtypeStruct((config.batch_size, *np.shape(value)[1:]), np.asarray(value).dtype,
+            # The process's rows times the processes: packed batches have fewer rows than examples.
+            key: jax.ShapeDtypeStruct((np.shape(value)[0] * jax.process_count(), *np.shape(value)[1:]),
+                                      np.asarray(value).dtype,
                                       sharding=batch_sharding)
             for key, value in example.items()
         }

@@ -45,6 +45,13 @@ Loss groups (each its own weight, ``group weight / number of its targets`` per t
 * ``action``: action-bin tokens (ACTIONVLA pretraining, bin finetuning).
 Image tokens of observed frames and their eof / eov ids are context only (weight 0).
 
+Packing (:func:`pack_examples`): several built examples share a row. The ``k``-th example of a row
+has ``segment_ids`` ``k`` (1, 2, ...), its own ``positions`` from 0, its own bidirectional blocks
+(the attention rule asks for the same segment too, so equal block ids of two examples never see
+each other) and its own target shift (its last token has weight 0); a row also carries
+``num_examples``, so a loss can stay a mean over examples. :func:`packing_layout` sizes the rows
+from the longest example a batch may hold.
+
 Extra index arrays (int32, indices into the sequence, i.e. of the tokens themselves; the logits
 that predict token ``p`` sit at ``p - 1``): ``latent_positions`` (LAPA, ViPRA: codes only),
 ``future_positions`` (ViPRA), ``action_positions`` (ACTIONVLA, bins, flow: for flow these are the
@@ -335,6 +342,94 @@ def batch_sequences(seqs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     return out
 
 
+def example_length(seq: Mapping[str, np.ndarray]) -> int:
+    """Real tokens of one built example (its ``segment_ids`` are 1 on them, 0 on padding)."""
+    return int(np.count_nonzero(np.asarray(seq["segment_ids"])))
+
+
+def example_target_counts(seq: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Weighted targets of each modality (by ``MODALITY_NAMES``) in one built example."""
+    weighted = np.asarray(seq["loss_weight"]) > 0
+    target_modality = np.asarray(seq["target_modality"])
+    return {name: int(np.count_nonzero(weighted & (target_modality == index)))
+            for index, name in enumerate(MODALITY_NAMES)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingLayout:
+    """Static shape of packed batches: ``num_rows`` rows of ``row_len`` tokens, each holding at most
+    ``examples_per_row`` examples of at most ``example_len`` tokens. ``example_caps``: the most
+    weighted targets of each modality in one example; ``row_caps`` (``examples_per_row`` times
+    those) are the loss's per-row gather sizes."""
+
+    examples_per_row: int
+    row_len: int
+    num_rows: int
+    example_len: int
+    example_caps: Mapping[str, int]
+
+    @property
+    def row_caps(self) -> dict[str, int]:
+        return {name: self.examples_per_row * int(count) for name, count in self.example_caps.items()}
+
+
+def packing_layout(num_examples: int, example_len: int, example_caps: Mapping[str, int], max_row_len: int, *,
+                   group: int | None = None, row_multiple: int = 1, where: str = "max_row_len") -> PackingLayout:
+    """The layout that packs ``num_examples`` examples of at most ``example_len`` tokens.
+
+    Examples per row ``d``: the largest divisor of ``group`` (default ``num_examples``; pass a
+    divisor of it to keep the row count a multiple of ``num_examples // group``, e.g. the data
+    devices) with ``d * example_len <= max_row_len``. Rows: ``num_examples // d``, each exactly
+    ``d`` examples when :func:`pack_examples` gets ``max_per_row=d``. Row length: ``d *
+    example_len`` rounded up to ``row_multiple`` (at most ``max_row_len``). ``where`` names the
+    setting that bounds ``max_row_len`` in the error raised when one example does not fit.
+    """
+    group = num_examples if group is None else int(group)
+    if num_examples < 1 or group < 1 or num_examples % group:
+        raise ValueError(f"packing_layout: num_examples={num_examples} must be a positive multiple of group={group}")
+    if example_len > max_row_len:
+        raise ValueError(f"an example of {example_len} tokens does not fit in a row of {max_row_len}: raise {where}")
+    fits = max(1, max_row_len // max(example_len, 1))
+    per_row = max(d for d in range(1, group + 1) if group % d == 0 and d <= fits)
+    row_len = min(-(-per_row * example_len // row_multiple) * row_multiple, max_row_len)
+    return PackingLayout(per_row, row_len, num_examples // per_row, example_len, dict(example_caps))
+
+
+def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], row_len: int, num_rows: int, *,
+                  max_per_row: int | None = None) -> dict[str, np.ndarray]:
+    """Packs built examples (the builders' dicts, any ``max_len``) into ``num_rows`` rows of
+    ``row_len`` tokens, greedy first-fit in the given order: each example goes to the first row with
+    room for its ``n`` real tokens (and fewer than ``max_per_row`` examples).
+
+    Returns the ``SEQUENCE_KEYS`` arrays ``[num_rows, row_len]`` and ``num_examples`` ``[num_rows]``
+    int32 (examples in each row). The ``k``-th example of a row has ``segment_ids`` ``k`` (1, 2, ...;
+    0 = padding) and keeps its own ``positions`` (0..n-1), ``bidirectional_ids`` (blocks are per
+    segment: the attention rule needs the same segment too), and its shifted ``targets``,
+    ``target_modality``, ``loss_weight``: its last real token has weight 0 and target 0, never the
+    next example's first token. Span arrays (``latent_positions``, ...) are dropped.
+    """
+    rows = {key: np.zeros((num_rows, row_len), np.float32 if key == "loss_weight" else np.int32)
+            for key in SEQUENCE_KEYS}
+    used = np.zeros(num_rows, np.int64)
+    count = np.zeros(num_rows, np.int32)
+    limit = max_per_row or row_len
+    for index, example in enumerate(examples):
+        n = example_length(example)
+        if np.any(np.asarray(example["segment_ids"])[:n] != 1):
+            raise ValueError(f"pack_examples: example {index} is not one example (segment_ids must be 1..1 then 0)")
+        free = np.flatnonzero((used + n <= row_len) & (count < limit))
+        if not free.size:
+            raise ValueError(f"pack_examples: example {index} of {n} tokens fits in none of the {num_rows} rows of "
+                             f"{row_len} tokens (used {used.tolist()}, at most {limit} examples a row)")
+        row, start = int(free[0]), int(used[free[0]])
+        for key in SEQUENCE_KEYS:
+            rows[key][row, start:start + n] = np.asarray(example[key])[:n]
+        count[row] += 1
+        rows["segment_ids"][row, start:start + n] = count[row]
+        used[row] += n
+    return {**rows, "num_examples": count}
+
+
 def attention_mask(seq: Mapping[str, np.ndarray]) -> np.ndarray:
     """bool [..., L, L] (query, key) mask of a sequence or a batch: causal within the segment,
     plus full attention inside each positive ``bidirectional_ids`` block."""
@@ -350,8 +445,21 @@ def attention_mask(seq: Mapping[str, np.ndarray]) -> np.ndarray:
 def synthetic_batch(rng: np.random.Generator, batch_size: int, objective: str, vocab: Vocab, max_len: int, *,
                     frame_tokens: int, latent_shape: tuple[int, int] = (1, 4), history_frames: int = 0,
                     prompt_tokens: int = 24, action_tokens: int = 4) -> dict[str, np.ndarray]:
-    """``batch_size`` sequences of ``objective``'s layout (lapa | vipra | actionvla) with random
-    ids, packed as :func:`batch_sequences` packs real ones ([B, max_len] arrays).
+    """:func:`synthetic_examples` stacked by :func:`batch_sequences` ([B, max_len] arrays,
+    ``SEQUENCE_KEYS`` only)."""
+    seqs = synthetic_examples(rng, batch_size, objective, vocab, max_len, frame_tokens=frame_tokens,
+                              latent_shape=latent_shape, history_frames=history_frames,
+                              prompt_tokens=prompt_tokens, action_tokens=action_tokens)
+    batch = batch_sequences(seqs)
+    return {key: batch[key] for key in SEQUENCE_KEYS}
+
+
+def synthetic_examples(rng: np.random.Generator, batch_size: int, objective: str, vocab: Vocab, max_len: int, *,
+                       frame_tokens: int, latent_shape: tuple[int, int] = (1, 4), history_frames: int = 0,
+                       prompt_tokens: int = 24, action_tokens: int = 4) -> list[dict[str, np.ndarray]]:
+    """``batch_size`` built examples of ``objective``'s layout (lapa | vipra | actionvla) with
+    random ids, each ``max_len`` long (stack them with :func:`batch_sequences` or pack them with
+    :func:`pack_examples`).
 
     The same builders as real data, so positions, masks, loss groups and target counts are those of
     training; only the ids are random. For what needs the shapes and the arithmetic but no data,
@@ -379,5 +487,4 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, objective: str, v
                                         max_len))
         else:
             raise ValueError(f"synthetic_batch: objective {objective!r}; expected lapa, vipra or actionvla")
-    batch = batch_sequences(seqs)
-    return {key: batch[key] for key in SEQUENCE_KEYS}
+    return seqs

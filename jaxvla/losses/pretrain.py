@@ -9,15 +9,24 @@ future frame / 0.02 text; ACTIONVLA: 0.99 action bins / 0.01 text), so
 
     loss = mean_b sum_i loss_weight[b, i] * CE(head_{target_modality[b, i]}(h[b, i]), targets[b, i])
 
+Packed batches (``jaxvla.data.sequences.pack_examples``: several examples a row, segment ids 1, 2,
+..., and ``num_examples [B]`` int32, the examples in each row) keep that meaning: the sum over all
+rows divided by ``sum(num_examples)``, the mean over examples. Under gradient accumulation each
+micro-batch is such a mean; the packer gives every row the same number of examples, so the
+micro-batch means average to the batch's.
+
 Only the positions that carry a target of modality m go through m's head: they are gathered, up
-to ``max_targets[m]`` per sequence (static, so the step compiles once), before the [D, V] matmul.
+to ``max_targets[m]`` per row (static, so the step compiles once), before the [D, V] matmul.
 With a 32000-row text head that is the difference between computing text logits at every position
 and at the ~50 that are text targets. A sequence with more targets than its cap is an error of the
 batch iterator (``check_target_caps``), never a silent drop.
 
+A modality whose cap is 0 (packed LAPA: the image head) never runs its head.
+
 Metrics: ``loss``, per modality ``<m>_ce`` (weighted mean CE over that modality's targets) and
 ``<m>_accuracy`` (argmax == target over them); ``latent_accuracy`` is the latent-token accuracy and
-``image_accuracy`` the future-frame-token accuracy (the only image targets, ViPRA).
+``image_accuracy`` the future-frame-token accuracy (the only image targets, ViPRA);
+``padding_fraction`` (tokens with segment id 0 / all tokens of the batch).
 """
 
 from __future__ import annotations
@@ -103,5 +112,12 @@ def pretrain_loss(params: Any, batch: dict, rng: jax.Array, *, backbone: Any,
         total = total + sums["weighted_ce"]
         metrics[f"{name}_ce"] = sums["weighted_ce"] / jnp.maximum(sums["weight"], 1e-12)
         metrics[f"{name}_accuracy"] = sums["correct"] / jnp.maximum(sums["targets"], 1.0)
-    loss = total / batch_size
+    # Packed batches (jaxvla.data.sequences.pack_examples) carry the examples of each row; the
+    # mean is over examples either way (unpacked: one example a row).
+    if "num_examples" in batch:
+        examples = jnp.maximum(jnp.sum(batch["num_examples"]).astype(jnp.float32), 1.0)
+    else:
+        examples = batch_size
+    loss = total / examples
+    metrics["padding_fraction"] = jnp.mean((batch["segment_ids"] == 0).astype(jnp.float32))
     return loss, metrics

@@ -4,8 +4,9 @@ loss ``jaxvla/losses/pretrain.py``; sequences ``jaxvla/data/sequences.py``.
 Each batch: pipeline samples -> frames through the frozen image tokenizer (stage 0) -> latent
 actions from the LAQ (stage 1: encoded on the fly, or read from the labeller's output) or, for
 ACTIONVLA, the ground-truth action bins -> the LAPA / ViPRA / ACTIONVLA sequence of every sample
--> packed ``[B, seq_len]`` arrays. Parameters are ``{"backbone": <Llama params>}``, the layout the
-finetuning stage's ``init_from`` expects.
+-> ``[B, seq_len]`` arrays, one example a row, or (``config.model.pack``) the batch's examples
+packed several a row into rows sized to the real examples (``SequencePacker``). Parameters are
+``{"backbone": <Llama params>}``, the layout the finetuning stage's ``init_from`` expects.
 
 Windows follow the latent actions: with ``latent_source="laq"`` the data sample is the LAQ's own
 (lapa: pairs (o_t, o_{t+H}); vipra: clips o_t, o_{t+s}, ..., o_{t+Ls}, whose last frame is the
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -89,51 +92,130 @@ def data_config_for(config, laq, labels_info) -> ml_collections.ConfigDict:
     return data
 
 
+def packing_group(config) -> int:
+    """Examples whose count every packed row count respects: with ``d`` examples a row (``d``
+    dividing this group) the global rows ``batch_size / d`` stay divisible by the processes and by
+    data x fsdp x grad_accum_steps, as ``batch_size`` is (``jaxvla.config.validate``). The mesh is
+    resolved against ``jax.device_count()``; a mesh that does not resolve counts every device."""
+    from jaxvla.sharding import resolve_mesh_shape
+
+    try:
+        data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
+        parallel = data * fsdp
+    except ValueError:
+        parallel = jax.device_count()
+    unit = math.lcm(parallel * int(config.optimizer.grad_accum_steps), jax.process_count())
+    return config.batch_size // unit if config.batch_size % unit == 0 else 1
+
+
+class _RowCaps(Mapping):
+    """The loss's per-row target caps, read from the packer's layout (known after its first batch)."""
+
+    def __init__(self, packer: "SequencePacker"):
+        self._packer = packer
+
+    def _caps(self) -> dict[str, int]:
+        if self._packer.layout is None:
+            raise RuntimeError("pretraining: the packed layout is set by the first batch; the loss ran before it")
+        return self._packer.layout.row_caps
+
+    def __getitem__(self, name):
+        return self._caps()[name]
+
+    def __iter__(self):
+        return iter(self._caps())
+
+    def __len__(self):
+        return len(self._caps())
+
+
 class SequencePacker:
-    """Pipeline batch -> packed sequence batch (numpy) for one objective."""
+    """Pipeline batch -> sequence batch (numpy) for one objective.
+
+    ``config.model.pack=False``: one example a ``[B, seq_len]`` row, ``max_targets`` per row.
+    ``pack=True``: the examples packed by :func:`jaxvla.data.sequences.pack_examples` into the
+    :class:`~jaxvla.data.sequences.PackingLayout` that the first batch fixes: its first example
+    rebuilt with a prompt of ``pack_prompt_tokens`` ids is the longest example any batch can hold
+    (longer prompts raise, naming that key), at most ``seq_len`` tokens a row; the per-row target
+    caps follow from it (:attr:`max_targets`).
+    """
 
     def __init__(self, config, frames: vla.FrameTokenizer, laq, vocab: seq.Vocab, bin_edges=None):
         self.mc = config.model
         self.frames, self.laq, self.vocab, self.bin_edges = frames, laq, vocab, bin_edges
         self.text = vla.TextPrompts(self.mc.text_tokenizer)
-        self.max_targets = dict(self.mc.max_targets)
+        self.pack = bool(self.mc.get("pack", False))
+        self.layout: seq.PackingLayout | None = None
+        self.group = packing_group(config)
+        if self.pack:
+            self.prompt_budget = int(self.mc.pack_prompt_tokens)
+            self.text.set_budget(self.prompt_budget, "config.model.pack_prompt_tokens")
+            self.max_targets: Mapping[str, int] = _RowCaps(self)
+        else:
+            self.max_targets = dict(self.mc.max_targets)
 
     def latent_codes(self, batch: dict, images: np.ndarray) -> np.ndarray:
         if self.laq is not None:
             return self.laq.encode(images)  # [B, K, M]
         return np.asarray(batch["latent_action"])
 
-    def __call__(self, batch: dict) -> dict:
+    def example_builder(self, batch: dict):
+        """``build(i, prompt_ids) -> example`` for the ``i``-th sample of ``batch`` (the frames
+        tokenized, the latent codes or action bins computed once for the whole batch)."""
         mc, vocab, markers = self.mc, self.vocab, self.text.markers
         images = np.asarray(batch["observation"]["image_primary"])
-        instructions = batch["task"]["language_instruction"]
-        built = []
         if mc.objective == "actionvla":
             from jaxvla.data.stats import bin_actions
 
             tokens = self.frames.tokens(images)  # [B, N]
             bins = bin_actions(np.asarray(batch["action"]), self.bin_edges)  # [B, A]
-            for i, instruction in enumerate(instructions):
-                built.append(seq.build_actionvla(self.text(instruction), tokens[i], bins[i], markers, vocab, mc.seq_len,
-                                                 action_weight=mc.action_weight, text_weight=mc.text_weight))
-        else:
-            # o_t (and, for vipra, o_{t+H}) through the tokenizer in one call.
-            frame_index = [0, -1] if mc.objective == "vipra" else [0]
-            tokens = self.frames.tokens(images[:, frame_index])  # [B, 1 or 2, N]
-            first, future = tokens[:, 0], tokens[:, -1]
-            codes = self.latent_codes(batch, images)
-            for i, instruction in enumerate(instructions):
-                prompt = self.text(instruction)
-                if mc.objective == "lapa":
-                    built.append(seq.build_lapa(prompt, first[i], codes[i].reshape(-1), markers, vocab, mc.seq_len,
-                                                latent_weight=mc.latent_weight, text_weight=mc.text_weight))
-                else:
-                    built.append(seq.build_vipra(prompt, first[i], future[i], codes[i], markers, vocab, mc.seq_len,
+            return lambda i, prompt: seq.build_actionvla(prompt, tokens[i], bins[i], markers, vocab, mc.seq_len,
+                                                         action_weight=mc.action_weight, text_weight=mc.text_weight)
+        # o_t (and, for vipra, o_{t+H}) through the tokenizer in one call.
+        frame_index = [0, -1] if mc.objective == "vipra" else [0]
+        tokens = self.frames.tokens(images[:, frame_index])  # [B, 1 or 2, N]
+        first, future = tokens[:, 0], tokens[:, -1]
+        codes = self.latent_codes(batch, images)
+        if mc.objective == "lapa":
+            return lambda i, prompt: seq.build_lapa(prompt, first[i], codes[i].reshape(-1), markers, vocab, mc.seq_len,
+                                                    latent_weight=mc.latent_weight, text_weight=mc.text_weight)
+        return lambda i, prompt: seq.build_vipra(prompt, first[i], future[i], codes[i], markers, vocab, mc.seq_len,
                                                  latent_weight=mc.latent_weight, future_weight=mc.future_weight,
-                                                 text_weight=mc.text_weight))
-        packed = seq.batch_sequences(built)
-        check_target_caps(packed, self.max_targets, "config.model.max_targets")
-        return {key: packed[key] for key in seq.SEQUENCE_KEYS}
+                                                 text_weight=mc.text_weight)
+
+    def __call__(self, batch: dict) -> dict:
+        build = self.example_builder(batch)
+        instructions = batch["task"]["language_instruction"]
+        built = [build(i, self.text(instruction)) for i, instruction in enumerate(instructions)]
+        if not self.pack:
+            packed = seq.batch_sequences(built)
+            check_target_caps(packed, self.max_targets, "config.model.max_targets")
+            return {key: packed[key] for key in seq.SEQUENCE_KEYS}
+        if self.layout is None:
+            longest = build(0, np.concatenate([[self.vocab.bos_id], np.zeros(self.prompt_budget - 1)]).astype(np.int32))
+            self.layout = layout_for(longest, len(built), self.group, self.mc.seq_len)
+            log.info("packing: %s", describe_layout(self.layout, len(built)))
+        return pack_batch(built, self.layout)
+
+
+def layout_for(longest: dict, num_examples: int, group: int, seq_len: int) -> seq.PackingLayout:
+    """The packing layout of ``num_examples`` examples (``group`` divides it, see :func:`packing_group`)
+    no longer than the built example ``longest``, rows of at most ``seq_len`` tokens."""
+    return seq.packing_layout(num_examples, seq.example_length(longest), seq.example_target_counts(longest),
+                              int(seq_len), group=math.gcd(group, num_examples),
+                              where="config.model.seq_len (or lower config.model.pack_prompt_tokens)")
+
+
+def pack_batch(built: list, layout: seq.PackingLayout) -> dict:
+    packed = seq.pack_examples(built, layout.row_len, layout.num_rows, max_per_row=layout.examples_per_row)
+    check_target_caps(packed, layout.row_caps, "the packed layout's caps (config.model.pack_prompt_tokens)")
+    return packed
+
+
+def describe_layout(layout: seq.PackingLayout, num_examples: int) -> str:
+    caps = ", ".join(f"{name} {count}" for name, count in layout.row_caps.items())
+    return (f"{num_examples} examples of <= {layout.example_len} tokens in {layout.num_rows} rows of "
+            f"{layout.row_len} ({layout.examples_per_row} a row); targets gathered per row: {caps}")
 
 
 def synthetic_vocab(size: str) -> seq.Vocab:
@@ -145,18 +227,31 @@ def synthetic_vocab(size: str) -> seq.Vocab:
 
 
 def synthetic_batches(config, vocab: seq.Vocab):
-    """(batches, eval_batches) of random sequences; global batch ``s`` depends on (seed, s) only and
-    each process takes its rows, so any process count sees the same global batch."""
+    """(batches, eval_batches, layout) of random sequences; global batch ``s`` depends on (seed, s)
+    only and each process takes its rows, so any process count sees the same global batch. With
+    ``config.model.pack`` the global batch's ``batch_size`` examples are packed (``layout``: a
+    :class:`~jaxvla.data.sequences.PackingLayout`; None unpacked)."""
     mc = config.model
-    per_process = config.batch_size // jax.process_count()
+    examples = functools.partial(seq.synthetic_examples, objective=mc.objective, vocab=vocab, max_len=mc.seq_len,
+                                 frame_tokens=int(mc.max_targets["image"]),
+                                 latent_shape=tuple(mc.synthetic_latent_shape),
+                                 history_frames=int(mc.history_frames))
+    layout = None
+    if mc.get("pack", False):
+        longest = examples(np.random.default_rng(0), 1)[0]  # every synthetic example has this length
+        layout = layout_for(longest, config.batch_size, packing_group(config), mc.seq_len)
+        log.info("packing (synthetic): %s", describe_layout(layout, config.batch_size))
+    rows_total = config.batch_size if layout is None else layout.num_rows
+    per_process = rows_total // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
     def global_batch(seed, step):
-        rng = np.random.default_rng([seed, step])
-        batch = seq.synthetic_batch(rng, config.batch_size, mc.objective, vocab, mc.seq_len,
-                                    frame_tokens=int(mc.max_targets["image"]),
-                                    latent_shape=tuple(mc.synthetic_latent_shape),
-                                    history_frames=int(mc.history_frames))
+        built = examples(np.random.default_rng([seed, step]), config.batch_size)
+        if layout is None:
+            batch = seq.batch_sequences(built)
+            batch = {key: batch[key] for key in seq.SEQUENCE_KEYS}
+        else:
+            batch = pack_batch(built, layout)
         return {key: value[rows] for key, value in batch.items()}
 
     def batches(start_step: int):
@@ -168,7 +263,7 @@ def synthetic_batches(config, vocab: seq.Vocab):
     def eval_batches():
         return (global_batch(config.seed + 1, i) for i in range(max(1, config.eval_batches)))
 
-    return batches, eval_batches
+    return batches, eval_batches, layout
 
 
 def build(config) -> Stage:
@@ -178,10 +273,10 @@ def build(config) -> Stage:
     mc = config.model
     if mc.latent_source == "synthetic":
         vocab = synthetic_vocab(mc.size)
-        batches, eval_batches = synthetic_batches(config, vocab)
+        batches, eval_batches, layout = synthetic_batches(config, vocab)
         return _stage(config, vocab, batches, eval_batches, {
             "objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
-            "seq_len": np.asarray(mc.seq_len)})
+            "seq_len": np.asarray(mc.seq_len)}, max_targets=dict(mc.max_targets) if layout is None else layout.row_caps)
     ensure_configured_dataset(config.data)
     frames, laq, labels_info = _prerequisites(config)
     data = data_config_for(config, laq, labels_info)
@@ -226,10 +321,10 @@ def build(config) -> Stage:
         from jaxvla.data.stats import to_jsonable
 
         assets["statistics"] = to_jsonable(statistics)
-    return _stage(config, vocab, batches, eval_batches, assets)
+    return _stage(config, vocab, batches, eval_batches, assets, max_targets=packer.max_targets)
 
 
-def _stage(config, vocab: seq.Vocab, batches, eval_batches, assets) -> Stage:
+def _stage(config, vocab: seq.Vocab, batches, eval_batches, assets, max_targets) -> Stage:
     """The backbone for ``vocab`` with the objective's tables, its initialiser and loss."""
     from jaxvla.models.llama import Llama
 
@@ -248,7 +343,7 @@ def _stage(config, vocab: seq.Vocab, batches, eval_batches, assets) -> Stage:
 
     return Stage(
         init_variables=init_variables,
-        loss_fn=functools.partial(pretrain_loss, backbone=backbone, max_targets=dict(mc.max_targets)),
+        loss_fn=functools.partial(pretrain_loss, backbone=backbone, max_targets=max_targets),
         batches=batches,
         eval_batches=eval_batches,
         assets=assets,
