@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxvla.config import base_config
+from jaxvla.io.weights import unflatten_dict
 from jaxvla.optim import count_frozen, make_optimizer, make_schedule
 
 
@@ -91,14 +92,7 @@ def _params():
         "embed_text/embedding": (5, 4), "codebook": (3, 2),
     }
     flat = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree, flat
+    return unflatten_dict(flat), flat
 
 
 def _flat(tree, prefix=""):
