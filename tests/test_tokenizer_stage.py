@@ -120,6 +120,9 @@ def test_cli_trains_then_resumes(tmp_path):
         sys.executable, "-m", "jaxvla.train", f"--config={REPO}/configs/tokenizer.py:small", f"--workdir={workdir}",
         "--config.batch_size=4", "--config.model.hidden_channels=8", "--config.model.codebook_size=32",
         "--config.data.num_frames=40", "--config.eval_every=0", "--config.log_every=1",
+        # The schedule's length fixed, so both runs compile the same step: the second loads it from
+        # the persistent compilation cache the first filled.
+        "--config.optimizer.decay_steps=10",
     ]
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_NUM_CPU_DEVICES": "1"}
     first = subprocess.run(common + ["--config.num_steps=2"], env=env, capture_output=True, text=True, timeout=300)
