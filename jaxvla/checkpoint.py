@@ -207,6 +207,12 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def _none_verifies(where: str, skipped: list[CorruptCheckpointError], advice: str = "") -> CheckpointError:
+    return CheckpointError(
+        f"no checkpoint under {where} verifies: " + "; ".join(f"step {e.step}: {e.problem}" for e in skipped) + advice
+    )
+
+
 def _restore_error(step_dir: str, step: int | None, what: str, error: Exception) -> CheckpointError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return CheckpointError(
@@ -311,11 +317,10 @@ class Checkpointer:
                 log.warning("moved the unverifiable checkpoint step %d aside to %s", bad.step, moved)
             return step, state, config, assets
         if skipped:
-            raise CheckpointError(
-                f"no checkpoint under {self.directory} verifies: "
-                + "; ".join(f"step {e.step}: {e.problem}" for e in skipped)
-                + ". Nothing was moved or deleted. Resume anyway with --config.checkpoint.verify=false, "
-                f"or move {self.directory} away to start from scratch"
+            raise _none_verifies(
+                self.directory, skipped,
+                ". Nothing was moved or deleted. Resume anyway with --config.checkpoint.verify=false, "
+                f"or move {self.directory} away to start from scratch",
             )
         return None
 
@@ -405,9 +410,7 @@ def find_checkpoint(path: str, step: int | None = None, verify: bool = True) -> 
         if skipped:
             log.warning("using checkpoint step %d of %s instead", s, path)
         return step_dir, s
-    raise CheckpointError(
-        f"no checkpoint under {path} verifies: " + "; ".join(f"step {e.step}: {e.problem}" for e in skipped)
-    )
+    raise _none_verifies(path, skipped)
 
 
 def _read_json_item(step_dir: str, name: str, step: int | None = None) -> dict:

@@ -19,8 +19,6 @@ import ml_collections
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "warmup_cosine", "rsqrt")
 
 
 class ConfigError(ValueError):
@@ -171,6 +169,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     flags, before TensorFlow or the trainer are imported.
     """
     from jaxvla.models.transformer import REMAT_POLICIES
+    from jaxvla.optim import OPTIMIZERS, SCHEDULES
 
     if not config.stage:
         raise ConfigError("config.stage is empty; the stage config must set it (e.g. 'tokenizer')")

@@ -32,6 +32,11 @@ def path_mask(params: Any, pattern: str) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(param_path(p))), params)
 
 
+# The names config.optimizer.name / .schedule accept (config.check_values validates against them).
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "rsqrt")
+
+
 def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
     """The learning-rate schedule named by ``cfg.schedule``."""
     peak = cfg.learning_rate
@@ -60,10 +65,7 @@ def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
             return peak * jnp.minimum(step / scale, jnp.sqrt(scale / step))
 
         return rsqrt
-    raise ValueError(
-        f"config.optimizer.schedule={cfg.schedule!r} is unknown; expected constant, "
-        "warmup_cosine or rsqrt"
-    )
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r} is unknown; expected one of {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(cfg: Any, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -83,7 +85,7 @@ def make_optimizer(cfg: Any, num_steps: int) -> tuple[optax.GradientTransformati
     elif cfg.name == "sgd":
         base = optax.sgd(schedule, momentum=cfg.b1 or None)
     else:
-        raise ValueError(f"config.optimizer.name={cfg.name!r} is unknown; expected adamw, adam or sgd")
+        raise ValueError(f"config.optimizer.name={cfg.name!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
 
     chain = []
     if cfg.grad_clip_norm:

@@ -111,6 +111,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from jaxvla.data import frame_transforms as ft
 from jaxvla.data import stats as stats_lib
@@ -124,6 +125,7 @@ from jaxvla.data.dataset import (
     abs_path,
     first_episodes_per_task,
     is_dir,
+    load_builder,
     path_exists,
     standardize_metaworld,
 )
@@ -636,10 +638,6 @@ def _declared_image_shapes(spec: DatasetSpec, data_dir: Any) -> dict[str, tuple]
     if spec.trajectories_fn is not None:
         return {}
     try:
-        import tensorflow_datasets as tfds
-
-        from jaxvla.data.dataset import load_builder
-
         features = load_builder(resolve_builder_dir(spec, data_dir), spec.name).info.features
     except Exception:  # noqa: BLE001 - only a hint for another error
         return {}

@@ -342,6 +342,12 @@ def batch_sequences(seqs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
     return out
 
 
+def stack_examples(seqs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Unpacked batch: one built example a row, the ``SEQUENCE_KEYS`` arrays only ([B, max_len])."""
+    batch = batch_sequences(seqs)
+    return {key: batch[key] for key in SEQUENCE_KEYS}
+
+
 def example_length(seq: Mapping[str, np.ndarray]) -> int:
     """Real tokens of one built example (its ``segment_ids`` are 1 on them, 0 on padding)."""
     return int(np.count_nonzero(np.asarray(seq["segment_ids"])))
@@ -445,13 +451,11 @@ def attention_mask(seq: Mapping[str, np.ndarray]) -> np.ndarray:
 def synthetic_batch(rng: np.random.Generator, batch_size: int, objective: str, vocab: Vocab, max_len: int, *,
                     frame_tokens: int, latent_shape: tuple[int, int] = (1, 4), history_frames: int = 0,
                     prompt_tokens: int = 24, action_tokens: int = 4) -> dict[str, np.ndarray]:
-    """:func:`synthetic_examples` stacked by :func:`batch_sequences` ([B, max_len] arrays,
+    """:func:`synthetic_examples` stacked by :func:`stack_examples` ([B, max_len] arrays,
     ``SEQUENCE_KEYS`` only)."""
-    seqs = synthetic_examples(rng, batch_size, objective, vocab, max_len, frame_tokens=frame_tokens,
-                              latent_shape=latent_shape, history_frames=history_frames,
-                              prompt_tokens=prompt_tokens, action_tokens=action_tokens)
-    batch = batch_sequences(seqs)
-    return {key: batch[key] for key in SEQUENCE_KEYS}
+    return stack_examples(synthetic_examples(rng, batch_size, objective, vocab, max_len, frame_tokens=frame_tokens,
+                                             latent_shape=latent_shape, history_frames=history_frames,
+                                             prompt_tokens=prompt_tokens, action_tokens=action_tokens))
 
 
 def synthetic_examples(rng: np.random.Generator, batch_size: int, objective: str, vocab: Vocab, max_len: int, *,

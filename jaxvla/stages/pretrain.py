@@ -188,9 +188,9 @@ class SequencePacker:
         instructions = batch["task"]["language_instruction"]
         built = [build(i, self.text(instruction)) for i, instruction in enumerate(instructions)]
         if not self.pack:
-            packed = seq.batch_sequences(built)
-            check_target_caps(packed, self.max_targets, "config.model.max_targets")
-            return {key: packed[key] for key in seq.SEQUENCE_KEYS}
+            stacked = seq.stack_examples(built)
+            check_target_caps(stacked, self.max_targets, "config.model.max_targets")
+            return stacked
         if self.layout is None:
             longest = build(0, np.concatenate([[self.vocab.bos_id], np.zeros(self.prompt_budget - 1)]).astype(np.int32))
             self.layout = layout_for(longest, len(built), self.group, self.mc.seq_len)
@@ -247,11 +247,7 @@ def synthetic_batches(config, vocab: seq.Vocab):
 
     def global_batch(seed, step):
         built = examples(np.random.default_rng([seed, step]), config.batch_size)
-        if layout is None:
-            batch = seq.batch_sequences(built)
-            batch = {key: batch[key] for key in seq.SEQUENCE_KEYS}
-        else:
-            batch = pack_batch(built, layout)
+        batch = seq.stack_examples(built) if layout is None else pack_batch(built, layout)
         return {key: value[rows] for key, value in batch.items()}
 
     def batches(start_step: int):
