@@ -10,7 +10,12 @@ Variants (``[scratch_]<head>_<size>``):
 * ``scratch_flow_small`` / ``scratch_bins_small``: the same, and documented as the SCRATCH
   baseline: never pass ``--config.init_from`` to them.
 * ``flow_lwm7b`` / ``bins_lwm7b``: the LWM 7B backbone, bf16, remat, FSDP; ViPRA FT (AdamW 4e-4,
-  30k steps, seq 768) and LAPA FT (2000 steps).
+  30k steps, rows of at most 768 tokens) and LAPA FT (2000 steps).
+
+Sequences are sized to the real need: the longest example has a ``model.prompt_tokens``-id prompt
+(a longer instruction is an error naming the key). Flow keeps one example a row of exactly that
+length (its fixed prefix feeds the KV-cached sampler); bins packs ``model.pack`` several examples
+a row of at most ``model.seq_len`` tokens (``jaxvla/stages/finetune.py``).
 
 ``init_from`` is "" in every variant: finetuning from latent pretraining is the command line's
 ``--config.init_from=<pretrain workdir>`` (the backbone is kept; the latent table / head are
@@ -80,9 +85,21 @@ def get_config(variant: str = "flow_small"):
             max_len=0,
             rope_theta=0.0,
             attention="",  # "" (einsum on CPU, JAX's choice elsewhere) | einsum | xla | cudnn
-            # prompt (<= ~41 tokens on Meta-World) + <vision> (3) + 64 image codes + eov + </vision> (3)
-            # + 14 flow slots = 126, or + <delta> (3) + 4 bins + </delta> (3) = 122.
-            seq_len=192 if small else 768,
+            # The most tokens a row may hold: packed bins rows take as many examples as fit (and
+            # divide the batch, as in pretraining: 2 of 117 tokens at small); flow's one-example
+            # rows (121 tokens at small) must fit it.
+            seq_len=(192 if flow else 256) if small else 768,
+            # The prompt budget in ids (bos and LAPA's template included; pretraining's
+            # pack_prompt_tokens): the longest example, the one every row is sized to, is
+            # prompt_tokens + <vision> (3) + the image tokens (small: 64) + eov + </vision> (3)
+            # + 14 flow slots (small: 121 tokens), or + <delta> (3) + 4 bins + </delta> (3) (117).
+            # A longer instruction is an error naming this key; a policy gets the same budget from
+            # its checkpoint. Meta-World MT10's prompts are 26-34 ids (MT50's up to 41).
+            prompt_tokens=36 if small else 64,
+            # bins: several examples a row (jaxvla/data/sequences.py pack_examples: segment ids
+            # 1, 2, ..., positions restarting per example), the loss the mean over examples. False:
+            # one example a row. Flow never packs (its KV-cached sampler reads one prefix a row).
+            pack=not flow,
             # flow: K actions per chunk (ViPRA K = 14); bins: LAPA / OpenVLA predict one action.
             chunk=14 if flow else 1,
             flow_steps=10,  # Euler steps at inference

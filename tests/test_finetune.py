@@ -1,5 +1,5 @@
-"""Stage 3 (action finetuning): the cached flow sampler, both heads through the trainer, learning,
-and init_from a latent-pretraining checkpoint."""
+"""Stage 3 (action finetuning): the cached flow sampler, both heads through the trainer (rows sized
+to the prompt budget, padding logged), learning, and init_from a latent-pretraining checkpoint."""
 
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ def tiny_finetune_config(variant, tokenizer, data_dir, stats_dir, **overrides):
         "optimizer.warmup_steps": 0,
         "optimizer.learning_rate": 1e-3,
         "model.size": "tiny",
-        "model.seq_len": 136,
         "model.tokenizer_checkpoint": tokenizer,
         "data.data_dir": str(data_dir),
         "data.generate_metaworld": False,
@@ -72,7 +71,9 @@ def test_cached_sampler_matches_recompute(flow_stage):
 
     config, stage = flow_stage
     batch = next(stage.batches(0))
-    assert batch["tokens"].shape == (4, 136) and batch["action_positions"].shape == (4, 14)
+    # Rows sized to the prompt budget: 36 prompt ids + <vision> 3 + 64 codes + eov + </vision> 3 + 14 slots.
+    assert int(stage.assets["seq_len"]) == 121 and int(stage.assets["prompt_tokens"]) == 36
+    assert batch["tokens"].shape == (4, 121) and batch["action_positions"].shape == (4, 14)
     assert batch["action"].shape == (4, 14, 4) and batch["action_pad_mask"].shape == (4, 14)
     # the action block is the last non-padding stretch of every sequence
     lengths = batch["segment_ids"].sum(axis=1)
@@ -104,21 +105,35 @@ def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
 
     workdir, result = finetuned[variant]
     assert np.isfinite(result.metrics["loss"])
+    # Rows sized to the 36-id prompt budget: the reach / button-press prompts leave at most 10 % padding.
+    assert 0.0 < result.metrics["padding_fraction"] <= 0.10
+    assert 0.0 < result.metrics["eval/padding_fraction"] <= 0.10
+    # eval/action_mse: the experiment's stopping rule, the same first-action error for both heads.
     if variant == "flow_small":
         assert np.isfinite(result.metrics["eval/sample_mse"])
+        assert 0.0 < result.metrics["eval/action_mse"] < 10.0
     else:
         assert 0.0 <= result.metrics["eval/action_token_accuracy"] <= 1.0
         assert np.isfinite(result.metrics["eval/action_l1"])
+        # Jensen: the mean square of the errors is at least the square of their mean magnitude.
+        assert result.metrics["eval/action_mse"] >= result.metrics["eval/action_l1"] ** 2 - 1e-7
     _, saved_config, assets, step = load_checkpoint(workdir)
     assert step == 3 and saved_config["stage"] == "finetune"
     stats = assets["datasets"]["metaworld"]["statistics"]["action"]
     assert np.asarray(stats["q01"]).shape == (4,) and np.asarray(stats["q99"]).shape == (4,)
     assert int(assets["action_dim"]) == 4 and assets["tokenizer_checkpoint"] == os.path.abspath(tiny_tokenizer)
+    # seq_len: one example's tokens, from which a policy derives the same 36-id prompt budget.
+    assert int(assets["prompt_tokens"]) == 36
     if variant == "bins_small":
         assert np.asarray(assets["bin_edges"]).shape == (4, 257)
         assert int(assets["chunk"]) == 1
+        assert int(assets["seq_len"]) == 117 and int(assets["layout"]["row_len"]) % 117 == 0
+        # This session's 8 devices leave 4 examples one a row (batch_size 4 / 8 devices); packed 2 a
+        # row: tests/test_packing.py.
+        assert int(assets["layout"]["examples_per_row"]) == int(assets["layout"]["row_len"]) // 117
     else:
         assert int(assets["chunk"]) == 14 and assets["action_normalization"] == "q01q99"
+        assert int(assets["seq_len"]) == 121 and int(assets["layout"]["examples_per_row"]) == 1
 
 
 def test_flow_learns(flow_stage, tiny_tokenizer, metaworld_dataset, stats_dir, tmp_path):

@@ -50,7 +50,9 @@ has ``segment_ids`` ``k`` (1, 2, ...), its own ``positions`` from 0, its own bid
 (the attention rule asks for the same segment too, so equal block ids of two examples never see
 each other) and its own target shift (its last token has weight 0); a row also carries
 ``num_examples``, so a loss can stay a mean over examples. :func:`packing_layout` sizes the rows
-from the longest example a batch may hold.
+from the longest example a batch may hold. ``pack_examples(..., with_placement=True)`` also says
+where each example went (row, slot, first index), so per-example arrays (bins finetuning's
+``action_positions``, its bins and actions) can follow their examples into the rows.
 
 Extra index arrays (int32, indices into the sequence, i.e. of the tokens themselves; the logits
 that predict token ``p`` sit at ``p - 1``): ``latent_positions`` (LAPA, ViPRA: codes only),
@@ -402,7 +404,7 @@ def packing_layout(num_examples: int, example_len: int, example_caps: Mapping[st
 
 
 def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], row_len: int, num_rows: int, *,
-                  max_per_row: int | None = None) -> dict[str, np.ndarray]:
+                  max_per_row: int | None = None, with_placement: bool = False):
     """Packs built examples (the builders' dicts, any ``max_len``) into ``num_rows`` rows of
     ``row_len`` tokens, greedy first-fit in the given order: each example goes to the first row with
     room for its ``n`` real tokens (and fewer than ``max_per_row`` examples).
@@ -413,11 +415,17 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], row_len: int, nu
     segment: the attention rule needs the same segment too), and its shifted ``targets``,
     ``target_modality``, ``loss_weight``: its last real token has weight 0 and target 0, never the
     next example's first token. Span arrays (``latent_positions``, ...) are dropped.
+
+    ``with_placement``: returns ``(packed, placement)``, ``placement`` saying where each example went:
+    ``row``, ``slot`` (its index in the row: segment id - 1) and ``start`` (its first token's index in
+    the row), each ``[len(examples)]`` int32, so per-example arrays can follow their example (a span
+    array ``+ start`` indexes the packed row).
     """
     rows = {key: np.zeros((num_rows, row_len), np.float32 if key == "loss_weight" else np.int32)
             for key in SEQUENCE_KEYS}
     used = np.zeros(num_rows, np.int64)
     count = np.zeros(num_rows, np.int32)
+    placed = np.zeros((3, len(examples)), np.int32)  # row, slot, start of each example
     limit = max_per_row or row_len
     for index, example in enumerate(examples):
         n = example_length(example)
@@ -430,10 +438,14 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], row_len: int, nu
         row, start = int(free[0]), int(used[free[0]])
         for key in SEQUENCE_KEYS:
             rows[key][row, start:start + n] = np.asarray(example[key])[:n]
+        placed[:, index] = (row, count[row], start)
         count[row] += 1
         rows["segment_ids"][row, start:start + n] = count[row]
         used[row] += n
-    return {**rows, "num_examples": count}
+    packed = {**rows, "num_examples": count}
+    if with_placement:
+        return packed, dict(zip(("row", "slot", "start"), placed))
+    return packed
 
 
 def attention_mask(seq: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -5,9 +5,16 @@ Parameters are ``{"backbone": <Llama params>}`` (bins) or ``{"backbone", "action
 
 Batches (``jaxvla.stages.finetune``): the sequence arrays of ``jaxvla.data.sequences``
 (``tokens``, ``modality``, ``positions``, ``segment_ids``, ``bidirectional_ids``, ``targets``,
-``target_modality``, ``loss_weight``, all ``[B, L]``), ``action_positions`` ``[B, K]`` (bins: the
-A bin tokens; flow: the K placeholder slots), and for flow ``action`` ``[B, K, A]`` (normalised)
-and ``action_pad_mask`` ``[B, K]``.
+``target_modality``, ``loss_weight``, all ``[R, L]``: R rows of L tokens).
+
+* flow: one example a row (R = B), ``action_positions`` ``[B, K]`` (the K placeholder slots),
+  ``action`` ``[B, K, A]`` (normalised) and ``action_pad_mask`` ``[B, K]``.
+* bins: ``d`` examples a row when packed (``jaxvla.data.sequences.pack_examples``: segment ids
+  1..d, positions restarting per example; unpacked d = 1), ``num_examples`` ``[R]`` and the
+  per-example arrays laid out by row and slot: ``action_positions`` ``[R, d, A]`` (the A bin
+  tokens' indices in the row), ``action_bins`` ``[R, d, A]``, eval batches also ``action``
+  ``[R, d, K, A]`` (raw) and ``bin_centres`` ``[R, d, A, V]``. The decoders also take the
+  unpacked ``[B, A]`` positions a policy builds.
 
 Flow sampling: the prefix (everything but the action block) is run once into a KV cache whose
 action slots are masked out (segment 0); each Euler step then runs only the K action tokens
@@ -30,6 +37,7 @@ from jaxvla.losses.actions import (
     noisy_actions,
     sample_flow_times,
 )
+from jaxvla.losses.pretrain import modality_cross_entropy
 from jaxvla.models.llama import init_cache
 
 SEQ_INPUTS = ("tokens", "modality", "positions", "segment_ids", "bidirectional_ids")
@@ -49,49 +57,80 @@ def action_token_logits(params, batch, *, backbone) -> jax.Array:
     return out["logits"]["action"]
 
 
-def binned_action_loss(params, batch, rng, *, backbone):
-    """Cross-entropy of the action-bin tokens, weighted by the sequence's ``loss_weight`` over the
-    targets whose ``target_modality`` is action (the builders spread weight 1 over a sequence's
-    bin tokens, so this is the mean over them). Metrics: ``cross_entropy``, ``accuracy`` (argmax
-    == target over the action targets, teacher-forced)."""
+def _action_head_kernel(backbone_params) -> jax.Array:
+    """The action head's ``[D, V]`` matrix (the embedding transposed when the backbone ties them)."""
+    head = backbone_params.get("head_action")
+    if head is not None:
+        return head["kernel"]
+    return jnp.transpose(backbone_params["embed_action"]["embedding"])
+
+
+def padding_fraction(batch) -> jax.Array:
+    """Tokens with segment id 0 over all tokens of the batch (float32 scalar)."""
+    return jnp.mean((jnp.asarray(batch["segment_ids"]) == 0).astype(jnp.float32))
+
+
+def binned_action_loss(params, batch, rng, *, backbone, max_targets: int | None = None):
+    """Cross-entropy of the action-bin tokens: ``sum_i loss_weight[i] * CE`` over the targets whose
+    ``target_modality`` is action, divided by the number of examples (``sum(num_examples)`` when the
+    batch is packed, else its rows). The builders spread weight 1 over an example's bin tokens, so
+    the loss is the mean over examples of each example's mean bin CE, packed or not (pretraining's
+    loss, ``jaxvla.losses.pretrain``, normalises the same way).
+
+    Only the action targets reach the head: up to ``max_targets`` a row are gathered (static; the
+    stage passes its layout's per-row cap, ``d`` x A) before the ``[D, V]`` matmul; None gathers
+    every position (any batch, at the price of a head at every position).
+
+    Metrics: ``cross_entropy`` (= the loss), ``action_token_accuracy`` (argmax == target over the
+    action targets, teacher-forced), ``padding_fraction``."""
     del rng
-    logits = action_token_logits(params, batch, backbone=backbone)
-    targets = jnp.asarray(batch["targets"], jnp.int32)
-    is_action = (jnp.asarray(batch["target_modality"]) == ACTION) & (jnp.asarray(batch["loss_weight"]) > 0)
-    weight = jnp.where(is_action, jnp.asarray(batch["loss_weight"], jnp.float32), 0.0)
-    safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
-    loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1e-6)
-    count = jnp.maximum(jnp.sum(is_action), 1)
-    correct = (jnp.argmax(logits, axis=-1) == targets) & is_action
-    accuracy = jnp.sum(correct) / count
-    return loss, {"cross_entropy": loss, "action_token_accuracy": accuracy}
+    out = backbone.apply({"params": params["backbone"]}, *_seq(batch), heads=())
+    hidden = out["hidden"]
+    count = hidden.shape[1] if max_targets is None else int(max_targets)
+    targets = {k: jnp.asarray(batch[k]) for k in ("targets", "target_modality", "loss_weight")}
+    sums = modality_cross_entropy(hidden, _action_head_kernel(params["backbone"]), targets, ACTION, count)
+    if "num_examples" in batch:
+        examples = jnp.maximum(jnp.sum(jnp.asarray(batch["num_examples"])).astype(jnp.float32), 1.0)
+    else:
+        examples = jnp.float32(hidden.shape[0])
+    loss = sums["weighted_ce"] / examples
+    accuracy = sums["correct"] / jnp.maximum(sums["targets"], 1.0)
+    return loss, {"cross_entropy": loss, "action_token_accuracy": accuracy,
+                  "padding_fraction": padding_fraction(batch)}
+
+
+def _bin_slots(batch) -> jax.Array:
+    """``action_positions`` as ``[R, E, A]`` int32 (E examples a row; unpacked ``[B, A]``: E = 1)."""
+    positions = jnp.asarray(batch["action_positions"], jnp.int32)
+    return positions.reshape(positions.shape[0], -1, positions.shape[-1])
 
 
 def predicted_bins(params, batch, *, backbone) -> jax.Array:
-    """Teacher-forced argmax bins ``[B, A]`` at ``action_positions`` (logits at ``p - 1``)."""
+    """Teacher-forced argmax bins at ``action_positions`` (logits at ``p - 1``), shaped like
+    ``action_positions`` (``[B, A]`` or packed ``[R, d, A]``)."""
     logits = action_token_logits(params, batch, backbone=backbone)
-    positions = jnp.asarray(batch["action_positions"], jnp.int32) - 1
-    picked = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, A, V]
-    return jnp.argmax(picked, axis=-1).astype(jnp.int32)
+    slots = _bin_slots(batch)
+    picked = jnp.take_along_axis(logits, slots.reshape(slots.shape[0], -1, 1) - 1, axis=1)  # [R, E*A, V]
+    return jnp.argmax(picked, axis=-1).astype(jnp.int32).reshape(batch["action_positions"].shape)
 
 
 def predict_bins_greedy(params, batch, *, backbone) -> jax.Array:
-    """Bins ``[B, A]`` decoded greedily one token at a time (each predicted bin written into the
-    sequence before the next is read): what a policy does, without teacher forcing. Runs the full
-    sequence A times (A is small)."""
+    """Bins decoded greedily one token at a time (each predicted bin written into the sequence
+    before the next is read): what a policy does, without teacher forcing. Runs the full sequence
+    A times (A is small). In a packed row every example decodes its i-th bin in the same pass:
+    examples never attend to each other, so that equals decoding each alone. Shaped like
+    ``action_positions`` (``[B, A]`` or ``[R, d, A]``), int32."""
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
-    positions = jnp.asarray(batch["action_positions"], jnp.int32)
-    rows = jnp.arange(tokens.shape[0])
+    slots = _bin_slots(batch)  # [R, E, A]
+    rows = jnp.arange(tokens.shape[0])[:, None]
     out = []
-    for i in range(positions.shape[1]):
+    for i in range(slots.shape[-1]):
         seq = dict(batch, tokens=tokens)
         logits = action_token_logits(params, seq, backbone=backbone)
-        pick = jnp.argmax(logits[rows, positions[:, i] - 1], axis=-1).astype(jnp.int32)
-        tokens = tokens.at[rows, positions[:, i]].set(pick)
+        pick = jnp.argmax(logits[rows, slots[..., i] - 1], axis=-1).astype(jnp.int32)  # [R, E]
+        tokens = tokens.at[rows, slots[..., i]].set(pick)
         out.append(pick)
-    return jnp.stack(out, axis=1)
+    return jnp.stack(out, axis=-1).reshape(batch["action_positions"].shape)
 
 
 def predict_bins_cached(params, batch, *, backbone) -> jax.Array:
@@ -157,7 +196,7 @@ def flow_matching_loss(params, batch, rng, *, backbone, action_encoder, velocity
     ``u_s = s u_0 + (1 - s) a``; the backbone reads the prefix and the action encoder's tokens of
     ``(u_s, s)`` at ``action_positions``; the velocity head's output at those positions is
     regressed on ``u_0 - a`` over the chunk's valid steps (``action_pad_mask``). Metrics: those of
-    ``flow_matching_loss_from_velocity`` and ``flow_time_mean``."""
+    ``flow_matching_loss_from_velocity``, ``flow_time_mean`` and ``padding_fraction``."""
     actions = jnp.asarray(batch["action"], jnp.float32)
     pad_mask = batch.get("action_pad_mask")
     noise_rng, time_rng = jax.random.split(rng)
@@ -167,7 +206,7 @@ def flow_matching_loss(params, batch, rng, *, backbone, action_encoder, velocity
     predicted = predict_velocity(params, batch, u_s, s, backbone=backbone, action_encoder=action_encoder,
                                  velocity_head=velocity_head)
     loss, metrics = flow_matching_loss_from_velocity(predicted, actions, noise, pad_mask)
-    return loss, dict(metrics, flow_time_mean=jnp.mean(s))
+    return loss, dict(metrics, flow_time_mean=jnp.mean(s), padding_fraction=padding_fraction(batch))
 
 
 def _chunk_shape(batch, velocity_head) -> tuple[int, int, int]:
@@ -228,7 +267,8 @@ def sample_action_chunk_recompute(params, batch, rng, *, backbone, action_encode
 def flow_eval_metrics(params, batch, rng, *, backbone, action_encoder, velocity_head, time_alpha: float = 1.5,
                       time_beta: float = 1.0, num_steps: int = 10) -> dict[str, Any]:
     """The loss's metrics plus ``sample_mse``: the MSE of ``sample_action_chunk`` against the
-    demonstrated normalised chunk over valid steps, and ``zero_mse`` (predicting 0) for scale."""
+    demonstrated normalised chunk over valid steps, ``zero_mse`` (predicting 0) for scale, and
+    ``action_mse``: the same for the chunk's first action only (the experiment's stopping rule)."""
     loss_rng, sample_rng = jax.random.split(rng)
     modules = dict(backbone=backbone, action_encoder=action_encoder, velocity_head=velocity_head)
     loss, metrics = flow_matching_loss(params, batch, loss_rng, time_alpha=time_alpha, time_beta=time_beta,
@@ -240,19 +280,27 @@ def flow_eval_metrics(params, batch, rng, *, backbone, action_encoder, velocity_
     metrics = dict(metrics, loss=loss)
     metrics["sample_mse"] = jnp.sum(jnp.square(sampled - actions) * mask) / denom
     metrics["zero_mse"] = jnp.sum(jnp.square(actions) * mask) / denom
+    # The stopping rule shared with the bins head: error of the first action the policy would
+    # execute (in the space the head is trained in), over examples whose first action is real.
+    first = mask[..., 0, :]
+    metrics["action_mse"] = jnp.sum(jnp.square(sampled[..., 0, :] - actions[..., 0, :]) * first) / jnp.maximum(
+        jnp.sum(first), 1.0)
     return metrics
 
 
-def bins_eval_metrics(params, batch, rng, *, backbone) -> dict[str, Any]:
-    """The loss's metrics plus ``action_l1``: the mean |decoded bin centre - true action| of the
-    greedily decoded bins (``batch["bin_centres"]`` [B, A, V] per sample; ``batch["action"]``
-    [B, K, A] raw, the first action is the target)."""
-    loss, metrics = binned_action_loss(params, batch, rng, backbone=backbone)
-    bins = predict_bins_greedy(params, batch, backbone=backbone)  # [B, A]
+def bins_eval_metrics(params, batch, rng, *, backbone, max_targets: int | None = None) -> dict[str, Any]:
+    """The loss's metrics plus ``action_l1`` / ``action_mse``: the mean |decoded bin centre - true
+    action| and its square of the greedily decoded bins, and ``greedy_bin_accuracy`` against ``action_bins``. Per example (``[B,
+    ...]`` unpacked, ``[R, d, ...]`` packed): ``bin_centres`` ``[..., A, V]``, ``action`` ``[..., K,
+    A]`` raw (the first action is the target), ``action_bins`` ``[..., A]``."""
+    loss, metrics = binned_action_loss(params, batch, rng, backbone=backbone, max_targets=max_targets)
+    bins = predict_bins_greedy(params, batch, backbone=backbone)  # [..., A]
     centres = jnp.asarray(batch["bin_centres"], jnp.float32)
     decoded = jnp.take_along_axis(centres, bins[..., None], axis=-1)[..., 0]
-    target = jnp.asarray(batch["action"], jnp.float32)[:, 0]
+    target = jnp.asarray(batch["action"], jnp.float32)[..., 0, :]
     metrics = dict(metrics, loss=loss)
     metrics["action_l1"] = jnp.mean(jnp.abs(decoded - target))
+    # The stopping rule shared with the flow head (the first action's squared error).
+    metrics["action_mse"] = jnp.mean(jnp.square(decoded - target))
     metrics["greedy_bin_accuracy"] = jnp.mean((bins == jnp.asarray(batch["action_bins"])).astype(jnp.float32))
     return metrics
