@@ -21,12 +21,22 @@ Caveat: the memory analysis is the CPU compiler's. On GPU / TPU the fusions diff
 run as a fused (flash) kernel that never materialises the ``[B, H, L, L]`` scores, and bf16 dots
 stay bf16; ``attention_scores_bytes`` reports the score tensor of one layer so the difference can
 be judged. Tests check the plan against real CPU runs (``tests/test_planning.py``).
+
+FLOP counting helpers for the benchmarks (``scripts/bench_*.py``):
+
+* :func:`real_token_flops`: the model FLOPs of a batch's real tokens only, counted analytically
+  per example (see there): what MFU on real tokens divides by the step time.
+* :func:`unrolled_scans` / :func:`scan_unrolled_flops`: XLA's cost analysis of a step whose
+  ``nn.scan`` loops are fully unrolled, so every scanned block counts (the LAQ's transformer
+  stacks), not just one loop body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -167,3 +177,130 @@ def plan(config, devices, remat: str | None = None, flops: bool = True, model_fl
         model_flops=(model_flops if model_flops is not None else step_flops(config, devices, "none"))
         if flops and backbone else float("nan"),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting for the benchmarks
+
+
+def layer_matmul_params(llama) -> int:
+    """Matmul parameters of one LLaMA decoder layer (``llama``: a ``LlamaConfig``): q, k, v, o
+    projections (grouped-query k / v) and the SwiGLU MLP's gate, up and down. Norm scales are
+    elementwise, not matmuls, and are left out."""
+    d, h, kv, dh, f = llama.dim, llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.mlp_dim
+    return d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f
+
+
+def attended_pairs(positions, bidirectional_ids) -> int:
+    """(query, key) pairs that one example's attention computes: query ``i`` sees key ``j`` iff
+    ``pos[j] <= pos[i]`` or both share a positive bidirectional id (``jaxvla.models.llama``'s
+    rule within one segment). ``positions`` / ``bidirectional_ids``: ``[n]`` of ONE example (its
+    positions are distinct, ``0..n-1``), so the causal pairs are ``n (n + 1) / 2`` and every
+    bidirectional block of ``b`` tokens adds its ``b (b - 1) / 2`` later-key pairs."""
+    n = int(np.size(positions))
+    pairs = n * (n + 1) // 2
+    blocks = np.asarray(bidirectional_ids)
+    for block in np.unique(blocks[blocks > 0]):
+        b = int(np.count_nonzero(blocks == block))
+        pairs += b * (b - 1) // 2
+    return pairs
+
+
+def example_flops(llama, length: int, pairs: int, head_targets: Mapping[str, int], slot_params: int = 0,
+                  slots: int = 0) -> float:
+    """Training FLOPs (forward + backward = 3 x forward, 2 FLOPs a multiply-add) of one example:
+
+    * body: ``6 * layer_matmul_params * num_layers * length``;
+    * attention: ``12 * num_heads * head_dim * num_layers * pairs`` (q.k and p.v, 2 each per head
+      dimension and attended pair, times 3);
+    * output heads: ``6 * dim * vocab_m`` per target scored by modality ``m``'s head
+      (``head_targets[m]``: the pretraining loss applies a head only at the positions whose target
+      it scores);
+    * ``slot_params`` matmul parameters applied at ``slots`` positions (the flow head's action
+      encoder and velocity head): ``6 * slot_params * slots``.
+
+    Embedding lookups, norms, RoPE, softmax and the optimizer are not counted (not matmuls);
+    neither is recomputation under remat (model FLOPs, the MFU convention)."""
+    body = 6.0 * layer_matmul_params(llama) * llama.num_layers * length
+    attention = 12.0 * llama.num_heads * llama.head_dim * llama.num_layers * pairs
+    heads = sum(6.0 * llama.dim * llama.vocab(m) * int(count) for m, count in head_targets.items())
+    return body + attention + heads + 6.0 * slot_params * slots
+
+
+@dataclasses.dataclass(frozen=True)
+class RealTokenCount:
+    """One batch's real (non-padding) work: ``flops`` (:func:`example_flops` summed over its
+    examples), ``tokens`` (real tokens), ``examples`` and ``slots`` (padding and real tokens)."""
+
+    flops: float
+    tokens: int
+    examples: int
+    slots: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.slots if self.slots else 0.0
+
+
+def real_token_flops(llama, batch: Mapping[str, np.ndarray], slot_params: int = 0) -> RealTokenCount:
+    """Model FLOPs of the real tokens of ``batch`` (the ``[R, L]`` arrays of
+    ``jaxvla.data.sequences``: ``segment_ids``, ``positions``, ``bidirectional_ids``,
+    ``loss_weight``, ``target_modality``; packed or not): every example (a row's segment ``k > 0``)
+    counts :func:`example_flops` of its own length and attention pairs (examples packed in one
+    row never attend to each other; padding counts nothing), with one head application per
+    weighted target of a modality the backbone has a head for. ``slot_params``: matmul parameters
+    applied at each of an example's action-modality tokens (flow finetuning's action encoder and
+    velocity head at its placeholders; needs ``modality``; 0 otherwise)."""
+    segments = np.asarray(batch["segment_ids"])
+    positions = np.asarray(batch["positions"])
+    bidirectional = np.asarray(batch["bidirectional_ids"])
+    weighted = np.asarray(batch["loss_weight"]) > 0
+    target_modality = np.asarray(batch["target_modality"])
+    from jaxvla.data.sequences import ACTION
+    from jaxvla.models.llama import MODALITIES
+
+    action = np.asarray(batch["modality"]) == ACTION if slot_params else None
+
+    heads = [(MODALITIES.index(m), m) for m in llama.present]
+    flops, tokens, examples = 0.0, 0, 0
+    for row in range(segments.shape[0]):
+        for segment in np.unique(segments[row][segments[row] > 0]):
+            member = segments[row] == segment
+            n = int(np.count_nonzero(member))
+            pairs = attended_pairs(positions[row][member], bidirectional[row][member])
+            targets = {m: int(np.count_nonzero(member & weighted[row] & (target_modality[row] == index)))
+                       for index, m in heads}
+            slots = int(np.count_nonzero(member & action[row])) if slot_params else 0
+            flops += example_flops(llama, n, pairs, targets, slot_params, slots)
+            tokens += n
+            examples += 1
+    return RealTokenCount(flops=flops, tokens=tokens, examples=examples, slots=int(segments.size))
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """While active, every ``flax.linen.scan`` built is fully unrolled (``unroll=True``): the
+    compiled step has no loop, so XLA's cost analysis counts each scanned block instead of one loop
+    body. Same parameters and the same arithmetic; only for counting (compile time grows with
+    depth)."""
+    original = nn.scan
+
+    def scan(target, *args, **kwargs):
+        kwargs["unroll"] = True
+        return original(target, *args, **kwargs)
+
+    nn.scan = scan
+    try:
+        yield
+    finally:
+        nn.scan = original
+
+
+def scan_unrolled_flops(setup_step, state, batch) -> float:
+    """Per-device FLOPs of XLA's cost analysis of a train step traced under
+    :func:`unrolled_scans`. ``setup_step``: ``() -> jitted step`` building a NEW step function
+    (a step already traced would be reused from jax's trace cache, scans and all); ``state``,
+    ``batch``: the arguments (arrays or ``ShapeDtypeStruct``) to lower it with."""
+    with unrolled_scans():
+        compiled = setup_step().lower(state, batch).compile()
+    return _flops(compiled)
