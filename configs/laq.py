@@ -4,7 +4,8 @@ Variants:
 
 * ``lapa_small`` (default) / ``vipra_small``: 64 px Meta-World frames, train on CPU in minutes.
 * ``lapa`` / ``vipra``: the paper sizes of REFERENCE.md (256 px patch 32, dim 1024, depth 8/8/8;
-  224 px patch 14, dim 768, 8-frame clips), their optimisers and schedules.
+  224 px patch 14, dim 768; clips of 15 consecutive frames here, see below), their optimisers and
+  schedules.
 
     python -m jaxvla.train --config=configs/laq.py:vipra_small --workdir=runs/laq
     python scripts/eval_laq.py --checkpoint=runs/laq
@@ -74,15 +75,42 @@ def get_config(variant: str = "lapa_small"):
     data = default_data_config()
     data.sample = "clips" if vipra else "pairs"
     data.image_size = 64 if small else (224 if vipra else 256)
-    # Meta-World runs at 80 Hz. lapa: 16 frames (0.2 s) between x_t and x_{t+H} on the small runs;
-    # the paper size keeps LAPA's 0.6 s (gap_seconds). vipra: clips of 4 frames 8 steps apart.
-    data.gap_frames = 16 if (small and not vipra) else 0
-    data.clip_length = 3 if small else 7
-    data.clip_stride = 8 if small else 1
+    # Meta-World runs at 80 Hz (12.5 ms per env step). Both LAQs' windows span the finetuning chunk
+    # (configs/finetune.py model.chunk = 14 control steps, 0.175 s): lapa_small pairs x_t, x_{t+14};
+    # vipra_small clips of 3 frames 7 steps apart (2 latents of 7 steps). The measurement behind 14
+    # and 7 (scripts/eval_laq.py --gap_scan) is in the README (stage 1). The paper sizes: lapa keeps
+    # LAPA's 0.6 s (gap_seconds); vipra 15 consecutive frames (14 latent steps for the 14-action chunk).
+    data.gap_frames = 14 if (small and not vipra) else 0
+    data.clip_length = 2 if small else 14
+    data.clip_stride = 7 if small else 1
     data.shuffle_buffer = 2000 if small else 10_000
     # The embedded dataset (generated on first use when data.dataset is metaworld).
     data.generate_metaworld = True
     data.metaworld_tasks = "mt10"
     data.metaworld_episodes_per_task = 5
     c.data = data
+    # The quality probe (jaxvla/laq_quality.py probe(), scripts/eval_laq.py) and the gate that must
+    # pass before latent pretraining (laq_quality.gate(report, config.gate)); defaults of the `day`
+    # protocol. A threshold of None is not checked.
+    c.probe = ml_collections.ConfigDict(
+        dict(
+            level="latent",  # latent: a row per latent; window: a row per LAQ window (all its codes)
+            phase_bins=10,  # episode phase t / T in equal bins (the task x phase baseline)
+            ridge=1e-3,  # linear probe penalty (x N)
+            knn_k=16,  # kNN probe neighbours (task_phase / task_phase_codes: within the task x phase cell)
+            knn_max_fit=20_000,  # kNN neighbours drawn from at most this many fit rows
+            bootstrap=1000,  # episode-bootstrap resamples for the 95 % intervals
+            seed=0,
+        )
+    )
+    c.gate = ml_collections.ConfigDict(
+        dict(
+            min_code_usage=0.9,  # fraction of the codebook used on held-out episodes
+            min_xyz_r2=0.5,  # held-out position R^2 from the codes
+            min_gain_over_task_phase=0.1,  # position R^2 the codes add over task identity + episode phase
+            probe="linear",  # linear | knn | best
+            use_lower_bound=False,  # compare the 95 % interval's lower end instead of the point estimate
+        ),
+        type_safe=False,
+    )
     return finalize(c)

@@ -118,10 +118,83 @@ def test_lapa_decoder_reads_codes_and_matches_the_full_forward_pass():
     x = random_frames(model, 2)
     out = model.apply({"params": params}, x, train=False)
     decoded = model.apply({"params": params}, x[:, :1], out["indices"], method=model.decode_codes)
-    # The decoder's stop-gradient context tokens of x_t do not depend on x_{t+H} (causal in time).
+    # The decoder's context is the patch embedding of x_t alone: decoding from x_t and the codes
+    # reproduces the full forward pass.
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(out["recon"]), atol=1e-5)
     other = model.apply({"params": params}, x[:, :1], (out["indices"] + 1) % 8, method=model.decode_codes)
     assert np.abs(np.asarray(other) - np.asarray(decoded)).max() > 1e-3
+
+
+def _tree_norm(tree) -> float:
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree))))
+
+
+def test_lapa_decoder_context_is_the_detached_patch_embedding():
+    """LAPA decodes from ``first_frame_tokens.detach()``: the patch embedding of x_t, no gradient
+    into it (nor into the frame) from the decoder; the encoder path alone trains the embedding."""
+    model = LAQ(variant="lapa", residual=False, **TINY)
+    params = init(model)
+    x = random_frames(model, 2)
+    quantized = jax.random.normal(jax.random.PRNGKey(3), (2, 1, 4, 8))
+
+    def decoded(p, context):
+        return jnp.sum(jnp.square(model.apply({"params": p}, context, quantized, method=model.decode)))
+
+    g_params, g_context = jax.grad(decoded, argnums=(0, 1))(params, x[:, :1])
+    assert float(jnp.abs(g_context).max()) == 0.0
+    for name in ("patch_norm_in", "patch_embed", "patch_norm_out", "spatial_encoder", "temporal_encoder",
+                 "to_quant", "reduce"):
+        assert _tree_norm(g_params[name]) == 0.0, name
+    for name in ("decoder", "decoder_pos", "from_quant", "pixel_head"):
+        assert _tree_norm(g_params[name]) > 0, name
+    # The value does read x_t through the embedding (only its gradient is cut).
+    base = model.apply({"params": params}, x[:, :1], quantized, method=model.decode)
+    moved = model.apply({"params": params}, -x[:, :1], quantized, method=model.decode)
+    assert float(jnp.abs(moved - base).max()) > 1e-3
+    # Through the whole model the embedding is trained by the encoder path.
+    frames = (np.asarray(x) * 127.5 + 127.5).astype(np.uint8)
+    grads = jax.grad(lambda p: laq_loss(p, {"frames": frames}, jax.random.PRNGKey(0), model=model)[0])(params)
+    assert _tree_norm(grads["patch_embed"]) > 0
+
+
+def _numpy_conv(x, kernel, bias, stride, pad):
+    """NHWC convolution by hand: ``x [N, H, W, C]``, ``kernel [kh, kw, C, F]``."""
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kh, kw = kernel.shape[:2]
+    rows, cols = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], rows, cols, kernel.shape[-1]))
+    for i in range(rows):
+        for j in range(cols):
+            window = x[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]  # [N, kh, kw, C]
+            out[:, i, j] = np.einsum("nhwc,hwcf->nf", window, kernel) + bias
+    return out
+
+
+def test_lapa_latents_project_each_frame_then_subtract():
+    """d = P(e_{t+H}) - P(e_t) with P = conv(ReLU(conv(Linear(e)))) on LAPA's 8x8 -> 4x4 -> 2x2
+    layout, checked against a NumPy computation from the encoder tokens."""
+    from jaxvla.models.laq import reducer_layout
+
+    assert reducer_layout(8, 2) == ((3, 2, 1), (3, 1, 0))  # LAPA code_seq_len 4
+    assert reducer_layout(8, 1) == ((3, 2, 1), (4, 1, 0))  # code_seq_len 1
+    assert reducer_layout(16, 4) == ((3, 2, 1), (3, 2, 1))  # code_seq_len 16
+    model = LAQ(variant="lapa", **{**TINY, "image_size": 64})  # 8x8 patch grid, 2x2 codes
+    params = init(model)
+    x = random_frames(model, 2)
+    tokens = np.asarray(model.apply({"params": params}, x, method=lambda m, f: m._lapa_tokens(f)), np.float64)
+    latents = np.asarray(model.apply({"params": params}, x, train=False)["latents"])  # [2, 1, 4, 8]
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def project(e):  # [B, N, D] -> [B, 4, Q]
+        y = (e @ p["to_quant"]["kernel"] + p["to_quant"]["bias"]).reshape(len(e), 8, 8, -1)
+        y = np.maximum(_numpy_conv(y, p["reduce"]["conv_0"]["kernel"], p["reduce"]["conv_0"]["bias"], 2, 1), 0)
+        y = _numpy_conv(y, p["reduce"]["conv_1"]["kernel"], p["reduce"]["conv_1"]["bias"], 1, 0)
+        return y.reshape(len(e), 4, -1)
+
+    expected = project(tokens[:, 1]) - project(tokens[:, 0])
+    np.testing.assert_allclose(latents[:, 0], expected, rtol=1e-4, atol=1e-5)
+    subtract_first = project(tokens[:, 1] - tokens[:, 0])  # the old order: not the same (ReLU, biases)
+    assert np.abs(subtract_first - expected).max() > 1e-2
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -313,36 +386,31 @@ def test_labeller_resumes_a_finished_part(trained_lapa, tmp_path):
     assert len(load_latent_labels(out)[1]) == 2
 
 
-def test_probe_recovers_linear_actions_and_shuffling_destroys_them():
-    from jaxvla.laq_quality import one_hot_codes, probe_r2
-
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, 8, (600, 4))
-    table = rng.normal(size=(4, 8, 3))
-    actions = sum(table[m, codes[:, m]] for m in range(4)) + 0.01 * rng.normal(size=(600, 3))
-    assert one_hot_codes(codes[:2], 8).shape == (2, 32) and one_hot_codes(codes[:2], 8).sum() == 8
-    fitted = probe_r2(codes[:400], actions[:400], codes[400:], actions[400:], 8)
-    chance = probe_r2(codes[:400], actions[:400], codes[400:], actions[400:], 8, shuffle_seed=0)
-    assert fitted["r2"] > 0.99 and len(fitted["r2_per_dim"]) == 3
-    assert chance["r2"] < 0.1
-
-
 def test_eval_laq_script_prints_the_figures(trained_lapa, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "eval_laq.py"), f"--checkpoint={trained_lapa.workdir}",
-         "--eval_split=val", "--batch_size=16", f"--out={out}"],
+         "--eval_split=val", "--batch_size=16", "--set=bootstrap=100", "--gate", f"--json={out}"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "linear probe R^2" in proc.stdout and "copy-frame baseline PSNR" in proc.stdout
     import json
 
     result = json.loads(out.read_text())
-    assert result["step"] == 300 and result["held_out_transitions"] > 0
+    assert proc.returncode == (0 if result["gate"]["passed"] else 3), proc.stderr[-3000:]
+    for text in ("copy-frame baseline PSNR", "| linear | task_phase_codes |", "| knn | gain_over_task_phase |",
+                 "codes used", "LAQ gate: "):
+        assert text in proc.stdout, text
+    assert result["step"] == 300 and result["frame_offsets"] == [0, 8] and result["variant"] == "lapa"
+    # 2 tasks x 1 held-out episode; one latent (4 tokens) per window start t = 0 .. T - 8.
+    assert result["held_out_episodes"] == 2 and result["held_out_latents"] > 0
     assert result["psnr"] > result["psnr_copy_baseline"]
-    assert 1.0 <= result["code_perplexity"] <= 8.0
-    assert np.isfinite(result["probe_r2"]) and np.isfinite(result["shuffled_probe_r2"])
+    assert 1.0 <= result["usage"]["code_perplexity"]["value"] <= 8.0
+    for probe in ("linear", "knn"):
+        entry = result[probe]["codes"]["xyz_r2"]
+        assert np.isfinite(entry["value"]) and entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+        assert np.isfinite(result[probe]["gain_over_task_phase"]["xyz_r2"]["value"])
+    assert result["gate"]["thresholds"]["min_xyz_r2"] == 0.5
+    assert result["gate"]["passed"] == (result["gate"]["reasons"] == [])
 
 
 def test_eval_laq_script_names_a_missing_checkpoint(tmp_path):

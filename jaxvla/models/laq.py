@@ -4,12 +4,16 @@ Both read ``T`` frames ``[B, T, S, S, 3]`` in [-1, 1] and explain each of the ``
 transitions with ``M = code_grid**2`` discrete tokens from a codebook of ``codebook_size``
 (NSVQ, :mod:`jaxvla.models.nsvq`); a decoder must predict the next frame from them.
 
-``variant="lapa"`` (T = 2: x_t, x_{t+H}):
-  patch embedding (LayerNorm, Linear, LayerNorm) -> spatial transformer per frame -> causal
-  temporal transformer per patch position -> ``d = e_{t+H} - e_t`` [B, N, D] -> Linear to
-  ``quant_dim`` -> strided conv over the patch grid down to ``code_grid x code_grid`` -> NSVQ.
-  Decoder: a spatial transformer over the stop-gradient patch tokens ``e_t`` of x_t that
-  cross-attends to the quantised action tokens, then a linear pixel head.
+``variant="lapa"`` (T = 2: x_t, x_{t+H}), the structure of LAPA's ``LatentActionQuantization``:
+  patch embedding ``p`` (LayerNorm, Linear, LayerNorm) -> spatial transformer per frame -> causal
+  temporal transformer per patch position -> encoder tokens ``e_t, e_{t+H}`` [B, N, D] -> each
+  frame projected on its own, ``P(e) = reduce(Linear_Q(e))`` with ``reduce`` = conv 3x3 stride 2
+  -> ReLU -> conv down to the ``code_grid x code_grid`` grid (LAPA's ``cnn_encoder``) -> the
+  difference ``d = P(e_{t+H}) - P(e_t)`` [B, M, Q] -> NSVQ. (Projecting before subtracting
+  matters: ``P`` is not linear.) Decoder: a spatial transformer over the *detached patch
+  embeddings* ``stop_gradient(p(x_t))`` (not the encoder output: no decoder gradient reaches the
+  patch embedding, which only the encoder path trains) that cross-attends to the quantised action
+  tokens, then a linear pixel head.
 
 ``variant="vipra"`` (T = L + 1 clip frames o_0..o_L):
   patch embedding -> non-causal space-time encoder (factorised: spatial then temporal attention
@@ -100,6 +104,51 @@ def _embedding(name: str, module: nn.Module, shape: tuple[int, ...]) -> jax.Arra
     )
 
 
+def _conv(features: int, kernel: tuple[int, int], strides: tuple[int, int], padding, dtype: Dtype,
+          name: str) -> nn.Conv:
+    return nn.Conv(
+        features, kernel, strides=strides, padding=padding, dtype=dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+    )
+
+
+def reducer_layout(grid: int, code_grid: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(kernel, stride, padding) of the two convs of :class:`GridReducer`: a ``grid`` x ``grid``
+    patch grid -> ``code_grid`` x ``code_grid``. The first is LAPA's 3x3 stride 2 padding 1 (grid ->
+    h = ceil(grid / 2)); the second a VALID (h - code_grid + 1)-kernel when that kernel is at most
+    4 (LAPA: 8 -> 4 -> 2 with kernel 3, 8 -> 4 -> 1 with kernel 4), else 3x3 stride 2 padding 1 when
+    h = 2 code_grid (LAPA: 16 -> 8 -> 4), else the VALID kernel."""
+    half = (grid + 1) // 2
+    if half < code_grid:
+        raise ValueError(f"the {grid}x{grid} patch grid is too small for a {code_grid}x{code_grid} code grid "
+                         "after the reducer's stride-2 conv")
+    kernel = half - code_grid + 1
+    if kernel > 4 and half == 2 * code_grid:
+        return (3, 2, 1), (3, 2, 1)
+    return (3, 2, 1), (kernel, 1, 0)
+
+
+class GridReducer(nn.Module):
+    """LAPA's ``cnn_encoder``: conv -> ReLU -> conv from the patch grid ``[B, g, g, Q]`` down to the
+    code grid ``[B, c, c, Q]`` (layout: :func:`reducer_layout`)."""
+
+    grid: int
+    code_grid: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        layers = reducer_layout(self.grid, self.code_grid)
+        for index, (kernel, stride, pad) in enumerate(layers):
+            if index:
+                x = nn.relu(x)
+            x = _conv(self.features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)), self.dtype,
+                      f"conv_{index}")(x)
+        return x
+
+
 class LAQ(nn.Module):
     """Latent action quantizer; see the module docstring."""
 
@@ -169,12 +218,11 @@ class LAQ(nn.Module):
         self.decoder_pos = _embedding("decoder_pos", self, (self.num_patches, self.dim))
         self.action_pos = _embedding("action_pos", self, (self.code_tokens, self.dim))
         self.to_quant = dense(self.quant_dim, ("embed", None), "to_quant", self.dtype)
-        stride = self.grid // self.code_grid
-        self.reduce = nn.Conv(
-            self.quant_dim, (stride, stride), strides=(stride, stride), padding="VALID", dtype=self.dtype,
-            name="reduce", kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-        )
+        if self.variant == "lapa":
+            self.reduce = GridReducer(self.grid, self.code_grid, self.quant_dim, dtype=self.dtype, name="reduce")
+        else:
+            stride = self.grid // self.code_grid
+            self.reduce = _conv(self.quant_dim, (stride, stride), (stride, stride), "VALID", self.dtype, "reduce")
         self.quantizer = NSVQ(self.codebook_size, self.quant_dim, name="quantizer")
         self.from_quant = dense(self.dim, (None, "embed"), "from_quant", self.dtype)
         head_init = nn.initializers.zeros if self.residual else nn.initializers.xavier_uniform()
@@ -192,11 +240,15 @@ class LAQ(nn.Module):
         if frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
             raise ValueError(f"LAQ.{what}: expected frames [B, {', '.join(map(str, expected))}], got {frames.shape}")
 
+    def _patch_tokens(self, frames: jax.Array) -> jax.Array:
+        """``[B, T, S, S, 3] -> [B, T, N, D]``: the patch embedding (LayerNorm, Linear, LayerNorm)."""
+        x = patchify(frames.astype(self.dtype), self.patch_size)
+        return self.patch_norm_out(self.patch_embed(self.patch_norm_in(x)))
+
     def _embed(self, frames: jax.Array) -> jax.Array:
         """``[B, T, S, S, 3] -> [B, T, N, D]`` patch tokens with spatial and temporal positions."""
-        x = patchify(frames.astype(self.dtype), self.patch_size)
-        x = self.patch_norm_out(self.patch_embed(self.patch_norm_in(x)))
         steps = frames.shape[1]
+        x = self._patch_tokens(frames)
         return x + self.spatial_pos.astype(self.dtype) + self.temporal_pos[:steps, None].astype(self.dtype)
 
     def _lapa_tokens(self, frames: jax.Array) -> jax.Array:
@@ -208,20 +260,23 @@ class LAQ(nn.Module):
         x = self.temporal_encoder(x)
         return x.reshape(batch, tokens, steps, features).transpose(0, 2, 1, 3)
 
-    def _to_latents(self, features: jax.Array) -> jax.Array:
-        """Per-transition features ``[B, K, N, D]`` -> pre-quantisation latents ``[B, K, M, Q]``."""
+    def _project(self, features: jax.Array) -> jax.Array:
+        """Per-frame (or per-transition) tokens ``[B, K, N, D]`` -> ``[B, K, M, Q]``: Linear to
+        ``quant_dim`` per patch, then ``reduce`` over the patch grid, each of the K on its own."""
         batch, steps = features.shape[:2]
         x = self.to_quant(features).reshape(batch * steps, self.grid, self.grid, self.quant_dim)
         x = self.reduce(x)  # [B*K, code_grid, code_grid, Q]
         return x.reshape(batch, steps, self.code_tokens, self.quant_dim).astype(jnp.float32)
 
-    def _latents(self, frames: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """(latents [B, T-1, M, Q], lapa's context tokens e_t [B, 1, N, D] or None)."""
+    def _latents(self, frames: jax.Array) -> jax.Array:
+        """Pre-quantisation latents ``[B, T-1, M, Q]``. lapa: ``P(e_{t+H}) - P(e_t)``, each frame
+        projected first (LAPA's NSVQ ``encode`` of the first and the last tokens, then the
+        difference); vipra: the projected encoder tokens of frames 1..L."""
         if self.variant == "lapa":
-            tokens = self._lapa_tokens(frames)
-            return self._to_latents((tokens[:, 1:] - tokens[:, :1])), tokens[:, :1]
+            projected = self._project(self._lapa_tokens(frames))  # [B, 2, M, Q]
+            return projected[:, 1:] - projected[:, :1]
         tokens = self.encoder(self._embed(frames))
-        return self._to_latents(tokens[:, 1:]), None
+        return self._project(tokens[:, 1:])
 
     def _pixels(self, x: jax.Array, context_frames: jax.Array) -> jax.Array:
         """Decoder patch tokens ``[B, K, N, D]`` -> frames ``[B, K, S, S, 3]`` (float32)."""
@@ -230,14 +285,14 @@ class LAQ(nn.Module):
             out = out + context_frames.astype(jnp.float32)
         return out
 
-    def _decode(self, context_frames: jax.Array, quantized: jax.Array, context_tokens: jax.Array | None) -> jax.Array:
+    def _decode(self, context_frames: jax.Array, quantized: jax.Array) -> jax.Array:
         """context frames ``[B, K, S, S, 3]``, quantised ``[B, K, M, Q]`` -> ``[B, K, S, S, 3]``."""
         actions = self.from_quant(quantized.astype(self.dtype)) + self.action_pos.astype(self.dtype)  # [B, K, M, D]
         batch, steps = actions.shape[:2]
         if self.variant == "lapa":
-            if context_tokens is None:
-                context_tokens = self._lapa_tokens(context_frames)
-            x = jax.lax.stop_gradient(context_tokens) + self.decoder_pos.astype(self.dtype)
+            # LAPA: the decoder reads the detached patch embeddings of x_t (first_frame_tokens.detach()).
+            context = jax.lax.stop_gradient(self._patch_tokens(context_frames))
+            x = context + self.decoder_pos.astype(self.dtype)
             x = x.reshape(batch * steps, self.num_patches, self.dim)
             x = self.decoder(x, actions.reshape(batch * steps, self.code_tokens, self.dim))
             x = x.reshape(batch, steps, self.num_patches, self.dim)
@@ -252,9 +307,9 @@ class LAQ(nn.Module):
 
     def __call__(self, frames: jax.Array, *, train: bool = False, rng: jax.Array | None = None) -> dict:
         self._check_frames(frames, self.num_frames, "__call__")
-        latents, context_tokens = self._latents(frames)
+        latents = self._latents(frames)
         q = self.quantizer(latents, train=train, rng=rng)
-        recon = self._decode(frames[:, :-1], q["quantized"], context_tokens)
+        recon = self._decode(frames[:, :-1], q["quantized"])
         return {
             "recon": recon,
             "indices": q["indices"],
@@ -268,19 +323,19 @@ class LAQ(nn.Module):
     def encode(self, frames: jax.Array) -> dict:
         """Hard codes of every transition: dict(indices [B, T-1, M], latents, quantized)."""
         self._check_frames(frames, self.num_frames, "encode")
-        latents, _ = self._latents(frames)
+        latents = self._latents(frames)
         q = self.quantizer(latents, train=False)
         return {"indices": q["indices"], "latents": latents, "quantized": q["quantized"]}
 
     def decode(self, context_frames: jax.Array, quantized: jax.Array) -> jax.Array:
         """Predict each next frame: context ``[B, K, S, S, 3]``, quantised ``[B, K, M, Q]``."""
         self._check_frames(context_frames, self.num_transitions, "decode")
-        return self._decode(context_frames, quantized, None)
+        return self._decode(context_frames, quantized)
 
     def decode_codes(self, context_frames: jax.Array, indices: jax.Array) -> jax.Array:
         """:meth:`decode` from code indices ``[B, K, M]``."""
         self._check_frames(context_frames, self.num_transitions, "decode_codes")
-        return self._decode(context_frames, self._lookup(indices), None)
+        return self._decode(context_frames, self._lookup(indices))
 
     def _lookup(self, indices: jax.Array) -> jax.Array:
         """Code indices ``[...]`` -> code vectors ``[..., Q]`` (float32)."""
@@ -297,7 +352,7 @@ class LAQ(nn.Module):
         context = jnp.repeat(first_frame[:, None], steps, axis=1)
         predictions = []
         for k in range(steps):
-            out = self._decode(context, quantized, None)  # causal: output k depends on context[:k+1]
+            out = self._decode(context, quantized)  # causal: output k depends on context[:k+1]
             predictions.append(out[:, k])
             if k + 1 < steps:
                 context = context.at[:, k + 1].set(jnp.clip(out[:, k], -1.0, 1.0).astype(context.dtype))
