@@ -1,29 +1,42 @@
-"""The whole method end to end on the embedded Meta-World data: what ``make demo`` and
+"""The comparison protocol of LAPA / ViPRA at CPU scale on Meta-World: what ``make demo`` and
 ``scripts/reproduce.py`` run.
 
-    exp = Experiment("runs/demo", BUDGETS["demo"])
-    row = exp.run_row("VIPRA-FM")   # data -> tokenizer -> LAQ -> labels -> pretrain -> finetune -> eval
+    exp = Experiment("runs/day", PROTOCOLS["day"])
+    print(format_plan(exp.plan()))          # what would run, nothing trained
+    exp.run()                               # every row x seed; finished stages are reused
+    records = exp.records()                 # raw per-episode results
 
-Rows (the comparison of LAPA / ViPRA at CPU scale):
+The question: do many action-free videos make a policy finetuned on a few demonstrations
+better? Three disjoint seed streams feed it:
 
-=========  =================================================  ==================
-row        pretraining (action-free videos)                   finetuning head
-=========  =================================================  ==================
-SCRATCH    none                                               ``scratch_head``
-LAPA       LAPA LAQ (pairs) -> labels -> LAPA objective       bins
-VIPRA-AR   ViPRA LAQ (clips) -> labels -> ViPRA objective     bins
-VIPRA-FM   the same pretrained backbone as VIPRA-AR           flow (chunk 14)
-ACTIONVLA  ground-truth action bins (the upper bound)         bins
-=========  =================================================  ==================
+* **the video pool**: ``pool_tasks`` (default ML45's 45 training tasks) x ``videos_per_task``
+  expert episodes (seed base ``POOL_SEED``), plus one more per task in its val split for the
+  LAQ's and pretraining's held-out losses. The image tokenizer, both LAQs, the labeller and the
+  LAPA / ViPRA pretraining read it through the pipeline's action-free view
+  (``data.drop_actions``: zero actions, ``has_action`` False); only ACTIONVLA, the upper bound,
+  pretrains on the same pool *with* its actions.
+* **the demonstrations**: ``demos_per_task`` (K) episodes of each ``finetune_tasks`` task for
+  finetuning (train split) plus ``heldout_demos_per_task`` more (val split) that choose the
+  stopping point (seed base ``DEMO_SEED``).
+* **the evaluation placements**: ``eval_placements`` per ``eval_tasks`` task, fixed
+  (``jaxvla.evaluation.EVAL_SEED_BASE``), the same for every row and seed.
 
-Every stage trains into its own directory under ``run_dir`` with the small configs and the
-budget's step counts, and records ``stage.json`` (wall time, final metrics, loss-curve PNG);
-a stage whose ``stage.json`` and checkpoint exist is reused, so rows share the tokenizer, LAQs,
-labels and pretrained backbones, and an interrupted run continues where it stopped.
+Rows are pretraining x head: pretraining in ``PRETRAININGS`` (none = SCRATCH, LAPA, VIPRA,
+ACTIONVLA) and head ``bins`` (quantile bins) or ``flow`` (chunked flow matching), each finetuned
+with ``seeds``. Compute is matched: every pretrained row pretrains ``pretrain_steps``; SCRATCH
+finetunes ``pretrain_steps + finetune_steps`` so that its total equals theirs. Every finetuning
+run evaluates the held-out demonstrations every ``select_every`` steps and keeps those
+checkpoints; the policy evaluated is the one with the lowest held-out action error
+(``SELECTION_METRIC``), the same rule for every row.
 
-Data: the video dataset (``video_tasks`` x ``videos_per_task`` expert episodes rendered at
-64 px, actions unused before finetuning) and the demonstrations (the first ``demos_per_task``
-episodes of each MT10 task). When the tasks are the same, one dataset serves both.
+Each LAQ is probed on the pool's held-out episodes and gated (``jaxvla.laq_quality.gate``: code
+usage, position R^2, gain over task + phase) before its labels are made; a failed gate stops the
+protocol unless ``enforce_laq_gate`` is False (the verdict is recorded either way).
+
+Stages train into ``run_dir/<stage>`` and record ``stage.json``; a stage whose record and
+checkpoint exist is reused, so an interrupted run continues at the stage it stopped in. Stage
+names carry what distinguishes them (pool size, K, seed), so runs with other settings never reuse
+them wrongly.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from jaxvla.io.files import write_json
@@ -42,41 +56,104 @@ log = logging.getLogger("jaxvla")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ROWS = {
-    "SCRATCH": {"laq": None, "pretrain": None, "head": None},
-    "LAPA": {"laq": "lapa", "pretrain": "lapa", "head": "bins"},
-    "VIPRA-AR": {"laq": "vipra", "pretrain": "vipra", "head": "bins"},
-    "VIPRA-FM": {"laq": "vipra", "pretrain": "vipra", "head": "flow"},
-    "ACTIONVLA": {"laq": None, "pretrain": "actionvla", "head": "bins"},
+# Seed bases of the generated datasets; evaluation placements use jaxvla.evaluation.EVAL_SEED_BASE.
+# Every episode's environment seed is metaworld_env.episode_seed(base, task, index), so the three
+# streams share no placement (checked by Experiment.seed_streams and the tests).
+POOL_SEED = 101
+DEMO_SEED = 202
+
+PRETRAININGS = {
+    # name: (row label, LAQ kind whose labels it learns, reads the pool's actions)
+    "none": ("SCRATCH", None, False),
+    "lapa": ("LAPA", "lapa", False),
+    "vipra": ("VIPRA", "vipra", False),
+    "actionvla": ("ACTIONVLA", None, True),
 }
+HEADS = ("bins", "flow")
+# Held-out error of the predicted first action, in robot units, averaged over the val split of
+# the demonstrations (losses.finetune.*_eval_metrics): the stopping rule of every row.
+SELECTION_METRIC = "eval/action_mse"
+
+
+def row_name(pretraining: str, head: str) -> str:
+    return f"{PRETRAININGS[pretraining][0]}-{head}"
+
+
+def parse_row(row: str) -> tuple[str, str]:
+    """``"VIPRA-flow"`` -> ``("vipra", "flow")``; unknown rows raise naming the valid ones."""
+    for pretraining, (label, _, _) in PRETRAININGS.items():
+        for head in HEADS:
+            if row.lower() == f"{label}-{head}".lower():
+                return pretraining, head
+    valid = [row_name(p, h) for p in PRETRAININGS for h in HEADS]
+    raise ValueError(f"unknown row {row!r}; expected one of {valid}")
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
+class Protocol:
+    name: str
     tokenizer_steps: int
     laq_steps: int
     pretrain_steps: int
-    finetune_steps: int
-    video_tasks: str = "mt10"
-    videos_per_task: int = 5
-    demos_per_task: int = 2
+    finetune_steps: int  # the pretrained rows'; SCRATCH gets pretrain_steps more
+    select_every: int  # held-out evaluation and checkpoint interval while finetuning
+    pool_tasks: str = "ml45"
+    videos_per_task: int = 20
+    finetune_tasks: str = "mt10"
+    demos_per_task: int = 5
+    heldout_demos_per_task: int = 2
     eval_tasks: str = "mt10"
-    eval_episodes: int = 5
+    eval_placements: int = 10  # per task
     max_steps: int = 150
-    scratch_head: str = "flow"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pretrainings: tuple[str, ...] = tuple(PRETRAININGS)
+    heads: tuple[str, ...] = HEADS
+    image_size: int = 64
+    # The LAQ gate (configs/laq.py gate.*) stops the protocol before labelling when it fails,
+    # unless this is False; the probe fits on this many pool episodes per task.
+    enforce_laq_gate: bool = True
+    probe_episodes_per_task: int = 5
+
+    def __post_init__(self):
+        unknown = [p for p in self.pretrainings if p not in PRETRAININGS]
+        if unknown:
+            raise ValueError(f"pretrainings {unknown}: expected some of {list(PRETRAININGS)}")
+        bad_heads = [h for h in self.heads if h not in HEADS]
+        if bad_heads:
+            raise ValueError(f"heads {bad_heads}: expected some of {list(HEADS)}")
+        if self.demos_per_task < 1 or self.heldout_demos_per_task < 1:
+            raise ValueError("demos_per_task and heldout_demos_per_task must be >= 1, got "
+                             f"{self.demos_per_task} and {self.heldout_demos_per_task}")
+        if self.videos_per_task < 0:
+            raise ValueError(f"videos_per_task must be >= 0, got {self.videos_per_task}")
+        if not self.seeds:
+            raise ValueError("seeds: at least one finetuning seed")
+
+    def rows(self) -> list[str]:
+        """Row names in order; with no videos only SCRATCH rows exist (nothing to pretrain on)."""
+        pretrainings = [p for p in self.pretrainings if p == "none" or self.videos_per_task > 0]
+        return [row_name(p, h) for p in pretrainings for h in self.heads]
+
+    def finetune_steps_of(self, pretraining: str) -> int:
+        return self.finetune_steps + (self.pretrain_steps if pretraining == "none" else 0)
 
 
-BUDGETS = {
-    # make demo: every stage once, under 20 minutes on 2 CPU cores.
-    "demo": Budget(tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=200, eval_episodes=1),
-    # scripts/reproduce.py default: the five rows in about an hour on top of a demo run (its
-    # tokenizer, ViPRA LAQ, labels and pretraining are reused); finetuning on all 4 train episodes.
-    "hour": Budget(tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=400, demos_per_task=4,
-                   eval_episodes=3),
-    # Longer training, 10 demonstrations per task, more evaluation episodes.
-    "overnight": Budget(tokenizer_steps=2000, laq_steps=3000, pretrain_steps=3000, finetune_steps=2000,
-                        video_tasks="mt10", videos_per_task=20, demos_per_task=10, eval_episodes=20, max_steps=200),
+PROTOCOLS = {
+    # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool, under 20 minutes.
+    "demo": Protocol("demo", tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=400,
+                     select_every=100, pool_tasks="mt10", videos_per_task=4, demos_per_task=2,
+                     heldout_demos_per_task=1, eval_placements=1, seeds=(0,), pretrainings=("vipra",),
+                     heads=("flow",), enforce_laq_gate=False),
+    # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos, at most 10 hours on
+    # 2 cores (scripts/reproduce.py --plan prints the estimate).
+    "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1200, finetune_steps=1200,
+                    select_every=200),
 }
+
+# Seconds per training step of the small configs on 2 CPU cores (stage.json of finished stages
+# replaces these when present); evaluation and data generation in seconds per episode.
+STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 0.8, "finetune": 0.45}
+EPISODE_SECONDS = {"generate": 4.0, "label": 0.3, "evaluate": 2.5}
 
 
 def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("loss",)) -> str | None:
@@ -102,32 +179,164 @@ def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("l
     return save_figure(fig, path)
 
 
-class Experiment:
-    """Stages of the method under one run directory; see the module docstring."""
+def select_step(history: Sequence[tuple[int, dict]], metric: str = SELECTION_METRIC) -> tuple[int, list]:
+    """The step with the lowest ``metric`` among the evaluated steps (the earliest on ties) and the
+    ``[(step, value)]`` curve it was chosen from; ValueError when no step was evaluated."""
+    curve = [(int(s), float(m[metric])) for s, m in history if metric in m]
+    if not curve:
+        raise ValueError(f"no {metric!r} in the training history: finetuning never evaluated the held-out "
+                         "demonstrations (eval_every)")
+    best = min(curve, key=lambda point: (point[1], point[0]))
+    return best[0], curve
 
-    def __init__(self, run_dir: str, budget: Budget, data_root: str = "runs/data", progress: bool = True):
+
+class Experiment:
+    """The stages of one protocol under ``run_dir``; see the module docstring."""
+
+    def __init__(self, run_dir: str, protocol: Protocol, data_root: str = "runs/data", progress: bool = True):
         self.run_dir = os.path.abspath(run_dir)
-        self.budget = budget
+        self.protocol = protocol
         self.progress = progress
-        os.makedirs(self.run_dir, exist_ok=True)
-        b = budget
-        # 5 MT10 episodes per task is the configs' default dataset (runs/data/metaworld_mt10_64).
-        suffix = "" if b.videos_per_task == 5 else f"_{b.videos_per_task}ep"
-        self.video_data = os.path.join(data_root, f"metaworld_{b.video_tasks}{suffix}_64")
-        same = b.video_tasks == "mt10" and b.videos_per_task >= b.demos_per_task
-        self.demo_data = self.video_data if same else os.path.join(data_root, f"metaworld_mt10_{b.demos_per_task}ep_64")
+        self.data_root = os.path.abspath(data_root)
+        p = protocol
+        self.pool_data = os.path.join(self.data_root, f"pool_{p.pool_tasks}_{p.videos_per_task}ep_s{POOL_SEED}_"
+                                                      f"{p.image_size}")
+        self.demo_data = os.path.join(self.data_root, f"demos_{p.finetune_tasks}_{p.demos_per_task}+"
+                                                      f"{p.heldout_demos_per_task}ep_s{DEMO_SEED}_{p.image_size}")
         self.stages: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def pool_tag(self) -> str:
+        return f"pool{self.protocol.videos_per_task}"
+
+    def stage_names(self, row: str, seed: int) -> list[str]:
+        """The stages ``row`` with ``seed`` needs, in training order (shared ones included)."""
+        pretraining, head = parse_row(row)
+        _, laq, _ = PRETRAININGS[pretraining]
+        names = [f"tokenizer_{self.pool_tag}"]
+        if laq:
+            names += [f"laq_{laq}_{self.pool_tag}", f"labels_{laq}_{self.pool_tag}"]
+        if pretraining != "none":
+            names.append(f"pretrain_{pretraining}_{self.pool_tag}")
+        finetune = self.finetune_name(row, seed)
+        return names + [finetune, "eval_" + finetune[len("finetune_"):]]
+
+    def finetune_name(self, row: str, seed: int) -> str:
+        pretraining, head = parse_row(row)
+        p = self.protocol
+        pool = "" if pretraining == "none" else f"_{self.pool_tag}"
+        return (f"finetune_{row.lower()}{pool}_{p.finetune_tasks}_k{p.demos_per_task}_"
+                f"{p.finetune_steps_of(pretraining)}steps_s{seed}")
+
+    # ------------------------------------------------------------------ the plan
+
+    def seed_streams(self) -> dict[str, set[int]]:
+        """Environment seeds of the pool, the demonstrations (train and held-out) and the evaluation
+        placements; disjoint by construction, checked here."""
+        from jaxvla.evaluation import EVAL_SEED_BASE
+        from jaxvla.sim.metaworld_env import episode_seed, task_names
+
+        p = self.protocol
+        streams = {
+            "pool": {episode_seed(POOL_SEED, t, i) for t in task_names(p.pool_tasks)
+                     for i in range(p.videos_per_task + 1)},
+            "demos": {episode_seed(DEMO_SEED, t, i) for t in task_names(p.finetune_tasks)
+                      for i in range(p.demos_per_task + p.heldout_demos_per_task)},
+            "eval": {episode_seed(EVAL_SEED_BASE, t, i) for t in task_names(p.eval_tasks)
+                     for i in range(p.eval_placements)},
+        }
+        names = list(streams)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                shared = streams[names[a]] & streams[names[b]]
+                if shared:
+                    raise ValueError(f"seed streams {names[a]} and {names[b]} share environment seeds {sorted(shared)[:5]}")
+        return streams
+
+    def plan(self) -> dict[str, Any]:
+        """Everything the protocol would run, with estimated hours; trains nothing."""
+        from jaxvla.evaluation import EVAL_SEED_BASE
+        from jaxvla.sim.metaworld_env import task_names
+
+        p = self.protocol
+        self.seed_streams()
+        pool_tasks, ft_tasks, eval_tasks = task_names(p.pool_tasks), task_names(p.finetune_tasks), task_names(p.eval_tasks)
+        videos = len(pool_tasks) * p.videos_per_task
+        demos = len(ft_tasks) * p.demos_per_task
+        rows = [{"row": r, "pretraining": parse_row(r)[0], "head": parse_row(r)[1], "seeds": list(p.seeds),
+                 "pretrain_steps": p.pretrain_steps if parse_row(r)[0] != "none" else 0,
+                 "finetune_steps": p.finetune_steps_of(parse_row(r)[0]),
+                 "total_steps": p.finetune_steps_of(parse_row(r)[0]) + (
+                     p.pretrain_steps if parse_row(r)[0] != "none" else 0)}
+                for r in p.rows()]
+        stages = sorted({name for r in p.rows() for s in p.seeds for name in self.stage_names(r, s)})
+        hours = self._estimate_seconds(stages, videos, demos, len(eval_tasks)) / 3600
+        return {
+            "protocol": dataclasses.asdict(p),
+            "datasets": {
+                "pool": {"tasks": pool_tasks, "episodes_per_task": p.videos_per_task, "episodes": videos,
+                         "seed_base": POOL_SEED, "actions": "dropped (ACTIONVLA alone reads them)",
+                         "path": self.pool_data},
+                "demos": {"tasks": ft_tasks, "episodes_per_task": p.demos_per_task,
+                          "heldout_per_task": p.heldout_demos_per_task, "episodes": demos,
+                          "seed_base": DEMO_SEED, "path": self.demo_data},
+                "eval": {"tasks": eval_tasks, "placements_per_task": p.eval_placements,
+                         "seed_base": EVAL_SEED_BASE, "horizon": p.max_steps},
+            },
+            "videos_per_demo": videos / demos,
+            "rows": rows,
+            "stages": stages,
+            "selection": f"argmin {SELECTION_METRIC} on the held-out demonstrations every {p.select_every} steps",
+            "estimated_hours": hours,
+        }
+
+    def _estimate_seconds(self, stages: Sequence[str], videos: int, demos: int, eval_tasks: int) -> float:
+        p = self.protocol
+        streams = self.seed_streams()
+        total = 0.0
+        if not os.path.exists(os.path.join(self.pool_data, "metaworld")):
+            total += EPISODE_SECONDS["generate"] * len(streams["pool"]) if self.protocol.videos_per_task else 0.0
+        if not os.path.exists(os.path.join(self.demo_data, "metaworld")):
+            total += EPISODE_SECONDS["generate"] * len(streams["demos"])
+        for name in stages:
+            done = self._done(name)
+            if done is not None:
+                continue
+            kind = name.split("_")[0]
+            if kind == "tokenizer":
+                total += STEP_SECONDS["tokenizer"] * p.tokenizer_steps
+            elif kind == "laq":
+                total += STEP_SECONDS[f"laq_{name.split('_')[1]}"] * p.laq_steps
+            elif kind == "labels":
+                total += EPISODE_SECONDS["label"] * videos
+            elif kind == "pretrain":
+                total += STEP_SECONDS["pretrain"] * p.pretrain_steps
+            elif kind == "finetune":
+                steps = int(name.split("_")[-2].replace("steps", ""))
+                total += STEP_SECONDS["finetune"] * steps
+            elif kind == "eval":
+                total += EPISODE_SECONDS["evaluate"] * eval_tasks * p.eval_placements
+        return total
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def _done(self, name: str) -> dict | None:
-        from jaxvla.stages.vla import has_checkpoint
+    def _has_checkpoint(self, name: str) -> bool:
+        from jaxvla.checkpoint import resolve_checkpoint
 
+        try:
+            resolve_checkpoint(self._path(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _done(self, name: str) -> dict | None:
         record = os.path.join(self._path(name), "stage.json")
-        if os.path.exists(record) and (name.startswith(("labels", "eval")) or has_checkpoint(self._path(name))):
+        if os.path.exists(record) and (name.startswith(("labels", "eval")) or self._has_checkpoint(name)):
             with open(record) as f:
                 return json.load(f)
         return None
@@ -139,11 +348,15 @@ class Experiment:
         self.stages[name] = record
         return record
 
-    def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",)) -> dict:
+    def stage_config(self, name: str, config_spec: str, overrides: dict):
         from jaxvla.config import apply_overrides, load_config
+
+        return apply_overrides(load_config(os.path.join(REPO, config_spec)), overrides)
+
+    def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",), **extra) -> dict:
         from jaxvla.trainer import train
 
-        config = apply_overrides(load_config(os.path.join(REPO, config_spec)), overrides)
+        config = self.stage_config(name, config_spec, overrides)
         done = self._done(name)
         if done is not None and done.get("steps") == int(config.num_steps):
             log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
@@ -157,46 +370,114 @@ class Experiment:
         metrics = {k: float(v) for k, v in result.metrics.items()}
         curve = loss_curve(os.path.join(self._path(name), "loss.png"), result.history, f"{name}: {config_spec}",
                            curve_keys)
+        history = [(int(s), {k: float(v) for k, v in m.items() if k.startswith("eval/")}) for s, m in result.history]
         del result
-        return self._record(name, wall, metrics, config=config_spec, steps=int(config.num_steps), loss_curve=curve)
+        return self._record(name, wall, metrics, config=config_spec, steps=int(config.num_steps), loss_curve=curve,
+                            eval_history=[h for h in history if h[1]], **extra)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ data
+
+    def _ensure(self, path: str, tasks: str, episodes: int, heldout: int, seed: int) -> str:
+        from jaxvla.data.metaworld_rlds import dataset_version_dir, make_metaworld_dataset, read_metadata
+        from jaxvla.sim.metaworld_env import task_names
+
+        version_dir = dataset_version_dir(path)
+        want = {"tasks": task_names(tasks), "episodes_per_task": episodes, "val_episodes_per_task": heldout,
+                "seed": seed, "image_size": self.protocol.image_size}
+        if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+            log.info("generating %s: %d tasks x %d episodes (%d held out), seed base %d", path, len(want["tasks"]),
+                     episodes, heldout, seed)
+            make_metaworld_dataset(want["tasks"], episodes, self.protocol.image_size, path, seed=seed,
+                                   val_episodes_per_task=heldout, progress=self.progress)
+        config = read_metadata(version_dir).get("config", {})
+        wrong = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
+        if wrong:
+            raise ValueError(f"{version_dir} was generated with other settings than the protocol needs "
+                             f"(key: (found, wanted)): {wrong}; remove it or choose another --data_root")
+        return version_dir
 
     def data(self) -> dict:
-        from jaxvla.data.embedded import ensure_metaworld_dataset
-
         start = time.time()
-        b = self.budget
-        ensure_metaworld_dataset(self.video_data, b.video_tasks, b.videos_per_task, 64)
-        if self.demo_data != self.video_data:
-            ensure_metaworld_dataset(self.demo_data, "mt10", b.demos_per_task, 64)
-        wall = time.time() - start
-        self.stages["data"] = {"stage": "data", "wall_seconds": wall, "videos": self.video_data,
+        p = self.protocol
+        if p.videos_per_task > 0:
+            self._ensure(self.pool_data, p.pool_tasks, p.videos_per_task + 1, 1, POOL_SEED)
+        self._ensure(self.demo_data, p.finetune_tasks, p.demos_per_task + p.heldout_demos_per_task,
+                     p.heldout_demos_per_task, DEMO_SEED)
+        self.stages["data"] = {"stage": "data", "wall_seconds": time.time() - start, "pool": self.pool_data,
                                "demos": self.demo_data}
         return self.stages["data"]
 
-    def _video_overrides(self) -> dict:
-        b = self.budget
-        return {"data.data_dir": self.video_data, "data.metaworld_tasks": b.video_tasks,
-                "data.metaworld_episodes_per_task": b.videos_per_task}
+    def pool_overrides(self, with_actions: bool = False) -> dict:
+        """Data overrides of every stage that reads the pool: the action-free view unless
+        ``with_actions`` (ACTIONVLA)."""
+        p = self.protocol
+        return {"data.data_dir": self.pool_data, "data.metaworld_tasks": p.pool_tasks,
+                "data.metaworld_episodes_per_task": p.videos_per_task + 1, "data.generate_metaworld": False,
+                "data.drop_actions": not with_actions}
+
+    # ------------------------------------------------------------------ stages
 
     def tokenizer(self) -> dict:
-        b = self.budget
-        n = b.tokenizer_steps
-        return self._train("tokenizer", "configs/tokenizer.py:small", {
+        p = self.protocol
+        n = p.tokenizer_steps
+        # The tokenizer reads frames only (jaxvla.data.frames): no action reaches it.
+        return self._train(f"tokenizer_{self.pool_tag}", "configs/tokenizer.py:small", {
             "num_steps": n, "eval_every": n, "checkpoint.every": n, "data.source": "metaworld",
-            "data.data_dir": self.video_data, "data.tasks": b.video_tasks, "data.episodes_per_task": b.videos_per_task,
+            "data.data_dir": self.pool_data, "data.tasks": p.pool_tasks,
+            "data.episodes_per_task": p.videos_per_task + 1,
         }, curve_keys=("loss", "psnr"))
+
+    def laq_overrides(self, kind: str) -> dict:
+        n = self.protocol.laq_steps
+        return {"num_steps": n, "eval_every": n, "checkpoint.every": n, "image_every": n, **self.pool_overrides()}
 
     def laq(self, kind: str) -> dict:
-        n = self.budget.laq_steps
-        return self._train(f"laq_{kind}", f"configs/laq.py:{kind}_small", {
-            "num_steps": n, "eval_every": n, "checkpoint.every": n, "image_every": n, **self._video_overrides(),
-        }, curve_keys=("loss", "psnr"))
+        name = f"laq_{kind}_{self.pool_tag}"
+        record = self._train(name, f"configs/laq.py:{kind}_small", self.laq_overrides(kind),
+                             curve_keys=("loss", "psnr"))
+        if record.get("gate", {}).get("steps") != record["steps"]:
+            record = self._laq_gate(name, record)
+        return record
+
+    def _laq_gate(self, name: str, record: dict) -> dict:
+        """Probe the LAQ on the pool's held-out episodes (jaxvla.laq_quality: position R^2, gain over
+        task + phase, code usage, with episode-bootstrap intervals) and apply its config's gate; the
+        report and the verdict go into the stage record."""
+        from jaxvla import laq_quality
+        from jaxvla.latent_actions import load_laq
+
+        start = time.time()
+        laq = load_laq(self._path(name))
+        report = laq_quality.probe(laq, self.label_data_config(laq.config), settings=laq.config.get("probe"),
+                                   train_episodes_per_task=self.protocol.probe_episodes_per_task)
+        passed, reasons = laq_quality.gate(report, laq.config.get("gate"))
+        keep = {k: v for k, v in record.items() if k not in ("stage", "wall_seconds", "metrics")}
+        keep["gate"] = {"passed": passed, "reasons": reasons, "steps": record["steps"], "report": report,
+                        "seconds": time.time() - start}
+        return self._record(name, record["wall_seconds"], record["metrics"], **keep)
+
+    def check_gate(self, kind: str) -> None:
+        """Raises before labelling when the LAQ failed its gate (unless the protocol ignores it)."""
+        gate = self.laq(kind)["gate"]
+        if gate["passed"]:
+            log.info("laq_%s: gate passed", kind)
+            return
+        message = f"laq_{kind}_{self.pool_tag} failed its gate: " + "; ".join(gate["reasons"])
+        if self.protocol.enforce_laq_gate:
+            raise RuntimeError(message + " (train the LAQ longer, or pass --ignore_laq_gate to pretrain on it "
+                               "anyway and publish the result with this verdict)")
+        log.warning("%s; continuing (the protocol ignores the gate)", message)
+
+    def label_data_config(self, laq_config):
+        """The labeller's data config: the LAQ's, pointed at the pool's action-free view."""
+        from jaxvla.config import apply_overrides
+
+        return apply_overrides(laq_config, self.pool_overrides()).data
 
     def labels(self, kind: str) -> dict:
-        name = f"labels_{kind}"
+        name = f"labels_{kind}_{self.pool_tag}"
         laq_steps = self.laq(kind)["steps"]
+        self.check_gate(kind)
         done = self._done(name)
         if done is not None and done.get("laq_steps") == laq_steps:
             self.stages[name] = done
@@ -204,90 +485,143 @@ class Experiment:
         from jaxvla.latent_actions import label_dataset, load_laq
 
         start = time.time()
-        laq = load_laq(self._path(f"laq_{kind}"))
-        data = laq.config.data
-        data.unlock()
-        data.data_dir = self.video_data
+        laq = load_laq(self._path(f"laq_{kind}_{self.pool_tag}"))
         out = self._path(name) + "/labels"
-        label_dataset(laq, data, out, split="train,val", overwrite=True, progress=self.progress)
+        label_dataset(laq, self.label_data_config(laq.config), out, split="train,val", overwrite=True,
+                      progress=self.progress)
         return self._record(name, time.time() - start, {}, labels=out, laq_steps=laq_steps)
 
+    def pretrain_overrides(self, objective: str) -> dict:
+        n = self.protocol.pretrain_steps
+        overrides = {"num_steps": n, "eval_every": n, "checkpoint.every": n,
+                     "model.tokenizer_checkpoint": self._path(f"tokenizer_{self.pool_tag}"),
+                     **self.pool_overrides(with_actions=PRETRAININGS[objective][2])}
+        laq = PRETRAININGS[objective][1]
+        if laq:
+            overrides.update({"model.latent_source": "labels",
+                              "model.labels_dir": self._path(f"labels_{laq}_{self.pool_tag}") + "/labels",
+                              "model.laq_checkpoint": self._path(f"laq_{laq}_{self.pool_tag}")})
+        return overrides
+
     def pretrain(self, objective: str) -> dict:
-        n = self.budget.pretrain_steps
-        overrides = {"num_steps": n, "eval_every": n, "checkpoint.every": n,
-                     "model.tokenizer_checkpoint": self._path("tokenizer"), **self._video_overrides()}
         self.tokenizer()
-        if objective != "actionvla":
-            labels = self.labels(objective)
-            overrides.update({"model.latent_source": "labels", "model.labels_dir": labels["labels"],
-                              "model.laq_checkpoint": self._path(f"laq_{objective}")})
-        return self._train(f"pretrain_{objective}", f"configs/pretrain.py:{objective}_small", overrides)
+        laq = PRETRAININGS[objective][1]
+        if laq:
+            self.labels(laq)
+        return self._train(f"pretrain_{objective}_{self.pool_tag}", f"configs/pretrain.py:{objective}_small",
+                           self.pretrain_overrides(objective))
 
-    def finetune_name(self, row: str) -> str:
-        """``finetune_<row>_<steps>x<demos>``: budgets that finetune differently share the
-        pretraining stages but never a finetuning run."""
-        return f"finetune_{row.lower()}_{self.budget.finetune_steps}x{self.budget.demos_per_task}"
+    def finetune_overrides(self, row: str, seed: int) -> tuple[str, dict]:
+        pretraining, head = parse_row(row)
+        p = self.protocol
+        n = p.finetune_steps_of(pretraining)
+        every = p.select_every
+        overrides = {"num_steps": n, "eval_every": every, "checkpoint.every": every,
+                     # Every evaluated step stays, so the selected one can be evaluated.
+                     "checkpoint.max_to_keep": n // every + 2, "seed": seed,
+                     "model.tokenizer_checkpoint": self._path(f"tokenizer_{self.pool_tag}"),
+                     "data.data_dir": self.demo_data, "data.metaworld_tasks": p.finetune_tasks,
+                     "data.metaworld_episodes_per_task": p.demos_per_task + p.heldout_demos_per_task,
+                     "data.few_demos_per_task": p.demos_per_task, "data.generate_metaworld": False}
+        if pretraining == "none":
+            return f"configs/finetune.py:scratch_{head}_small", overrides
+        overrides["init_from"] = self._path(f"pretrain_{pretraining}_{self.pool_tag}")
+        return f"configs/finetune.py:{head}_small", overrides
 
-    def finetune(self, row: str) -> dict:
-        spec = ROWS[row]
-        b = self.budget
-        head = spec["head"] or b.scratch_head
-        n = b.finetune_steps
-        overrides = {"num_steps": n, "eval_every": n, "checkpoint.every": n,
-                     "model.tokenizer_checkpoint": self._path("tokenizer"), "data.data_dir": self.demo_data,
-                     "data.metaworld_tasks": "mt10",
-                     "data.metaworld_episodes_per_task": b.videos_per_task if self.demo_data == self.video_data
-                     else b.demos_per_task,
-                     "data.few_demos_per_task": b.demos_per_task}
+    def finetune(self, row: str, seed: int) -> dict:
+        pretraining, _ = parse_row(row)
         self.tokenizer()
-        if spec["pretrain"]:
-            self.pretrain(spec["pretrain"])
-            overrides["init_from"] = self._path(f"pretrain_{spec['pretrain']}")
-            variant = f"{head}_small"
-        else:
-            variant = f"scratch_{head}_small"
-        return self._train(self.finetune_name(row), f"configs/finetune.py:{variant}", overrides)
+        if pretraining != "none":
+            self.pretrain(pretraining)
+        spec, overrides = self.finetune_overrides(row, seed)
+        name = self.finetune_name(row, seed)
+        record = self._train(name, spec, overrides)
+        if "selected_step" not in record:
+            step, curve = select_step([(s, m) for s, m in record.get("eval_history", [])])
+            record = self._record(name, record["wall_seconds"], record["metrics"],
+                                  **{k: v for k, v in record.items() if k not in ("stage", "wall_seconds", "metrics")},
+                                  selected_step=step, selection_curve=curve)
+        return record
 
-    def evaluate(self, row: str) -> dict:
-        name = self.finetune_name(row).replace("finetune_", "eval_", 1)
-        self.finetune(row)
-        b = self.budget
+    def evaluate(self, row: str, seed: int) -> dict:
+        finetune = self.finetune_name(row, seed)
+        name = "eval_" + finetune[len("finetune_"):]
+        record = self.finetune(row, seed)
+        p = self.protocol
+        settings = {"tasks": p.eval_tasks, "placements": p.eval_placements, "max_steps": p.max_steps,
+                    "step": record["selected_step"]}
         done = self._done(name)
-        settings = {"tasks": b.eval_tasks, "episodes": b.eval_episodes, "max_steps": b.max_steps,
-                    "finetune_steps": self.stages[self.finetune_name(row)]["steps"]}
         if done is not None and done.get("settings") == settings:
             self.stages[name] = done
             return done
+        from jaxvla.checkpoint import resolve_checkpoint
         from jaxvla.evaluation import evaluate
 
         start = time.time()
-        summary = evaluate(self._path(self.finetune_name(row)), b.eval_tasks, b.eval_episodes, max_steps=b.max_steps,
-                           out_dir=self._path(name), progress=self.progress)
-        keep = {k: summary[k] for k in ("tasks", "mean", "latency", "files")}
-        return self._record(name, time.time() - start, {}, settings=settings, **keep)
+        selected, _ = resolve_checkpoint(self._path(finetune), record["selected_step"])
+        summary = evaluate(selected, p.eval_tasks, p.eval_placements,
+                           max_steps=p.max_steps, out_dir=self._path(name), progress=self.progress)
+        episodes = [{"row": row, "seed": seed, "task": e["task"], "placement": e["episode"],
+                     "env_seed": e["seed"], "success": bool(e["success"]), "length": int(e["length"])}
+                    for e in summary["episodes"]]
+        return self._record(name, time.time() - start, {}, settings=settings, mean=summary["mean"],
+                            tasks=summary["tasks"], latency=summary["latency"], episodes=episodes,
+                            files=summary["files"])
 
-    # ------------------------------------------------------------------ rows
+    # ------------------------------------------------------------------ the whole protocol
 
-    def stages_of(self, row: str) -> list[str]:
-        spec = ROWS[row]
-        names = ["tokenizer"]
-        if spec["laq"]:
-            names += [f"laq_{spec['laq']}", f"labels_{spec['laq']}"]
-        if spec["pretrain"]:
-            names.append(f"pretrain_{spec['pretrain']}")
-        finetune = self.finetune_name(row)
-        return names + [finetune, finetune.replace("finetune_", "eval_", 1)]
+    def run(self, rows: Sequence[str] | None = None) -> list[dict]:
+        """Every (row, seed) of the protocol (or of ``rows``), reusing finished stages; returns the
+        per-episode records."""
+        rows = list(rows or self.protocol.rows())
+        for row in rows:
+            parse_row(row)
+        self.data()
+        total = len(rows) * len(self.protocol.seeds)
+        done = 0
+        for row in rows:
+            for seed in self.protocol.seeds:
+                done += 1
+                log.info("=== %s seed %d (%d/%d) ===", row, seed, done, total)
+                self.evaluate(row, seed)
+        return self.records(rows)
 
-    def run_row(self, row: str) -> dict:
-        """Every stage ``row`` needs (reusing finished ones), then its evaluation; returns the
-        row's success (mean, CI, per task) and its wall time: the sum over its stages, shared
-        ones included (the time to produce this row from the data alone)."""
-        if row not in ROWS:
-            raise ValueError(f"unknown row {row!r}; expected one of {list(ROWS)}")
-        if "data" not in self.stages:
-            self.data()
-        result = self.evaluate(row)
-        wall = sum(self.stages[name]["wall_seconds"] for name in self.stages_of(row))
-        return {"row": row, "head": ROWS[row]["head"] or self.budget.scratch_head, "mean": result["mean"],
-                "tasks": result["tasks"], "latency": result["latency"], "files": result["files"],
-                "wall_seconds": wall, "stages": self.stages_of(row)}
+    def records(self, rows: Sequence[str] | None = None) -> list[dict]:
+        """The per-episode records (row, seed, task, placement, env_seed, success, length) of the
+        finished evaluations of ``rows`` (default: the protocol's)."""
+        out = []
+        for row in rows or self.protocol.rows():
+            for seed in self.protocol.seeds:
+                name = "eval_" + self.finetune_name(row, seed)[len("finetune_"):]
+                done = self._done(name)
+                if done is not None:
+                    out.extend(done["episodes"])
+        return out
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as text: datasets, rows, steps, selection, estimated hours."""
+    d = plan["datasets"]
+    p = plan["protocol"]
+    lines = [f"protocol {p['name']}", "", "datasets (three disjoint seed streams):"]
+    pool = d["pool"]
+    lines.append(f"  video pool   {len(pool['tasks'])} tasks ({p['pool_tasks']}) x {pool['episodes_per_task']} = "
+                 f"{pool['episodes']} episodes, seed base {pool['seed_base']}, actions {pool['actions']}")
+    demos = d["demos"]
+    lines.append(f"  demos        {len(demos['tasks'])} tasks ({p['finetune_tasks']}) x K={demos['episodes_per_task']} = "
+                 f"{demos['episodes']} episodes (+{demos['heldout_per_task']} held out per task), "
+                 f"seed base {demos['seed_base']}")
+    ev = d["eval"]
+    lines.append(f"  evaluation   {len(ev['tasks'])} tasks ({p['eval_tasks']}) x {ev['placements_per_task']} fixed "
+                 f"placements, seed base {ev['seed_base']}, horizon {ev['horizon']}")
+    lines.append(f"  videos per demonstration: {plan['videos_per_demo']:.1f}")
+    lines += ["", "rows (finetuning seeds, steps):"]
+    for r in plan["rows"]:
+        lines.append(f"  {r['row']:<16} head {r['head']:<5} seeds {r['seeds']}  pretrain {r['pretrain_steps']:>5}  "
+                     f"finetune {r['finetune_steps']:>5}  total {r['total_steps']:>5}")
+    lines += ["", f"stage steps: tokenizer {p['tokenizer_steps']}, LAQ {p['laq_steps']}, pretraining "
+                  f"{p['pretrain_steps']}, finetuning {p['finetune_steps']} (+{p['pretrain_steps']} for SCRATCH)",
+              f"stopping point: {plan['selection']}",
+              f"stages to train or evaluate: {len(plan['stages'])}",
+              f"estimated time: {plan['estimated_hours']:.1f} h on 2 CPU cores (finished stages excluded)"]
+    return "\n".join(lines)

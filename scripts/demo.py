@@ -2,16 +2,17 @@
 on 2 CPU cores.
 
 Renders the Meta-World MT10 expert dataset when it is missing, then trains, each stage in its
-own directory under ``--run_dir`` with the small configs (``jaxvla.experiment.BUDGETS["demo"]``):
-image tokenizer -> ViPRA LAQ -> latent labels for the videos -> latent pretraining (ViPRA
-objective) -> flow-matching finetuning on 2 demonstrations per task -> evaluation in Meta-World
-(MT10, 1 episode per task). Prints the success table and writes ``REPORT.md`` listing the plots
+own directory under ``--run_dir`` with the small configs (``jaxvla.experiment.PROTOCOLS["demo"]``):
+image tokenizer -> ViPRA LAQ -> latent labels for the action-free video pool (MT10 x 4 expert
+videos) -> latent pretraining (ViPRA objective) -> flow-matching finetuning on 2 other
+demonstrations per task (the step chosen on a held-out one) -> evaluation in Meta-World (MT10, 1
+fixed placement per task). Prints the success table and writes ``REPORT.md`` listing the plots
 (loss curves, reconstructions, latent-action semantics, success bars, rollout GIFs).
 
     python scripts/demo.py [--run_dir=runs/demo] [--data_root=runs/data] [--eval_episodes=1]
 
 Finished stages are reused (``stage.json``), so a second run only re-prints the report, and
-``scripts/reproduce.py --run_dir=runs/demo`` builds the other rows on top of it.
+``scripts/reproduce.py --protocol=demo --run_dir=runs/demo`` builds the other rows on top of it.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("run_dir", "runs/demo", "Where every stage's workdir and the report go.")
 flags.DEFINE_string("data_root", "runs/data", "Where the Meta-World dataset is (generated when missing).")
-flags.DEFINE_integer("eval_episodes", 0, "Evaluation episodes per MT10 task (0: the demo budget's, 1).")
-flags.DEFINE_integer("steps", 0, "Training steps of every stage (0: the demo budget's, 200).")
+flags.DEFINE_integer("eval_episodes", 0, "Evaluation placements per MT10 task (0: the demo protocol's, 1).")
+flags.DEFINE_integer("steps", 0, "Training steps of every stage (0: the demo protocol's).")
 FLAGS = flags.FLAGS
 
-ROW = "VIPRA-FM"
+ROW = "VIPRA-flow"
+SEED = 0
 
 
 def _fmt(value, spec=".3f"):
@@ -49,39 +51,40 @@ def main(argv):
 
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     from jaxvla.evaluation import format_table
-    from jaxvla.experiment import BUDGETS, Experiment
+    from jaxvla.experiment import PROTOCOLS, Experiment
     from jaxvla.io.files import write_text
 
-    budget = BUDGETS["demo"]
+    protocol = PROTOCOLS["demo"]
     if FLAGS.eval_episodes:
-        budget = dataclasses.replace(budget, eval_episodes=FLAGS.eval_episodes)
+        protocol = dataclasses.replace(protocol, eval_placements=FLAGS.eval_episodes)
     if FLAGS.steps:
         n = FLAGS.steps
-        budget = dataclasses.replace(budget, tokenizer_steps=n, laq_steps=n, pretrain_steps=n, finetune_steps=n)
+        protocol = dataclasses.replace(protocol, tokenizer_steps=n, laq_steps=n, pretrain_steps=n, finetune_steps=n,
+                                       select_every=max(1, n // 4))
     start = time.time()
-    exp = Experiment(FLAGS.run_dir, budget, data_root=FLAGS.data_root)
-    result = exp.run_row(ROW)
+    exp = Experiment(FLAGS.run_dir, protocol, data_root=FLAGS.data_root)
+    exp.run([ROW])
     total = time.time() - start
 
     s = exp.stages
-    tok, laq = s["tokenizer"]["metrics"], s["laq_vipra"]["metrics"]
-    finetune = exp.finetune_name(ROW)
-    evaluation = finetune.replace("finetune_", "eval_", 1)
-    pre, ft = s["pretrain_vipra"]["metrics"], s[finetune]["metrics"]
+    tokenizer, laq_name, labels_name, pretrain_name, finetune, evaluation = exp.stage_names(ROW, SEED)
+    result = s[evaluation]
+    tok, laq = s[tokenizer]["metrics"], s[laq_name]["metrics"]
+    pre, ft = s[pretrain_name]["metrics"], s[finetune]["metrics"]
     rows = [
-        ("data", f"Meta-World MT10 experts, {budget.videos_per_task} episodes per task: {exp.video_data}",
-         s["data"]["wall_seconds"]),
+        ("data", f"action-free pool: {protocol.pool_tasks} x {protocol.videos_per_task} videos ({exp.pool_data}); "
+                 f"demos: {protocol.finetune_tasks} x {protocol.demos_per_task}", s["data"]["wall_seconds"]),
         ("tokenizer", f"held-out PSNR {_fmt(tok.get('eval/psnr'), '.1f')} dB, code perplexity "
-                      f"{_fmt(tok.get('eval/code_perplexity'), '.0f')}", s["tokenizer"]["wall_seconds"]),
+                      f"{_fmt(tok.get('eval/code_perplexity'), '.0f')}", s[tokenizer]["wall_seconds"]),
         ("LAQ (ViPRA)", f"held-out PSNR {_fmt(laq.get('eval/psnr'), '.1f')} dB vs copy-frame "
                         f"{_fmt(laq.get('eval/psnr_copy'), '.1f')}, perplexity {_fmt(laq.get('eval/code_perplexity'), '.2f')}",
-         s["laq_vipra"]["wall_seconds"]),
-        ("labels", f"latent actions for every video clip: {s['labels_vipra']['labels']}", s["labels_vipra"]["wall_seconds"]),
+         s[laq_name]["wall_seconds"]),
+        ("labels", f"latent actions for every pool clip: {s[labels_name]['labels']}", s[labels_name]["wall_seconds"]),
         ("pretrain", f"held-out latent-token accuracy {_fmt(pre.get('eval/latent_accuracy'))}, future-frame "
-                     f"accuracy {_fmt(pre.get('eval/image_accuracy'))}", s["pretrain_vipra"]["wall_seconds"]),
-        ("finetune", f"flow matching, {budget.demos_per_task} demos per task: held-out sample MSE "
-                     f"{_fmt(ft.get('eval/sample_mse'))} (zeros: {_fmt(ft.get('eval/zero_mse'))})",
-         s[finetune]["wall_seconds"]),
+                     f"accuracy {_fmt(pre.get('eval/image_accuracy'))}", s[pretrain_name]["wall_seconds"]),
+        ("finetune", f"flow matching, {protocol.demos_per_task} demos per task: step {s[finetune]['selected_step']} "
+                     f"chosen on held-out demos; held-out sample MSE {_fmt(ft.get('eval/sample_mse'))} "
+                     f"(zeros: {_fmt(ft.get('eval/zero_mse'))})", s[finetune]["wall_seconds"]),
         ("evaluate", f"MT10 success {result['mean']['successes']}/{result['mean']['episodes']} "
                      f"({result['mean']['success_rate']:.0%}), 95 % CI [{result['mean']['ci95'][0]:.2f}, "
                      f"{result['mean']['ci95'][1]:.2f}]", s[evaluation]["wall_seconds"]),
@@ -91,12 +94,12 @@ def main(argv):
         return os.path.relpath(path, exp.run_dir)
 
     pictures = []
-    for name in ("tokenizer", "laq_vipra", "pretrain_vipra", finetune):
+    for name in (tokenizer, laq_name, pretrain_name, finetune):
         if s[name].get("loss_curve"):
             pictures.append((f"loss curve: {name}", s[name]["loss_curve"]))
-    for pattern, label in (("tokenizer/images/reconstructions_*.png", "tokenizer reconstructions"),
-                           ("laq_vipra/images/reconstructions_*.png", "LAQ reconstructions"),
-                           ("laq_vipra/images/latent_semantics_*.png", "latent-action semantics")):
+    for pattern, label in ((f"{tokenizer}/images/reconstructions_*.png", "tokenizer reconstructions"),
+                           (f"{laq_name}/images/reconstructions_*.png", "LAQ reconstructions"),
+                           (f"{laq_name}/images/latent_semantics_*.png", "latent-action semantics")):
         found = sorted(glob.glob(os.path.join(exp.run_dir, pattern)))
         if found:
             pictures.append((label, found[-1]))
@@ -106,7 +109,7 @@ def main(argv):
     lines = [f"# jaxvla demo ({time.strftime('%Y-%m-%d')}, {total / 60:.1f} min)\n",
              "| stage | result | wall time |", "|---|---|---|"]
     lines += [f"| {stage} | {text} | {wall:.0f} s |" for stage, text, wall in rows]
-    lines += ["", "## Meta-World MT10 success (VIPRA-FM)", "", format_table(result), "", "## Pictures", ""]
+    lines += ["", f"## Meta-World MT10 success ({ROW})", "", format_table(result), "", "## Pictures", ""]
     lines += [f"- {label}: [{rel(path)}]({rel(path)})\n\n  ![{label}]({rel(path)})" for label, path in pictures]
     report = write_text(os.path.join(exp.run_dir, "REPORT.md"), "\n".join(lines) + "\n")
 
@@ -115,7 +118,7 @@ def main(argv):
     print("-" * (width + 24))
     for stage, text, wall in rows:
         print(f"{stage:<12} | {text:<{width}} | {wall:.0f} s")
-    print("\nMeta-World MT10 success of the VIPRA-FM policy:\n")
+    print(f"\nMeta-World MT10 success of the {ROW} policy:\n")
     print(format_table(result))
     print(f"\n{total / 60:.1f} min in all. Report: {report}; TensorBoard: tensorboard --logdir {exp.run_dir}")
 

@@ -1,26 +1,29 @@
-"""The LAPA / ViPRA comparison at CPU scale on Meta-World: pretrain on action-free videos, finetune
-on a few demonstrations per MT10 task, evaluate on MT10.
+"""The LAPA / ViPRA comparison at CPU scale on Meta-World (jaxvla/experiment.py): pretrain on an
+action-free video pool, finetune on K demonstrations per task, evaluate at fixed placements.
 
-    python scripts/reproduce.py [--budget=hour|overnight|demo] [--run_dir=runs/reproduce]
-        [--rows=SCRATCH,LAPA,VIPRA-AR,VIPRA-FM,ACTIONVLA] [--eval_episodes=N] [--steps=N]
+    python scripts/reproduce.py --plan                          # the protocol; runs nothing
+    python scripts/reproduce.py [--protocol=day] [--run_dir=runs/day] [--rows=VIPRA-flow,SCRATCH-flow]
+        [--seeds=0,1,2] [--demos_per_task=5] [--videos_per_task=20[,50,...]] [--finetune_tasks=mt10]
+        [--eval_tasks=mt10] [--eval_placements=10] [--out=docs/results/<date>-day]
+    python scripts/reproduce.py --from_records=docs/results/<date>-day/episodes.jsonl --out=DIR
 
-Rows (``jaxvla/experiment.py``): SCRATCH (no pretraining), LAPA (LAPA LAQ + objective, bins
-head), VIPRA-AR (ViPRA LAQ + objective, bins head), VIPRA-FM (the same backbone, flow-matching
-head), ACTIONVLA (pretrained on ground-truth action bins: the upper bound). Budgets:
+Protocols (``jaxvla.experiment.PROTOCOLS``): ``day`` (the full comparison: ML45 pool of 20 videos
+per task, K=5 demonstrations per MT10 task, 8 rows x 3 seeds, at most 10 hours on 2 cores; every
+finished stage is reused, so interrupt and rerun freely) and ``demo`` (one row, ``make demo``).
+``--videos_per_task`` takes a list for the video-scaling study (0 runs SCRATCH rows only); rows of
+the extra pool sizes are named ``<row>@<videos>``.
 
-* ``hour``: the demo's stages (200 steps each, 5 videos and 2 demos per task) with 3 evaluation
-  episodes per task; about an hour on 2 CPU cores, less when ``--run_dir`` holds a finished
-  ``make demo`` run (its stages are reused: ``--run_dir=runs/demo``).
-* ``overnight``: 2000-3000 steps per stage, 20 videos and 10 demos per task, 20 episodes per task.
-
-Writes ``RESULTS.md`` (the table: mean success +- Wilson 95 % CI, wall time, per-task successes),
-``comparison.png`` (bar plot) and ``results.json`` into ``--run_dir``; finished stages and rows are
-reused, so an interrupted run continues.
+Writes into ``--out`` (default ``--run_dir``/results): ``episodes.jsonl`` (the raw per-episode
+records: row, seed, task, placement, env_seed, success, length), ``results.json`` (statistics:
+cluster-bootstrap intervals over seeds and placements, paired contrasts, gap closed),
+``RESULTS.md`` and ``comparison.png``. ``--from_records`` regenerates the last three exactly from
+the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -29,77 +32,170 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("budget", "hour", "hour | overnight | demo (jaxvla.experiment.BUDGETS).")
-flags.DEFINE_string("run_dir", "runs/reproduce", "Where every stage and the results go.")
+flags.DEFINE_string("protocol", "day", "day | demo (jaxvla.experiment.PROTOCOLS).")
+flags.DEFINE_boolean("plan", False, "Print the protocol (datasets, rows, steps, estimated hours) and exit.")
+flags.DEFINE_string("run_dir", "", "Where every stage goes (default runs/<protocol>).")
 flags.DEFINE_string("data_root", "runs/data", "Where the Meta-World datasets are (generated when missing).")
-flags.DEFINE_string("rows", "SCRATCH,LAPA,VIPRA-AR,VIPRA-FM,ACTIONVLA", "Rows to run, in order.")
-flags.DEFINE_integer("eval_episodes", 0, "Evaluation episodes per task (0: the budget's).")
-flags.DEFINE_integer("max_steps", 0, "Episode horizon (0: the budget's).")
-flags.DEFINE_integer("steps", 0, "Training steps of every stage (0: the budget's).")
-flags.DEFINE_integer("demos_per_task", 0, "Finetuning demonstrations per MT10 task (0: the budget's).")
-flags.DEFINE_integer("videos_per_task", 0, "Action-free videos per task for pretraining (0: the budget's).")
+flags.DEFINE_string("rows", "", "Comma list of rows (default: the protocol's), e.g. SCRATCH-flow,VIPRA-flow.")
+flags.DEFINE_string("seeds", "", "Comma list of finetuning seeds (default: the protocol's).")
+flags.DEFINE_integer("demos_per_task", 0, "K demonstrations per finetuning task (0: the protocol's; 2, 5, 10).")
+flags.DEFINE_string("videos_per_task", "", "Pool videos per task; a comma list runs the video-scaling study.")
+flags.DEFINE_string("pool_tasks", "", "Meta-World tasks of the video pool (default: the protocol's, ml45).")
+flags.DEFINE_string("finetune_tasks", "", "Tasks with demonstrations (default mt10; any Meta-World tasks).")
+flags.DEFINE_string("eval_tasks", "", "Evaluation tasks (default mt10).")
+flags.DEFINE_integer("eval_placements", 0, "Fixed evaluation placements per task (0: the protocol's).")
+flags.DEFINE_string("out", "", "Where the results go (default <run_dir>/results).")
+flags.DEFINE_string("from_records", "", "Regenerate results.json / RESULTS.md / comparison.png from this "
+                                        "episodes.jsonl instead of running anything.")
+flags.DEFINE_integer("bootstrap", 10_000, "Bootstrap replicates.")
+flags.DEFINE_boolean("ignore_laq_gate", False, "Pretrain on an LAQ that failed its gate (the verdict is recorded).")
 FLAGS = flags.FLAGS
 
+CONTRASTS = (("VIPRA", "SCRATCH"), ("LAPA", "SCRATCH"), ("VIPRA", "LAPA"))
 DESCRIPTIONS = {
     "SCRATCH": "no pretraining",
-    "LAPA": "LAPA latent actions (pairs)",
-    "VIPRA-AR": "ViPRA latent actions (clips) + future frame",
-    "VIPRA-FM": "ViPRA latent actions (clips) + future frame",
-    "ACTIONVLA": "ground-truth action bins",
+    "LAPA": "LAPA latent actions (pairs) from the pool",
+    "VIPRA": "ViPRA latent actions (clips) + future frames from the pool",
+    "ACTIONVLA": "the pool's true action bins (upper bound)",
 }
 
 
-def budget_from_flags():
-    from jaxvla.experiment import BUDGETS
+def protocols_from_flags():
+    """One Protocol per pool size of ``--videos_per_task`` (the protocol's own when unset)."""
+    from jaxvla.experiment import PROTOCOLS
 
-    if FLAGS.budget not in BUDGETS:
-        raise app.UsageError(f"--budget={FLAGS.budget!r}; expected one of {sorted(BUDGETS)}")
-    budget = BUDGETS[FLAGS.budget]
+    if FLAGS.protocol not in PROTOCOLS:
+        raise app.UsageError(f"--protocol={FLAGS.protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    base = PROTOCOLS[FLAGS.protocol]
     changes = {}
-    if FLAGS.eval_episodes:
-        changes["eval_episodes"] = FLAGS.eval_episodes
-    if FLAGS.max_steps:
-        changes["max_steps"] = FLAGS.max_steps
-    if FLAGS.steps:
-        changes.update(tokenizer_steps=FLAGS.steps, laq_steps=FLAGS.steps, pretrain_steps=FLAGS.steps,
-                       finetune_steps=FLAGS.steps)
+    if FLAGS.seeds:
+        try:
+            changes["seeds"] = tuple(int(s) for s in FLAGS.seeds.split(",") if s.strip())
+        except ValueError:
+            raise app.UsageError(f"--seeds={FLAGS.seeds!r}: expected integers, e.g. 0,1,2") from None
     if FLAGS.demos_per_task:
         changes["demos_per_task"] = FLAGS.demos_per_task
+    for flag in ("pool_tasks", "finetune_tasks", "eval_tasks"):
+        if getattr(FLAGS, flag):
+            changes[flag] = getattr(FLAGS, flag)
+    if FLAGS.eval_placements:
+        changes["eval_placements"] = FLAGS.eval_placements
+    if FLAGS.ignore_laq_gate:
+        changes["enforce_laq_gate"] = False
+    sizes = [base.videos_per_task]
     if FLAGS.videos_per_task:
-        changes["videos_per_task"] = FLAGS.videos_per_task
-    return dataclasses.replace(budget, **changes)
+        try:
+            sizes = [int(v) for v in FLAGS.videos_per_task.split(",") if v.strip()]
+        except ValueError:
+            raise app.UsageError(f"--videos_per_task={FLAGS.videos_per_task!r}: expected integers") from None
+    try:
+        return [dataclasses.replace(base, videos_per_task=v, **changes) for v in sizes]
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
-def markdown(results: list[dict], budget, date: str) -> str:
-    b = budget
-    lines = [
-        f"# LAPA / ViPRA comparison on Meta-World MT10 ({date})",
-        "",
-        f"Budget: tokenizer {b.tokenizer_steps}, LAQ {b.laq_steps}, pretraining {b.pretrain_steps}, finetuning "
-        f"{b.finetune_steps} steps; pretraining videos: {b.video_tasks} x {b.videos_per_task} episodes; "
-        f"finetuning: {b.demos_per_task} demos per MT10 task; evaluation: {b.eval_tasks} x {b.eval_episodes} episodes "
-        f"(horizon {b.max_steps} steps) at held-out placements.",
-        "",
-        "| row | pretraining | head | MT10 success | 95 % CI | wall time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        m = r["mean"]
-        lines.append(f"| {r['row']} | {DESCRIPTIONS[r['row']]} | {r['head']} | {m['successes']}/{m['episodes']} "
-                     f"({m['success_rate']:.1%}) | [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}] | "
-                     f"{r['wall_seconds'] / 60:.1f} min |")
-    lines += ["", "Wall time: every stage the row needs (shared stages counted in each row), 2 CPU cores.", "",
-              "Successes per task:", ""]
-    tasks = list(results[0]["tasks"]) if results else []
-    lines.append("| row | " + " | ".join(tasks) + " |")
-    lines.append("|---" * (len(tasks) + 1) + "|")
-    for r in results:
-        lines.append(f"| {r['row']} | " + " | ".join(f"{r['tasks'][t]['successes']}/{r['tasks'][t]['episodes']}"
-                                                     for t in tasks) + " |")
-    lines += ["", "Policy latency (ms per call, inference only):", ""]
-    lines += [f"- {r['row']}: {r['latency']['ms_per_call']:.0f} ms, {r['latency']['actions_per_call']:.1f} actions "
-              f"per call" for r in results]
+def row_label(row: str) -> str:
+    return row.split("-")[0].split("@")[0]
+
+
+def comparison(records: list[dict], replicates: int = 10_000) -> dict:
+    """Statistics of ``records`` (jaxvla.statistics.compare) with the protocol's contrasts per head
+    and, per head, the gap closed towards ACTIONVLA."""
+    from jaxvla import statistics
+
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    contrasts, gaps = [], []
+    for row in rows:
+        if "-" not in row:
+            continue
+        label, head = row.split("-", 1)
+        for a, b in CONTRASTS:
+            if label == a and f"{b}-{head}" in rows:
+                contrasts.append((row, f"{b}-{head}"))
+        if label in ("LAPA", "VIPRA") and f"SCRATCH-{head}" in rows and f"ACTIONVLA-{head}" in rows:
+            gaps.append((row, f"SCRATCH-{head}", f"ACTIONVLA-{head}"))
+    return statistics.compare(records, rows, contrasts=contrasts, gaps=gaps, replicates=replicates)
+
+
+def markdown(stats: dict, meta: dict) -> str:
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    def ci(c):
+        return f"[{pct(c[0])}, {pct(c[1])}]"
+
+    lines = [f"# LAPA / ViPRA comparison on Meta-World ({meta.get('date', '')}, protocol {meta.get('protocol', '')})",
+             ""]
+    if meta.get("plan_text"):
+        lines += ["```", meta["plan_text"], "```", ""]
+    lines += ["Success rate in %, 95 % interval from a cluster bootstrap over finetuning seeds (clusters) and "
+              f"placements (shared by all rows); {stats['placements']} placements, {stats['replicates']} replicates.",
+              "", "| row | pretraining | success % | 95 % CI | episodes | per-seed % |", "|---|---|---|---|---|---|"]
+    for row, r in stats["rows"].items():
+        seeds = ", ".join(pct(v) for v in r["per_seed"].values())
+        lines.append(f"| {row} | {DESCRIPTIONS.get(row_label(row), '')} | {pct(r['success_rate'])} | {ci(r['ci95'])} | "
+                     f"{r['successes']}/{r['episodes']} | {seeds} |")
+    if stats["contrasts"]:
+        lines += ["", "Paired contrasts (same placements; difference in percentage points):", "",
+                  "| contrast | difference | 95 % CI | share of replicates <= 0 |", "|---|---|---|---|"]
+        for name, c in stats["contrasts"].items():
+            lines.append(f"| {name} | {pct(c['difference'])} | {ci(c['ci95'])} | {c['p_not_greater']:.3f} |")
+    if stats["gaps"]:
+        lines += ["", "Gap closed towards the upper bound, (X - SCRATCH) / (ACTIONVLA - SCRATCH):", "",
+                  "| ratio | gap closed | 95 % CI | replicates undefined |", "|---|---|---|---|"]
+        for name, g in stats["gaps"].items():
+            lines.append(f"| {name} | {g['gap_closed']:.2f} | [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] | "
+                         f"{g['undefined_fraction']:.3f} |")
+    tasks = sorted({t for r in stats["rows"].values() for t in r["tasks"]})
+    lines += ["", "Per task (success %):", "", "| row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for row, r in stats["rows"].items():
+        lines.append(f"| {row} | " + " | ".join(pct(r["tasks"][t]["success_rate"]) if t in r["tasks"] else "-"
+                                               for t in tasks) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(path: str, stats: dict, title: str) -> str:
+    from jaxvla.evaluation import bar_plot
+
+    rows = list(stats["rows"])
+    return bar_plot(path, rows, [stats["rows"][r]["success_rate"] for r in rows],
+                    [stats["rows"][r]["ci95"] for r in rows], title)
+
+
+def publish(records: list[dict], out: str, meta: dict, replicates: int) -> dict:
+    """Writes episodes.jsonl (unless it is the input), results.json, RESULTS.md, comparison.png."""
+    from jaxvla.io.files import write_json, write_text
+
+    os.makedirs(out, exist_ok=True)
+    records_path = os.path.join(out, "episodes.jsonl")
+    if os.path.abspath(meta.get("records", "")) != os.path.abspath(records_path):
+        write_text(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    stats = comparison(records, replicates)
+    write_json(os.path.join(out, "results.json"), {**meta, "statistics": stats})
+    text = markdown(stats, meta)
+    write_text(os.path.join(out, "RESULTS.md"), text)
+    plot(os.path.join(out, "comparison.png"), stats,
+         f"Meta-World success, 95 % cluster-bootstrap CI ({meta.get('date', '')})")
+    return {"statistics": stats, "markdown": text}
+
+
+def read_records(path: str) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise app.UsageError(f"--from_records: {path} line {number} is not JSON ({e})") from None
+            missing = [k for k in ("row", "seed", "task", "placement", "success") if k not in record]
+            if missing:
+                raise app.UsageError(f"--from_records: {path} line {number} lacks {missing}")
+            records.append(record)
+    if not records:
+        raise app.UsageError(f"--from_records: {path} holds no records")
+    return records
 
 
 def main(argv):
@@ -108,37 +204,62 @@ def main(argv):
 
     logging.getLogger("jaxvla").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+    if FLAGS.from_records:
+        records = read_records(FLAGS.from_records)
+        out = FLAGS.out or os.path.dirname(os.path.abspath(FLAGS.from_records))
+        meta_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.from_records)), "results.json")
+        meta = {}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = {k: v for k, v in json.load(f).items() if k != "statistics"}
+        meta["records"] = FLAGS.from_records
+        print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
+        return
+
     from jaxvla import compilation_cache
+    from jaxvla.experiment import Experiment, format_plan, parse_row
+
+    protocols = protocols_from_flags()
+    run_dir = FLAGS.run_dir or os.path.join("runs", FLAGS.protocol)
+    experiments = [Experiment(run_dir, p, data_root=FLAGS.data_root) for p in protocols]
+    rows = [r.strip() for r in FLAGS.rows.split(",") if r.strip()] or None
+    for row in rows or []:
+        try:
+            parse_row(row)
+        except ValueError as e:
+            raise app.UsageError(f"--rows: {e}") from None
+    plans = []
+    for exp in experiments:
+        try:
+            plans.append(format_plan(exp.plan()))
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+    if FLAGS.plan:
+        print("\n\n".join(plans))
+        return
 
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
-    from jaxvla.evaluation import bar_plot
-    from jaxvla.experiment import ROWS, Experiment
-    from jaxvla.io.files import write_json, write_text
-
-    rows = [r.strip().upper() for r in FLAGS.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise app.UsageError(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
-    budget = budget_from_flags()
-    exp = Experiment(FLAGS.run_dir, budget, data_root=FLAGS.data_root)
     start = time.time()
-    results = []
-    for row in rows:
-        logging.getLogger("jaxvla").info("=== %s (%d/%d) ===", row, len(results) + 1, len(rows))
-        results.append(exp.run_row(row))
-        print(f"{row}: {results[-1]['mean']['successes']}/{results[-1]['mean']['episodes']} successes", flush=True)
-
+    records = []
+    for exp in experiments:
+        suffix = "" if len(experiments) == 1 else f"@{exp.protocol.videos_per_task}"
+        chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+        for record in exp.run(chosen):
+            record = dict(record)
+            if suffix and not record["row"].startswith("SCRATCH"):
+                record["row"] += suffix
+            records.append(record)
+    # SCRATCH rows do not depend on the pool: keep one copy of each.
+    unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
+    records = list(unique.values())
     date = time.strftime("%Y-%m-%d")
-    text = markdown(results, budget, date)
-    out = exp.run_dir
-    write_text(os.path.join(out, "RESULTS.md"), text)
-    bar_plot(os.path.join(out, "comparison.png"), [r["row"] for r in results],
-             [r["mean"]["success_rate"] for r in results], [r["mean"]["ci95"] for r in results],
-             f"Meta-World MT10 success ({budget.eval_episodes} episodes per task, {date})")
-    write_json(os.path.join(out, "results.json"), {"date": date, "budget": dataclasses.asdict(budget),
-                                                   "rows": results, "wall_seconds": time.time() - start})
-    print("\n" + text)
-    print(f"Files: {out}/RESULTS.md, {out}/comparison.png, {out}/results.json")
+    out = FLAGS.out or os.path.join(run_dir, "results")
+    meta = {"date": date, "protocol": FLAGS.protocol,
+            "protocols": [dataclasses.asdict(e.protocol) for e in experiments],
+            "plan_text": "\n\n".join(plans), "wall_seconds": time.time() - start}
+    print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
+    print(f"Files: {out}/RESULTS.md, comparison.png, results.json, episodes.jsonl")
 
 
 if __name__ == "__main__":

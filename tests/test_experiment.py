@@ -1,49 +1,155 @@
-"""The end-to-end experiment's bookkeeping (rows, stages, reuse) and the comparison's table; the
-stages themselves are tested in their own files and run by ``make demo`` / ``scripts/reproduce.py``."""
+"""The comparison protocol's bookkeeping (jaxvla/experiment.py: rows, seed streams, action-free
+pool, matched steps, stopping rule, reuse) and its report (scripts/reproduce.py); the stages
+themselves are tested in their own files and run by ``make demo`` / ``scripts/reproduce.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_rows_share_stages(tmp_path):
-    from jaxvla.experiment import BUDGETS, ROWS, Experiment
+def _reproduce():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import reproduce
+    finally:
+        sys.path.pop(0)
+    return reproduce
 
-    exp = Experiment(str(tmp_path), BUDGETS["hour"], data_root=str(tmp_path / "data"))
-    assert list(ROWS) == ["SCRATCH", "LAPA", "VIPRA-AR", "VIPRA-FM", "ACTIONVLA"]
-    assert exp.stages_of("SCRATCH") == ["tokenizer", "finetune_scratch_400x4", "eval_scratch_400x4"]
-    assert exp.stages_of("VIPRA-FM") == ["tokenizer", "laq_vipra", "labels_vipra", "pretrain_vipra",
-                                         "finetune_vipra-fm_400x4", "eval_vipra-fm_400x4"]
-    # VIPRA-AR and VIPRA-FM share the pretrained backbone; ACTIONVLA needs no LAQ.
-    assert set(exp.stages_of("VIPRA-AR")) & set(exp.stages_of("VIPRA-FM")) == {
-        "tokenizer", "laq_vipra", "labels_vipra", "pretrain_vipra"}
-    assert exp.stages_of("ACTIONVLA") == ["tokenizer", "pretrain_actionvla", "finetune_actionvla_400x4",
-                                          "eval_actionvla_400x4"]
-    # The demo / hour budgets read the configs' default dataset; overnight renders its own.
-    assert exp.video_data == exp.demo_data == str(tmp_path / "data" / "metaworld_mt10_64")
-    big = Experiment(str(tmp_path / "o"), BUDGETS["overnight"], data_root=str(tmp_path / "data"))
-    assert big.video_data.endswith("metaworld_mt10_20ep_64") and big.demo_data == big.video_data
-    with pytest.raises(ValueError, match="unknown row 'BOGUS'"):
-        exp.run_row("BOGUS")
+
+def test_day_plan_meets_the_protocol(tmp_path):
+    from jaxvla.experiment import HEADS, PRETRAININGS, PROTOCOLS, Experiment
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    plan = exp.plan()
+    pool, demos = plan["datasets"]["pool"], plan["datasets"]["demos"]
+    assert len(pool["tasks"]) == 45 and pool["episodes_per_task"] >= 20
+    assert set(demos["tasks"]) == set(plan["datasets"]["eval"]["tasks"]) and len(demos["tasks"]) == 10
+    assert demos["episodes_per_task"] == 5
+    assert pool["episodes"] >= 5 * demos["episodes"]
+    rows = plan["rows"]
+    assert {(r["pretraining"], r["head"]) for r in rows} == {(p, h) for p in PRETRAININGS for h in HEADS}
+    assert all(len(r["seeds"]) >= 3 for r in rows)
+    # Matched compute: equal pretraining across pretrained rows, equal totals for every row.
+    assert len({r["pretrain_steps"] for r in rows if r["pretraining"] != "none"}) == 1
+    assert len({r["total_steps"] for r in rows}) == 1
+    assert 0 < plan["estimated_hours"] <= 10
+
+
+def test_seed_streams_are_disjoint_and_tasks_overlap(tmp_path):
+    """MT10's tasks are in the ML45 pool, so disjointness must come from the seeds."""
+    from jaxvla.experiment import PROTOCOLS, Experiment
+    from jaxvla.sim.metaworld_env import episode_seed
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    streams = exp.seed_streams()
+    assert len(streams["pool"]) == 45 * 21 and len(streams["demos"]) == 10 * 7 and len(streams["eval"]) == 100
+    assert not (streams["pool"] & streams["demos"] or streams["pool"] & streams["eval"]
+                or streams["demos"] & streams["eval"])
+    assert episode_seed(101, "reach", 0) in streams["pool"]
+    # A protocol whose streams collide is refused.
+    import jaxvla.experiment as experiment
+
+    clash = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    original = experiment.DEMO_SEED
+    try:
+        experiment.DEMO_SEED = experiment.POOL_SEED
+        with pytest.raises(ValueError, match="seed streams pool and demos share"):
+            clash.seed_streams()
+    finally:
+        experiment.DEMO_SEED = original
+
+
+def test_rows_names_and_shared_stages(tmp_path):
+    from jaxvla.experiment import PROTOCOLS, Experiment, parse_row
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    assert parse_row("vipra-FLOW") == ("vipra", "flow")
+    with pytest.raises(ValueError, match="unknown row 'VIPRA-AR'"):
+        parse_row("VIPRA-AR")
+    scratch = exp.stage_names("SCRATCH-bins", 1)
+    assert scratch == ["tokenizer_pool20", "finetune_scratch-bins_mt10_k5_2400steps_s1",
+                       "eval_scratch-bins_mt10_k5_2400steps_s1"]
+    vipra_ar, vipra_fm = exp.stage_names("VIPRA-bins", 0), exp.stage_names("VIPRA-flow", 0)
+    assert set(vipra_ar) & set(vipra_fm) == {"tokenizer_pool20", "laq_vipra_pool20", "labels_vipra_pool20",
+                                             "pretrain_vipra_pool20"}
+    assert exp.stage_names("ACTIONVLA-flow", 2)[:2] == ["tokenizer_pool20", "pretrain_actionvla_pool20"]
+    # No videos: only SCRATCH rows exist.
+    none = dataclasses.replace(PROTOCOLS["day"], videos_per_task=0)
+    assert none.rows() == ["SCRATCH-bins", "SCRATCH-flow"]
+
+
+def test_pool_reaches_pretraining_without_actions(tmp_path, metaworld_dataset, monkeypatch):
+    """Every config the protocol hands to the LAQs, the labeller and LAPA / ViPRA pretraining reads
+    the pool's action-free view: its batches carry no action; ACTIONVLA's carry them."""
+    import jaxvla.trainer
+    from jaxvla.config import load_config
+    from jaxvla.data.pipeline import make_batches
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["demo"], data_root=str(tmp_path / "data"))
+    seen = {}
+
+    def fake_train(config, workdir):
+        seen[os.path.basename(workdir)] = config
+        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[])
+
+    monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
+    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "_laq_gate", lambda self, name, record: dict(record, gate={}))
+    exp.laq("lapa")
+    exp.laq("vipra")
+    for objective in ("lapa", "vipra", "actionvla"):
+        monkeypatch.setattr(Experiment, "labels", lambda self, kind: {})
+        exp.pretrain(objective)
+    configs = {name: c.data for name, c in seen.items()}
+    configs["labels"] = exp.label_data_config(load_config(os.path.join(REPO, "configs/laq.py:lapa_small")))
+    tag = exp.pool_tag
+    assert set(configs) == {f"tokenizer_{tag}", f"laq_lapa_{tag}", f"laq_vipra_{tag}", f"pretrain_lapa_{tag}",
+                            f"pretrain_vipra_{tag}", f"pretrain_actionvla_{tag}", "labels"}
+    for name, data in configs.items():
+        if name.startswith("tokenizer"):
+            continue  # the tokenizer's reader yields frames only
+        assert data.data_dir == exp.pool_data and not data.generate_metaworld
+        data = data.copy_and_resolve_references()
+        data.unlock()
+        data.data_dir = str(metaworld_dataset["out"])
+        data.sample = "frames"
+        data.latent_labels = ""
+        batch = next(iter(make_batches(data, batch_size=4, train=False, seed=0, process_index=0, process_count=1)))
+        has_actions = bool(batch["has_action"].any()) and bool(np.abs(batch["action"]).sum() > 0)
+        assert has_actions == (name == f"pretrain_actionvla_{tag}"), name
+
+
+def test_select_step_is_the_lowest_held_out_error():
+    from jaxvla.experiment import select_step
+
+    history = [(100, {"loss": 1.0, "eval/action_mse": 0.5}), (150, {"loss": 0.9}),
+               (200, {"eval/action_mse": 0.3}), (300, {"eval/action_mse": 0.3}), (400, {"eval/action_mse": 0.4})]
+    step, curve = select_step(history)
+    assert step == 200 and curve == [(100, 0.5), (200, 0.3), (300, 0.3), (400, 0.4)]
+    with pytest.raises(ValueError, match="never evaluated"):
+        select_step([(100, {"loss": 1.0})])
 
 
 def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
     import jaxvla.trainer
-    from jaxvla.experiment import BUDGETS, Experiment
-    from jaxvla.stages import vla
+    from jaxvla.experiment import PROTOCOLS, Experiment
 
-    exp = Experiment(str(tmp_path), BUDGETS["demo"], data_root=str(tmp_path / "data"))
-    os.makedirs(tmp_path / "tokenizer")
-    with open(tmp_path / "tokenizer" / "stage.json", "w") as f:
-        json.dump({"stage": "tokenizer", "wall_seconds": 12.0, "metrics": {"eval/psnr": 20.0}, "steps": 200}, f)
-    monkeypatch.setattr(vla, "has_checkpoint", lambda workdir: True)
+    exp = Experiment(str(tmp_path), PROTOCOLS["demo"], data_root=str(tmp_path / "data"))
+    os.makedirs(tmp_path / "tokenizer_pool4")
+    with open(tmp_path / "tokenizer_pool4" / "stage.json", "w") as f:
+        json.dump({"stage": "tokenizer_pool4", "wall_seconds": 12.0, "metrics": {"eval/psnr": 20.0}, "steps": 200}, f)
+    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
     calls = []
 
     def fake_train(config, workdir):
@@ -52,33 +158,103 @@ def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
     assert exp.tokenizer()["wall_seconds"] == 12.0 and calls == []  # reused
-    longer = Experiment(str(tmp_path), BUDGETS["overnight"], data_root=str(tmp_path / "data"))
-    record = longer.tokenizer()  # 2000 steps asked: the checkpoint is resumed and trained on
-    assert calls == [(2000, str(tmp_path / "tokenizer"))]
-    assert record["steps"] == 2000 and record["metrics"] == {"loss": 0.5}
+    longer = Experiment(str(tmp_path), dataclasses.replace(PROTOCOLS["demo"], tokenizer_steps=400),
+                        data_root=str(tmp_path / "data"))
+    record = longer.tokenizer()  # 400 steps asked: the checkpoint is resumed and trained on
+    assert calls == [(400, str(tmp_path / "tokenizer_pool4"))]
+    assert record["steps"] == 400 and record["metrics"] == {"loss": 0.5}
     assert os.path.getsize(record["loss_curve"]) > 1000
-    with open(tmp_path / "tokenizer" / "stage.json") as f:
-        assert json.load(f)["steps"] == 2000
 
 
-def test_comparison_table():
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    try:
-        import reproduce
-    finally:
-        sys.path.pop(0)
-    from jaxvla.experiment import BUDGETS
+def test_finetuning_is_matched_and_selects_on_held_out_demos(tmp_path, monkeypatch):
+    import jaxvla.trainer
+    from jaxvla.experiment import PROTOCOLS, Experiment
 
-    def row(name, head, wins, n):
-        from jaxvla.evaluation import wilson_interval
+    protocol = PROTOCOLS["day"]
+    exp = Experiment(str(tmp_path), protocol, data_root=str(tmp_path / "data"))
+    spec, scratch = exp.finetune_overrides("SCRATCH-flow", 2)
+    assert spec == "configs/finetune.py:scratch_flow_small"
+    assert scratch["num_steps"] == protocol.pretrain_steps + protocol.finetune_steps and scratch["seed"] == 2
+    spec, lapa = exp.finetune_overrides("LAPA-bins", 0)
+    assert spec == "configs/finetune.py:bins_small" and lapa["num_steps"] == protocol.finetune_steps
+    assert lapa["init_from"].endswith("pretrain_lapa_pool20")
+    for o in (scratch, lapa):
+        assert o["data.data_dir"] == exp.demo_data and o["data.few_demos_per_task"] == 5
+        assert o["eval_every"] == o["checkpoint.every"] == protocol.select_every
+        assert o["checkpoint.max_to_keep"] * o["checkpoint.every"] > o["num_steps"]
+    seen = []
 
-        return {"row": name, "head": head, "wall_seconds": 600.0,
-                "mean": {"successes": wins, "episodes": n, "success_rate": wins / n, "ci95": wilson_interval(wins, n)},
-                "tasks": {"reach": {"successes": wins, "episodes": n}},
-                "latency": {"ms_per_call": 50.0, "actions_per_call": 7.0}}
+    def fake_train(config, workdir):
+        seen.append(config)
+        return types.SimpleNamespace(metrics={"loss": 0.1}, history=[
+            (200, {"loss": 0.5, "eval/action_mse": 0.20}), (400, {"loss": 0.4, "eval/action_mse": 0.10}),
+            (600, {"loss": 0.3, "eval/action_mse": 0.15})])
 
-    text = reproduce.markdown([row("SCRATCH", "flow", 1, 10), row("VIPRA-FM", "flow", 5, 10)], BUDGETS["hour"],
-                              "2026-11-22")
-    assert "| SCRATCH | no pretraining | flow | 1/10 (10.0%) | [0.02, 0.40] | 10.0 min |" in text
-    assert "| VIPRA-FM |" in text and "[0.24, 0.76]" in text
-    assert "| row | reach |" in text and "| VIPRA-FM | 5/10 |" in text
+    monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
+    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
+    record = exp.finetune("SCRATCH-bins", 0)
+    assert record["selected_step"] == 400 and list(record["selection_curve"][0]) == [200, 0.2]
+    with open(tmp_path / exp.finetune_name("SCRATCH-bins", 0) / "stage.json") as f:
+        assert json.load(f)["selected_step"] == 400
+    assert seen[0].data.drop_actions is False
+
+
+def test_publish_regenerates_from_raw_records(tmp_path):
+    """results.json / RESULTS.md come from the raw records alone: --from_records reproduces them."""
+    reproduce = _reproduce()
+    rng = np.random.default_rng(0)
+    rates = {"SCRATCH-flow": 0.2, "VIPRA-flow": 0.5, "LAPA-flow": 0.4, "ACTIONVLA-flow": 0.8}
+    records = [{"row": row, "seed": s, "task": task, "placement": i, "env_seed": 0,
+                "success": bool(rng.random() < p), "length": 100}
+               for row, p in rates.items() for s in range(3) for task in ("reach", "push") for i in range(5)]
+    out = tmp_path / "res"
+    first = reproduce.publish(records, str(out), {"date": "2026-12-01", "protocol": "day"}, replicates=500)
+    stats = first["statistics"]
+    assert set(stats["contrasts"]) == {"VIPRA-flow - SCRATCH-flow", "LAPA-flow - SCRATCH-flow",
+                                       "VIPRA-flow - LAPA-flow"}
+    assert set(stats["gaps"]) == {"(LAPA-flow - SCRATCH-flow) / (ACTIONVLA-flow - SCRATCH-flow)",
+                                  "(VIPRA-flow - SCRATCH-flow) / (ACTIONVLA-flow - SCRATCH-flow)"}
+    for row in rates:
+        wins = [r["success"] for r in records if r["row"] == row]
+        assert stats["rows"][row]["success_rate"] == pytest.approx(np.mean(wins))
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == len(records) and json.loads(lines[0]) == records[0]
+    markdown = (out / "RESULTS.md").read_text()
+    assert "| VIPRA-flow - SCRATCH-flow |" in markdown and os.path.getsize(out / "comparison.png") > 1000
+    results = json.loads((out / "results.json").read_text())
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce.py"),
+                    f"--from_records={out / 'episodes.jsonl'}", f"--out={again}", "--bootstrap=500"],
+                   check=True, capture_output=True, cwd=REPO)
+    assert (again / "RESULTS.md").read_text() == markdown
+    assert json.loads((again / "results.json").read_text())["statistics"] == results["statistics"]
+
+
+def test_plan_command_prints_the_protocol_and_refuses_bad_flags():
+    script = os.path.join(REPO, "scripts", "reproduce.py")
+    out = subprocess.run([sys.executable, script, "--plan", "--demos_per_task=2", "--videos_per_task=10,50",
+                          "--finetune_tasks=ml45-test", "--eval_tasks=ml45-test"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "45 tasks (ml45) x 10 = 450 episodes" in out.stdout and "x 50 = 2250 episodes" in out.stdout
+    assert "5 tasks (ml45-test) x K=2 = 10 episodes" in out.stdout
+    assert "VIPRA-flow" in out.stdout and "estimated time" in out.stdout
+    bad = subprocess.run([sys.executable, script, "--plan", "--rows=VIPRA-AR"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode != 0 and "unknown row 'VIPRA-AR'" in bad.stderr
+
+
+def test_failed_laq_gate_stops_before_labelling(tmp_path, monkeypatch):
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    verdict = {"passed": False, "reasons": ["code usage 0.40 < 0.9"], "steps": 2000}
+    monkeypatch.setattr(Experiment, "laq", lambda self, kind: {"steps": 2000, "gate": verdict})
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    with pytest.raises(RuntimeError, match=r"laq_lapa_pool20 failed its gate: code usage 0.40 < 0.9"):
+        exp.labels("lapa")
+    lenient = Experiment(str(tmp_path), dataclasses.replace(PROTOCOLS["day"], enforce_laq_gate=False),
+                         data_root=str(tmp_path / "data"))
+    lenient.check_gate("lapa")  # logged, not raised
+    verdict["passed"] = True
+    exp.check_gate("vipra")
