@@ -21,6 +21,15 @@ sizes, per-dataset action statistics and normalisation mask (flow), and the bin 
 
 Inference is one jitted function per batch size (compiled on first use); the image tokenizer is
 jitted too. ``act_batch`` acts for B observations at once (``[B, K, A]``).
+
+Sampler noise (flow): without ``keys`` a call draws it from the policy's own stream (``seed`` /
+``reseed``: ``stream, key = split(stream)`` per call, the key shared by the batch). With per-row
+``keys`` (``[B, 2]`` uint32) row i's noise comes from ``keys[i]`` alone, as if it were called
+alone with that key, so its actions do not depend on which other rows share the batch (up to
+float rounding between batch sizes). ``seed_keys`` / ``split_keys`` run one stream per row:
+``streams = seed_keys(seeds)``, then per call ``streams, keys = split_keys(streams)`` gives row i
+the key a policy reseeded with ``seeds[i]`` would use at that call (what batched evaluation does
+to reproduce each episode of the unbatched scheme).
 """
 
 from __future__ import annotations
@@ -44,6 +53,26 @@ def _scalar(value) -> int:
     return int(np.asarray(value))
 
 
+_seed_rows = jax.jit(jax.vmap(jax.random.PRNGKey))
+_split_rows = jax.jit(jax.vmap(jax.random.split))
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """``PRNGKey(seed)`` of every row, ``[B, 2]`` uint32: the streams of policies reseeded with
+    ``seeds`` (each in [0, 2**32))."""
+    seeds = np.asarray(seeds, np.int64).reshape(-1)
+    if seeds.size and (seeds.min() < 0 or seeds.max() >= 2**32):
+        raise ValueError(f"sampler seeds must be in [0, 2**32), got {seeds.min()}..{seeds.max()}")
+    return np.asarray(_seed_rows(seeds.astype(np.uint32)))
+
+
+def split_keys(streams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One call's step of every row's stream, ``[B, 2]`` uint32 -> (the streams after it, this
+    call's keys): ``stream, key = split(stream)``, what ``act_batch`` does to its own stream."""
+    pairs = np.asarray(_split_rows(np.asarray(streams, np.uint32)))
+    return pairs[:, 0], pairs[:, 1]
+
+
 def prompt_token_budget(head: str, seq_len: int, markers, vocab, tokens_per_frame: int, *, chunk: int,
                         action_dim: int) -> int:
     """How many prompt ids (bos and template included) fit in one ``seq_len`` sequence of ``head``:
@@ -63,7 +92,7 @@ class Policy:
 
     Build with :meth:`from_checkpoint`. ``act`` / ``act_batch`` are deterministic given the
     constructor's ``seed`` and the sequence of calls (the flow sampler's noise comes from a key
-    split at every call).
+    split at every call), or given the per-row ``keys`` when those are passed.
     """
 
     def __init__(self, params: Any, config, assets: Mapping[str, Any], *, step: int = 0, checkpoint: str = "",
@@ -132,7 +161,7 @@ class Policy:
         models = Models(config, self.vocab, self.action_dim)
         self.params = jax.device_put(params)
         self._rng = jax.random.PRNGKey(seed)
-        self._infer = self._make_infer(models)
+        self._infer, self._infer_rows = self._make_infer(models)
 
     # ------------------------------------------------------------------ construction
 
@@ -160,13 +189,19 @@ class Policy:
         return policy
 
     def _make_infer(self, models):
+        """(batch key, per-row keys) inference functions ``(params, seq, rng or keys [B, 2])``."""
         from jaxvla.losses import finetune as losses
 
         if self.head == "flow":
             sample = functools.partial(losses.sample_action_chunk, **models.flow_modules, num_steps=self.flow_steps)
-            return jax.jit(sample)
+
+            def row(params, seq_row, key):  # one sequence as a batch of 1, its own noise
+                return sample(params, jax.tree.map(lambda x: x[None], seq_row), key)[0]
+
+            return jax.jit(sample), jax.jit(jax.vmap(row, in_axes=(None, 0, 0)))
         decode = functools.partial(losses.predict_bins_cached, backbone=models.backbone)
-        return jax.jit(lambda params, seq, rng: decode(params, seq))
+        infer = jax.jit(lambda params, seq, rng: decode(params, seq))
+        return infer, infer  # greedy: no noise, rows are independent already
 
     # ------------------------------------------------------------------ description
 
@@ -217,8 +252,10 @@ class Policy:
         packed = batch_sequences(seqs)
         return {k: packed[k] for k in SEQUENCE_INPUTS}
 
-    def act_batch(self, images: np.ndarray, instructions: Sequence[str]) -> np.ndarray:
-        """float32 ``[B, K, A]`` (bins: K = 1) in the robot's units for frames ``[B, S, S, 3]``."""
+    def act_batch(self, images: np.ndarray, instructions: Sequence[str], keys: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[B, K, A]`` (bins: K = 1) in the robot's units for frames ``[B, S, S, 3]``.
+        ``keys`` (flow): per-row sampler keys ``[B, 2]`` uint32 (``split_keys``); None draws one
+        key from the policy's stream. The bins head is greedy and ignores them."""
         images = self._check_images(images)
         instructions = list(instructions)
         if len(instructions) != len(images):
@@ -226,9 +263,16 @@ class Policy:
         for i, instruction in enumerate(instructions):
             if not isinstance(instruction, (str, bytes)):
                 raise TypeError(f"instruction {i} must be a string, got {type(instruction).__name__}")
+        if keys is not None:
+            keys = np.asarray(keys)
+            if keys.shape != (len(images), 2) or keys.dtype != np.uint32:
+                raise ValueError(f"keys must be uint32 [{len(images)}, 2] (one per row), got {keys.dtype} {keys.shape}")
         seq = self.sequences(images, instructions)
-        self._rng, rng = jax.random.split(self._rng)
-        out = np.asarray(self._infer(self.params, seq, rng))
+        if keys is None:
+            self._rng, rng = jax.random.split(self._rng)
+            out = np.asarray(self._infer(self.params, seq, rng))
+        else:
+            out = np.asarray(self._infer_rows(self.params, seq, keys))
         return self.to_robot_units(out)
 
     def check_instruction(self, instruction: str) -> None:
@@ -238,12 +282,15 @@ class Policy:
             raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
         self.prompts(instruction)
 
-    def act(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
-        """float32 ``[K, A]`` for one observation ``{"image": uint8 [S, S, 3]}``."""
+    def act(self, observation: Mapping[str, Any], instruction: str, key: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[K, A]`` for one observation ``{"image": uint8 [S, S, 3]}``; ``key``: this
+        call's sampler key ``[2]`` uint32 (as a row of ``act_batch``'s ``keys``), else the
+        policy's stream."""
         if "image" not in observation:
             raise KeyError(f"observation needs 'image' (uint8 [{self.image_size}, {self.image_size}, 3]); "
                            f"got keys {sorted(observation)}")
-        return self.act_batch(np.asarray(observation["image"])[None], [instruction])[0]
+        keys = None if key is None else np.asarray(key)[None]
+        return self.act_batch(np.asarray(observation["image"])[None], [instruction], keys)[0]
 
     def to_robot_units(self, out: np.ndarray) -> np.ndarray:
         """Model outputs -> actions: flow ``[B, K, A]`` normalised -> unnormalised; bins ``[B, A]``
@@ -261,12 +308,15 @@ class Policy:
 
     def reseed(self, seed: int) -> None:
         """Restart the sampler's noise stream (flow) from ``seed``: an episode's actions then do
-        not depend on what the policy did before (evaluation reseeds per episode)."""
+        not depend on what the policy did before (unbatched evaluation reseeds per episode; batched
+        evaluation runs the same stream per row, ``seed_keys`` / ``split_keys``)."""
         self._rng = jax.random.PRNGKey(int(seed))
 
     def compiled_variants(self) -> int:
-        """How many times the inference function was compiled (one per batch size used)."""
-        return int(self._infer._cache_size())
+        """How many times inference was compiled: one per batch size used, with and without
+        per-row ``keys`` counted apart (flow; the bins head shares one function)."""
+        rows = self._infer_rows is not self._infer
+        return int(self._infer._cache_size()) + (int(self._infer_rows._cache_size()) if rows else 0)
 
 
 class ActionChunker:

@@ -3,9 +3,13 @@
     python scripts/evaluate.py --checkpoint=runs/ft_flow --tasks=mt10 --episodes=10 [--seed=0]
 
 Prints a per-task table (success, Wilson 95 % CI, mean episode length) and the policy latency;
-writes ``results.json``, ``success.png`` (bar plot) and ``rollouts/*.gif`` (one success and one
-failure per task when there are any) to ``--out_dir`` (default ``<checkpoint>/eval``). Episodes
-run in ``--workers`` processes (default: 2, one per core). See ``jaxvla/evaluation.py``.
+writes ``results.json`` (with one record per episode), ``success.png`` (bar plot) and
+``rollouts/*.gif`` (one success and one failure per task when there are any) to ``--out_dir``
+(default ``<checkpoint>/eval``). ``--batch_envs`` episodes run at once (default 8 on 2 cores):
+their environments step and render in ``--workers`` processes (default: 2, one per core) and
+the policy acts for all of them in one batched call per round in this process;
+``--batch_envs=0`` is the unbatched scheme (each worker its own policy, one call per episode
+replan). The episodes are the same either way. See ``jaxvla/evaluation.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ flags.DEFINE_string("tasks", "mt10", "mt10, mt50 or a comma-separated list of Me
 flags.DEFINE_integer("episodes", 10, "Episodes per task.")
 flags.DEFINE_integer("seed", 0, "Evaluation seed (object placements and sampler noise).")
 flags.DEFINE_integer("max_steps", 150, "Steps before an episode counts as a failure (Meta-World runs at 80 Hz).")
-flags.DEFINE_integer("workers", 0, "Rollout processes (0: min(2, cores)).")
+flags.DEFINE_integer("workers", 0, "Rollout processes (0: min(2, cores)): environments (batched) or environments "
+                     "and a policy each (--batch_envs=0).")
+flags.DEFINE_integer("batch_envs", -1, "Episodes at once, one policy call for all of them per round (-1: 4 per "
+                     "worker, at least 8, at most all episodes; 0: unbatched, one call per episode replan).")
 flags.DEFINE_integer("execute", 0, "Actions executed per policy call (0: the checkpoint's execute_steps).")
 flags.DEFINE_string("camera", "corner", "Camera preset; must match the training data's.")
 flags.DEFINE_string("out_dir", "", "Where results go (default <checkpoint>/eval).")
@@ -42,13 +49,19 @@ def main(argv):
     from jaxvla.evaluation import evaluate, format_table
 
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.checkpoint, "eval")
+    if FLAGS.batch_envs < -1:
+        raise app.UsageError(f"--batch_envs must be >= 0, or -1 for the default; got {FLAGS.batch_envs}")
     summary = evaluate(FLAGS.checkpoint, FLAGS.tasks, FLAGS.episodes, seed=FLAGS.seed, max_steps=FLAGS.max_steps,
                        workers=FLAGS.workers or None, execute=FLAGS.execute or None, out_dir=out_dir,
-                       camera=FLAGS.camera, tokenizer_checkpoint=FLAGS.tokenizer_checkpoint or None)
+                       camera=FLAGS.camera, tokenizer_checkpoint=FLAGS.tokenizer_checkpoint or None,
+                       batch_envs=None if FLAGS.batch_envs == -1 else FLAGS.batch_envs)
     print(format_table(summary))
-    print(f"\n{summary['mean']['episodes']} episodes in {summary['wall_seconds']:.0f} s with "
-          f"{summary['settings']['workers']} workers. Files: {out_dir}/results.json, {out_dir}/success.png, "
-          f"{len(summary['files']['gifs'])} GIFs in {out_dir}/rollouts/")
+    s = summary["settings"]
+    scheme = (f"{s['batch_envs']} at once, {s['workers']} environment workers" if s["batch_envs"]
+              else f"unbatched, {s['workers']} workers")
+    print(f"\n{summary['mean']['episodes']} episodes in {summary['wall_seconds']:.0f} s "
+          f"({summary['episodes_per_minute']:.1f} per minute; {scheme}). Files: {out_dir}/results.json, "
+          f"{out_dir}/success.png, {len(summary['files']['gifs'])} GIFs in {out_dir}/rollouts/")
 
 
 if __name__ == "__main__":

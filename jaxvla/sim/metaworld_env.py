@@ -43,7 +43,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
-from metaworld.env_dict import ALL_V3_ENVIRONMENTS, MT10_V3  # noqa: E402
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML45_V3, MT10_V3  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
 from jaxvla.sim import instructions as _instructions  # noqa: E402
@@ -52,6 +52,10 @@ _SUFFIX = "-v3"
 
 MT50_TASKS: tuple[str, ...] = tuple(name[: -len(_SUFFIX)] for name in ALL_V3_ENVIRONMENTS)
 MT10_TASKS: tuple[str, ...] = tuple(name[: -len(_SUFFIX)] for name in MT10_V3)
+# ML45's 45 training tasks (a superset of MT10) and its 5 held-out test tasks.
+ML45_TRAIN_TASKS: tuple[str, ...] = tuple(name[: -len(_SUFFIX)] for name in ML45_V3["train"])
+ML45_TEST_TASKS: tuple[str, ...] = tuple(name[: -len(_SUFFIX)] for name in ML45_V3["test"])
+TASK_SETS = {"mt10": MT10_TASKS, "mt50": MT50_TASKS, "ml45": ML45_TRAIN_TASKS, "ml45-test": ML45_TEST_TASKS}
 
 DEFAULT_MAX_EPISODE_STEPS = 500  # Meta-World's own horizon (SawyerXYZEnv.max_path_length).
 STATE_DIM = 39
@@ -80,20 +84,20 @@ def canonical_task(task: str) -> str:
 def task_names(spec: str | Sequence[str]) -> list[str]:
     """Expand a task spec into canonical task names.
 
-    ``spec`` is ``"mt10"``, ``"mt50"`` (case-insensitive), a comma-separated list such as
+    ``spec`` is a set name of ``TASK_SETS`` (``"mt10"``, ``"mt50"``, ``"ml45"``: ML45's training
+    tasks, ``"ml45-test"``: its test tasks; case-insensitive), a comma-separated list such as
     ``"reach,button-press-v3"``, or a sequence of names. Order is kept, duplicates dropped.
     """
     if isinstance(spec, str):
         key = spec.strip().lower()
-        if key == "mt10":
-            return list(MT10_TASKS)
-        if key == "mt50":
-            return list(MT50_TASKS)
+        if key in TASK_SETS:
+            return list(TASK_SETS[key])
         items = [part for part in key.split(",") if part.strip()]
     else:
         items = list(spec)
     if not items:
-        raise ValueError(f"Empty task spec {spec!r}: use 'mt10', 'mt50' or a comma-separated list of tasks.")
+        raise ValueError(f"Empty task spec {spec!r}: use one of {sorted(TASK_SETS)} or a comma-separated list of "
+                         "tasks.")
     unknown = []
     names: list[str] = []
     for item in items:
@@ -350,10 +354,13 @@ class MetaWorldEnv:
         self._state = np.asarray(raw, dtype=np.float32)
         return self._observation()
 
-    def step(self, action) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+    def step(self, action, render: bool = True) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Apply ``action`` (4 floats, clipped to [-1, 1]).
 
         Returns ``(obs, reward, terminated, truncated, info)``; ``info["success"]`` is a bool.
+        ``render=False`` leaves the frame out of ``obs`` (``"state"`` only): rendering is most of
+        a step's cost, and a caller executing a chunk of actions needs the last frame alone
+        (``render()`` gives it; rendering never changes the simulation).
         """
         self._check_open()
         if self._needs_reset:
@@ -371,7 +378,8 @@ class MetaWorldEnv:
         truncated = self._steps >= self.max_episode_steps
         if terminated or truncated:
             self._needs_reset = True
-        return self._observation(), float(reward), bool(terminated), bool(truncated), info
+        obs = self._observation() if render else {"state": self._state.copy()}
+        return obs, float(reward), bool(terminated), bool(truncated), info
 
     def render(self) -> np.ndarray:
         """The current frame, uint8 ``[S, S, 3]``, from the fixed upright camera."""
