@@ -411,7 +411,7 @@ class EnvPool:
 
     def __init__(self, settings: EvalSettings, image_size: int, slots: int, workers: int):
         self.workers = max(1, min(int(workers), int(slots)))
-        keep = max(2, -(-int(slots) // self.workers))  # idle environments a worker keeps: one per slot
+        keep = min(4, max(2, -(-int(slots) // self.workers)))  # idle environments a worker keeps
         self._local = None
         self._procs, self._conns = [], []
         if self.workers == 1:
@@ -610,11 +610,12 @@ def _replay_frames(pool: EnvPool, rows: Sequence[dict[str, Any]]) -> None:
         row["frames"] = replay["frames"]
 
 
-def default_batch_envs(workers: int, episodes: int) -> int:
-    """Episodes run at once by default: 4 per environment worker, at least 8 (a round's call
-    serves enough episodes to amortise its fixed cost; every running episode holds an
-    environment of ~150 MiB), at most all of them."""
-    return max(1, min(int(episodes), max(8, 4 * int(workers))))
+def default_batch_envs(workers: int, episodes: int, tasks: int = 1) -> int:
+    """Episodes run at once by default: one per task up to 16 (each slot then keeps to its task
+    and its environment for all the task's episodes, and every round is full), else 4 per
+    environment worker, at least 8 (a round's call serves enough episodes to amortise its fixed
+    cost; every running episode holds an environment of ~150 MiB); at most all of them."""
+    return max(1, min(int(episodes), max(8, 4 * int(workers), min(int(tasks), 16))))
 
 
 def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, workers: int = 1,
@@ -634,7 +635,7 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
         bar.set_postfix(success=f"{np.mean(successes):.2f}")
 
     if batch_envs is None:
-        batch_envs = default_batch_envs(workers, len(jobs))
+        batch_envs = default_batch_envs(workers, len(jobs), len(tasks))
     timing: dict[str, Any] = {"calls": None, "batch_size": 1, "first_call_seconds": None}
     try:
         if batch_envs <= 0:
@@ -734,7 +735,7 @@ def evaluate(checkpoint: str, tasks: str | Sequence[str] = "mt10", episodes: int
     workers = int(workers or min(os.cpu_count() or 1, 2))
     workers = max(1, min(workers, total))
     if batch_envs is None:
-        batch_envs = default_batch_envs(workers, total)
+        batch_envs = default_batch_envs(workers, total, len(names))
     batch_envs = min(int(batch_envs), total)
     if batch_envs:
         workers = min(workers, batch_envs)

@@ -5,11 +5,12 @@
 Prints a per-task table (success, Wilson 95 % CI, mean episode length) and the policy latency;
 writes ``results.json`` (with one record per episode), ``success.png`` (bar plot) and
 ``rollouts/*.gif`` (one success and one failure per task when there are any) to ``--out_dir``
-(default ``<checkpoint>/eval``). ``--batch_envs`` episodes run at once (default 8 on 2 cores):
-their environments step and render in ``--workers`` processes (default: 2, one per core) and
-the policy acts for all of them in one batched call per round in this process;
-``--batch_envs=0`` is the unbatched scheme (each worker its own policy, one call per episode
-replan). The episodes are the same either way. See ``jaxvla/evaluation.py``.
+(default ``<checkpoint>/eval``). ``--batch_envs`` episodes run at once (default: one per task
+up to 16, at least 8; 10 for MT10): their environments step and render in ``--workers``
+processes (default: 2, one per core) and the policy acts for all of them in one batched call per
+round in this process; ``--batch_envs=0`` is the unbatched scheme (each worker its own policy,
+one call per episode replan). The episodes are the same either way. See
+``jaxvla/evaluation.py``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ flags.DEFINE_integer("seed", 0, "Evaluation seed (object placements and sampler 
 flags.DEFINE_integer("max_steps", 150, "Steps before an episode counts as a failure (Meta-World runs at 80 Hz).")
 flags.DEFINE_integer("workers", 0, "Rollout processes (0: min(2, cores)): environments (batched) or environments "
                      "and a policy each (--batch_envs=0).")
-flags.DEFINE_integer("batch_envs", -1, "Episodes at once, one policy call for all of them per round (-1: 4 per "
-                     "worker, at least 8, at most all episodes; 0: unbatched, one call per episode replan).")
+flags.DEFINE_integer("batch_envs", -1, "Episodes at once, one policy call for all of them per round (-1: one per "
+                     "task up to 16, at least 8 and 4 per worker, at most all episodes; 0: unbatched, one call "
+                     "per episode replan).")
 flags.DEFINE_integer("execute", 0, "Actions executed per policy call (0: the checkpoint's execute_steps).")
 flags.DEFINE_string("camera", "corner", "Camera preset; must match the training data's.")
 flags.DEFINE_string("out_dir", "", "Where results go (default <checkpoint>/eval).")

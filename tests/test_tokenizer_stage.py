@@ -125,13 +125,13 @@ def test_cli_trains_then_resumes(tmp_path):
         "--config.optimizer.decay_steps=10",
     ]
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_NUM_CPU_DEVICES": "1"}
-    first = subprocess.run(common + ["--config.num_steps=2"], env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(common + ["--config.num_steps=2"], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(common + ["--config.num_steps=3"], env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(common + ["--config.num_steps=3"], env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step 2" in second.stderr
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
     assert (workdir / "config.json").exists()
 
-    bad = subprocess.run(common + ["--config.num_steps=3", "--config.mesh.fsdp=3"], env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(common + ["--config.num_steps=3", "--config.mesh.fsdp=3"], env=env, capture_output=True, text=True, timeout=900)
     assert bad.returncode != 0 and "config.mesh" in bad.stderr
