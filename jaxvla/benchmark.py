@@ -148,7 +148,6 @@ def realistic_backbone_stage(config):
     """(stage, layout) of pretraining on :func:`realistic_examples` (see the module docstring):
     the synthetic stage's backbone and loss with real-length examples; ``layout``: the
     ``PackingLayout`` (None unpacked). Global batch ``s`` depends on (seed, s) only."""
-    from jaxvla.data import sequences as seq
     from jaxvla.losses.pretrain import check_target_caps
     from jaxvla.stages import pretrain
 
@@ -166,27 +165,9 @@ def realistic_backbone_stage(config):
                                      pretrain.packing_group(config), mc.seq_len)
         caps = layout.row_caps
         log.info("packing (benchmark, real prompt lengths): %s", pretrain.describe_layout(layout, config.batch_size))
-    rows_total = config.batch_size if layout is None else layout.num_rows
-    per_process = rows_total // jax.process_count()
-    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-
-    def global_batch(seed, step):
-        built = realistic_examples(mc, vocab, prompts, np.random.default_rng([seed, step]), config.batch_size)
-        if layout is not None:
-            batch = pretrain.pack_batch(built, layout)
-        else:
-            batch = seq.stack_examples(built)
-            check_target_caps(batch, caps, "config.model.max_targets")
-        return {key: value[rows] for key, value in batch.items()}
-
-    def batches(start_step: int):
-        step = start_step
-        while True:
-            yield global_batch(config.seed, step)
-            step += 1
-
-    def eval_batches():
-        return (global_batch(config.seed + 1, i) for i in range(max(1, config.eval_batches)))
+    batches, eval_batches = pretrain.seeded_batch_streams(
+        config, lambda rng, n: realistic_examples(mc, vocab, prompts, rng, n), layout,
+        check=lambda batch: check_target_caps(batch, caps, "config.model.max_targets"))
 
     assets = {"objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
               "seq_len": np.asarray(mc.seq_len)}

@@ -241,13 +241,27 @@ def synthetic_batches(config, vocab: seq.Vocab):
         longest = examples(np.random.default_rng(0), 1)[0]  # every synthetic example has this length
         layout = layout_for(longest, config.batch_size, packing_group(config), mc.seq_len)
         log.info("packing (synthetic): %s", describe_layout(layout, config.batch_size))
+    batches, eval_batches = seeded_batch_streams(config, examples, layout)
+    return batches, eval_batches, layout
+
+
+def seeded_batch_streams(config, examples, layout, check=None):
+    """(batches(start_step), eval_batches()) of generated examples: global batch ``s`` is
+    ``examples(np.random.default_rng([seed, s]), batch_size)`` stacked (``layout`` None; then
+    ``check(batch)`` if given) or packed into ``layout``; each process takes its rows, so any
+    process count sees the same global batch. Eval batches use ``config.seed + 1``."""
     rows_total = config.batch_size if layout is None else layout.num_rows
     per_process = rows_total // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
     def global_batch(seed, step):
         built = examples(np.random.default_rng([seed, step]), config.batch_size)
-        batch = seq.stack_examples(built) if layout is None else pack_batch(built, layout)
+        if layout is None:
+            batch = seq.stack_examples(built)
+            if check is not None:
+                check(batch)
+        else:
+            batch = pack_batch(built, layout)
         return {key: value[rows] for key, value in batch.items()}
 
     def batches(start_step: int):
@@ -259,7 +273,7 @@ def synthetic_batches(config, vocab: seq.Vocab):
     def eval_batches():
         return (global_batch(config.seed + 1, i) for i in range(max(1, config.eval_batches)))
 
-    return batches, eval_batches, layout
+    return batches, eval_batches
 
 
 def build(config) -> Stage:
