@@ -5,17 +5,23 @@ Variants (``[scratch_]<head>_<size>``):
 * ``flow_small`` (default): ViPRA-FM: a chunk of ``model.chunk`` = 14 normalised actions (q01/q99
   -> [-1, 1]) enters as 14 action-encoder tokens after the prefix (prompt + image tokens); a
   velocity head reads them back. 10 Euler steps at inference, prefix in a KV cache.
-* ``bins_small``: LAPA / OpenVLA: the first action of the chunk (``chunk`` = 1, A tokens) as 256
-  equal-frequency bins per dim (gripper binary), cross-entropy on the action head.
+* ``bins_small``: ViPRA-AR: a chunk of ``model.chunk`` = 14 actions decoded as discrete tokens, 256
+  equal-frequency bins per dim (gripper binary), 14 x A bin tokens time-major after the prefix,
+  cross-entropy on the action head (padded steps past the episode's end carry no loss), decoded
+  greedily with the prefix in a KV cache; a policy executes ``model.execute_steps`` = 7 of the 14
+  before replanning. LAPA / OpenVLA predict one action: ``--config.model.chunk=1`` (A tokens;
+  ``data.chunk_size`` follows ``model.chunk``, they are one linked value).
 * ``scratch_flow_small`` / ``scratch_bins_small``: the same, and documented as the SCRATCH
   baseline: never pass ``--config.init_from`` to them.
 * ``flow_lwm7b`` / ``bins_lwm7b``: the LWM 7B backbone, bf16, remat, FSDP; ViPRA FT (AdamW 4e-4,
-  30k steps, rows of at most 768 tokens) and LAPA FT (2000 steps).
+  30k steps, rows of at most 768 tokens) and LAPA FT's schedule (2000 steps; 14-action chunks
+  like ``bins_small``, LAPA's single action with ``--config.model.chunk=1``).
 
 Sequences are sized to the real need: the longest example has a ``model.prompt_tokens``-id prompt
 (a longer instruction is an error naming the key). Flow keeps one example a row of exactly that
 length (its fixed prefix feeds the KV-cached sampler); bins packs ``model.pack`` several examples
-a row of at most ``model.seq_len`` tokens (``jaxvla/stages/finetune.py``).
+a row of at most ``model.seq_len`` tokens (``jaxvla/stages/finetune.py``): at small an example is
+169 tokens with 14-action chunks (2 a row of at most 384), 117 with ``chunk=1``.
 
 ``init_from`` is "" in every variant: finetuning from latent pretraining is the command line's
 ``--config.init_from=<pretrain workdir>`` (the backbone is kept; the latent table / head are
@@ -85,14 +91,19 @@ def get_config(variant: str = "flow_small"):
             max_len=0,
             rope_theta=0.0,
             attention="",  # "" (einsum on CPU, JAX's choice elsewhere) | einsum | xla | cudnn
+            # Layers per nn.scan iteration (LlamaConfig.scan_unroll; 0 = fully unrolled); the stacked
+            # parameter layout is the same. 1: fully unrolled, the KV-cached flow sampler was no faster
+            # on the 2-core CPU (scripts/bench_flow_inference.py --config.model.scan_unroll=0).
+            scan_unroll=1,
             # The most tokens a row may hold: packed bins rows take as many examples as fit (and
-            # divide the batch, as in pretraining: 2 of 117 tokens at small); flow's one-example
-            # rows (121 tokens at small) must fit it.
-            seq_len=(192 if flow else 256) if small else 768,
+            # divide the batch, as in pretraining: 2 of 169 tokens at small with 14-action chunks);
+            # flow's one-example rows (121 tokens at small) must fit it.
+            seq_len=(192 if flow else 384) if small else 768,
             # The prompt budget in ids (bos and LAPA's template included; pretraining's
             # pack_prompt_tokens): the longest example, the one every row is sized to, is
             # prompt_tokens + <vision> (3) + the image tokens (small: 64) + eov + </vision> (3)
-            # + 14 flow slots (small: 121 tokens), or + <delta> (3) + 4 bins + </delta> (3) (117).
+            # + 14 flow slots (small: 121 tokens), or + <delta> (3) + chunk x 4 bins + </delta> (3)
+            # (small: 169 tokens with 14-action chunks, 117 with chunk=1).
             # A longer instruction is an error naming this key; a policy gets the same budget from
             # its checkpoint. Meta-World MT10's prompts are 26-34 ids (MT50's up to 41).
             prompt_tokens=36 if small else 64,
@@ -100,13 +111,29 @@ def get_config(variant: str = "flow_small"):
             # 1, 2, ..., positions restarting per example), the loss the mean over examples. False:
             # one example a row. Flow never packs (its KV-cached sampler reads one prefix a row).
             pack=not flow,
-            # flow: K actions per chunk (ViPRA K = 14); bins: LAPA / OpenVLA predict one action.
-            chunk=14 if flow else 1,
+            # K actions per chunk: flow (ViPRA-FM) and bins (ViPRA-AR) K = 14; LAPA / OpenVLA's bins
+            # predict one action: chunk=1. data.chunk_size is linked to it (a FieldReference).
+            chunk=14,
             flow_steps=10,  # Euler steps at inference
             time_alpha=1.5,  # s ~ Beta(alpha, beta)
             time_beta=1.0,
             time_dim=0,  # action encoder's time embedding (0: min(256, the backbone width))
-            execute_steps=7,  # for policies: actions executed of each chunk before replanning
+            # for policies: actions executed of each chunk before replanning (7 of ViPRA's 14; a
+            # policy clips it to the chunk, so chunk=1 executes every prediction)
+            execute_steps=7,
+            # Frame history (ViPRA's o_{t-k}): 1 puts the frame history_stride control steps before
+            # o_t into the vision block, "<vision> o_{t-k} eof o_t eov </vision>" (frame 0 when
+            # t < k; a policy keeps each episode's frames to feed the same). +65 tokens per example
+            # at small (64 codes + eof): raise seq_len where rows would not fit. The protocol: 1, k = 7.
+            history_frames=0,
+            history_stride=7,
+            # Proprioceptive state in the prompt (pi0-FAST style, ours: LAPA / ViPRA read images and
+            # text only): "" off; "4" (or "0:4", "0,1,2,3") the first 4 dims of Meta-World's 39-d
+            # state (hand xyz, gripper opening; never object poses), each as one of 256 bins over the
+            # finetuning data's q01..q99: "...? State: 12 200 45 3. ASSISTANT:". The state text
+            # takes up to 19 more prompt ids for 4 dims: raise prompt_tokens by that much (36 -> 55
+            # for MT10's prompts, 60 for MT50's; a budget without room is an error naming it).
+            state_dims="",
             text_tokenizer="",  # "" = the SentencePiece model of the mistral-common wheel
             tokenizer_checkpoint="runs/tokenizer",
             tokenizer_config="configs/tokenizer.py:small",
@@ -115,7 +142,8 @@ def get_config(variant: str = "flow_small"):
     )
     data = default_data_config()
     data.sample = "chunks"
-    data.chunk_size = c.model.chunk
+    # One value: --config.model.chunk=1 (LAPA's single action) sets the pipeline's chunk too.
+    data.chunk_size = c.model.get_ref("chunk")
     data.chunk_pad = "zero"
     data.image_size = 64 if small else 256
     data.shuffle_buffer = 1000 if small else 10_000

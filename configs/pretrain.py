@@ -69,6 +69,10 @@ def get_config(variant: str = "vipra_small"):
             rope_theta=0.0,
             scan_layers=True,  # nn.scan over layers (one compiled body); False unrolls them
             attention="",  # "" JAX's choice | "xla" | "cudnn" (fused GPU kernel, bf16)
+            # Layers per nn.scan iteration (LlamaConfig.scan_unroll; 0 = fully unrolled); the stacked
+            # parameter layout is the same. 1: fully unrolled, the KV-cached flow sampler was no faster
+            # on the 2-core CPU (scripts/bench_flow_inference.py --config.model.scan_unroll=0).
+            scan_unroll=1,
             # The row length; packed (pack=True), the most tokens a row of packed examples holds.
             seq_len=256 if small else (1536 if vipra else 384),
             # Packing (jaxvla/data/sequences.py pack_examples): the batch's batch_size examples go
@@ -89,7 +93,12 @@ def get_config(variant: str = "vipra_small"):
             # ViPRA at 7B: 14 steps x (16 codes + separator) = 238 latent targets.
             max_targets=dict(text=64 if small else 96, image=64 if small else 256,
                              latent=256 if vipra and not small else 64, action=16),
-            history_frames=0,  # vipra: 1 adds o_{t-1} (needs clips reaching one step back)
+            # Frame history (ViPRA's o_{t-k}): 1 puts the frame history_stride control steps before
+            # o_t into the vision block, "<vision> o_{t-k} eof o_t ...", in every objective (frame 0
+            # when t < k, as finetuning and policies do). The protocol uses 1 with k = 7 (ViPRA's
+            # clip stride; our ViPRA LAQ's clips span 2 x 7 steps). 0: o_t only.
+            history_frames=0,
+            history_stride=7,
             # [H, M] latent codes of latent_source="synthetic" sequences (LAPA 1 x 4; ViPRA 14 x 16).
             synthetic_latent_shape=(1, 4) if not vipra else ((2, 4) if small else (14, 16)),
             text_tokenizer="",  # "" = the SentencePiece model of the mistral-common wheel

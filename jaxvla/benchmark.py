@@ -118,19 +118,20 @@ def realistic_examples(model_config, vocab, prompts: MetaWorldPrompts, rng: np.r
     built = []
     for prompt in prompt_ids:
         image = ids(frame, vocab.image_codes)
+        previous = ids(frame, vocab.image_codes) if mc.history_frames else None
         if mc.objective == "lapa":
             built.append(seq.build_lapa(prompt, image, ids(tuple(mc.synthetic_latent_shape), vocab.latent_codes),
                                         prompts.markers, vocab, mc.seq_len, latent_weight=mc.latent_weight,
-                                        text_weight=mc.text_weight))
+                                        text_weight=mc.text_weight, prev_image=previous))
         elif mc.objective == "vipra":
-            previous = ids(frame, vocab.image_codes) if mc.history_frames else None
             built.append(seq.build_vipra(prompt, image, ids(frame, vocab.image_codes),
                                          ids(tuple(mc.synthetic_latent_shape), vocab.latent_codes), prompts.markers,
                                          vocab, mc.seq_len, prev_image=previous, latent_weight=mc.latent_weight,
                                          future_weight=mc.future_weight, text_weight=mc.text_weight))
         elif mc.objective == "actionvla":
             built.append(seq.build_actionvla(prompt, image, ids(4, vocab.action_bins), prompts.markers, vocab,
-                                             mc.seq_len, action_weight=mc.action_weight, text_weight=mc.text_weight))
+                                             mc.seq_len, action_weight=mc.action_weight, text_weight=mc.text_weight,
+                                             prev_image=previous))
         else:
             raise ValueError(f"config.model.objective={mc.objective!r}; expected lapa, vipra or actionvla")
     return built

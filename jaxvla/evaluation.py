@@ -18,8 +18,11 @@ process and acts for every running episode in ONE jitted call per round (``Polic
 with per-row keys: each row's key is the next of its episode's own stream, ``seed_keys`` /
 ``split_keys``, so the noise is the unbatched scheme's; padded to ``batch_envs`` rows so it
 compiles once), using all of the machine's XLA threads. Each worker then executes its slots'
-chunks, rendering only the frames that are used (the one the next call reads; GIF frames). An
-episode that ends frees its slot for the next queued one at the next round. GIF frames: episode
+chunks, rendering only the frames that are used (the one the next call reads; GIF frames; for a
+frame-history policy the o_{t-k} a later call reads, kept per slot; with k = ``execute`` that is
+the previous call's frame, so nothing more is rendered). Every call also gets each episode's
+observation state (a state-prompt policy reads it). An episode that ends frees its slot for the
+next queued one at the next round. GIF frames: episode
 0 of each task records them as it runs (it gets a GIF whatever its outcome); the first episode
 of the other outcome, if any, is replayed from its seed and actions (the simulation is
 deterministic; the replay's outcome is checked).
@@ -271,21 +274,29 @@ def _unbatched_rollouts(settings: EvalSettings, jobs: Sequence[tuple[str, int, i
 class EnvSlots:
     """The environments of some batch slots, in the process that steps and renders them.
 
-    Commands (``handle``): ``("start", slot, task, index, seed, record)`` -> ``{image,
+    Commands (``handle``): ``("start", slot, task, index, seed, record)`` -> ``{image, state,
     instruction}``; ``("step", slot, actions [n, A])`` executes them until the episode ends ->
-    ``{executed, success, done}`` plus ``image`` (the frame after the last action) while the
+    ``{executed, success, done}`` plus ``image`` and ``state`` (after the last action) while the
     episode runs, or, once done and when recording, ``frames`` (the first frame and every
     ``frame_stride``-th step's); ``("replay", slot, task, seed, actions)`` -> ``{frames, success,
-    length}``. Environments belong to tasks, not slots: a slot keeps its environment while its
-    episodes are of one task, and up to ``keep`` environments no slot holds stay for later
+    length}``. With ``history = (k, n)`` (a frame-history policy: o_{t-k} before o_t, replanning
+    every n = ``execute`` steps) ``start`` and ``step`` also return ``prev_image``, the frame k
+    steps before ``image`` (the first frame while t < k, as in training); the slot renders and
+    keeps only the frames some replan needs (steps t with t or t + k a multiple of n), so with
+    k = n (the protocol's 7 of 14) no extra frame is rendered. Environments belong to tasks, not
+    slots: a slot keeps its environment while its episodes are of one task, and up to ``keep`` environments no slot holds stay for later
     episodes and replays of their task (building one takes seconds, and each holds ~150 MiB with
     its renderer). Frames are rendered only where they are used: the one the next policy call
     reads, and the recorded ones."""
 
-    def __init__(self, settings: EvalSettings, image_size: int, keep: int = 2):
+    def __init__(self, settings: EvalSettings, image_size: int, keep: int = 2,
+                 history: tuple[int, int] | None = None):
         self.settings = settings
         self.image_size = int(image_size)
         self.keep = int(keep)
+        self.history = None if history is None else (int(history[0]), int(history[1]))  # (k, n)
+        if self.history is not None and min(self.history) < 1:
+            raise ValueError(f"EnvSlots: history (stride k, execute n) must both be >= 1, got {history}")
         self.envs: dict[int, Any] = {}  # slot -> the MetaWorldEnv of its current (or last) episode
         self.idle: list[Any] = []  # environments no slot holds, oldest first
         self.episodes: dict[int, dict[str, Any]] = {}  # slot -> {"success", "steps", "frames" (or None)}
@@ -311,22 +322,37 @@ class EnvSlots:
                 self._release(env)
             env = self.envs[slot] = self._take(task, seed)
         obs = env.reset(seed=seed)
-        self.episodes[slot] = {"success": False, "steps": 0, "frames": [obs["image"]] if record else None}
-        return {"image": obs["image"], "instruction": env.instruction}
+        self.episodes[slot] = {"success": False, "steps": 0, "frames": [obs["image"]] if record else None,
+                               "kept": {0: obs["image"]} if self.history is not None else None}
+        out = {"image": obs["image"], "state": obs["state"], "instruction": env.instruction}
+        if self.history is not None:
+            out["prev_image"] = obs["image"]  # t = 0 < k: the first frame
+        return out
+
+    def _kept_for_history(self, step: int) -> bool:
+        """Whether a replan will read frame ``step``: as o_t (step a multiple of n) or as its o_{t-k}
+        (step + k a multiple of n)."""
+        k, n = self.history
+        return step % n == 0 or (step + k) % n == 0
 
     def step(self, slot: int, actions: np.ndarray) -> dict[str, Any]:
         env, episode = self.envs[slot], self.episodes[slot]
-        frames, stride = episode["frames"], self.settings.frame_stride
-        executed, done, image = 0, False, None
+        frames, stride, kept = episode["frames"], self.settings.frame_stride, episode["kept"]
+        executed, done, image, state = 0, False, None, None
         for action in actions:
-            record = frames is not None and (episode["steps"] + 1) % stride == 0
-            obs, _, terminated, truncated, info = env.step(action, render=record)
-            episode["steps"] += 1
+            step = episode["steps"] + 1
+            record = frames is not None and step % stride == 0
+            keep = kept is not None and self._kept_for_history(step)
+            obs, _, terminated, truncated, info = env.step(action, render=record or keep)
+            episode["steps"] = step
             executed += 1
             episode["success"] = episode["success"] or info["success"]
-            image = obs["image"] if record else None
+            image = obs["image"] if record or keep else None
+            state = obs["state"]
             if record:
                 frames.append(image)
+            if keep:
+                kept[step] = image
             if terminated or truncated:
                 done = True
                 break
@@ -337,6 +363,12 @@ class EnvSlots:
                 out["frames"] = np.stack(frames).astype(np.uint8)
         else:
             out["image"] = env.render() if image is None else image
+            out["state"] = state
+            if kept is not None:
+                t, k = episode["steps"], self.history[0]
+                out["prev_image"] = kept[max(t - k, 0)]
+                for old in [s for s in kept if s < t - k]:  # no later replan reads them
+                    del kept[old]
         return out
 
     def replay(self, task: str, seed: int, actions: np.ndarray) -> dict[str, Any]:
@@ -379,13 +411,13 @@ class EnvSlots:
         self.envs, self.idle, self.episodes = {}, [], {}
 
 
-def _env_worker(conn, settings: EvalSettings, image_size: int, keep: int) -> None:
+def _env_worker(conn, settings: EvalSettings, image_size: int, keep: int, history=None) -> None:
     """A spawned environment process: runs ``EnvSlots.handle`` on every command list it receives
     (None ends it) and sends back ``("ok", results)`` or ``("error", traceback)``."""
     import traceback
 
     _init_worker()
-    slots = EnvSlots(settings, image_size, keep)
+    slots = EnvSlots(settings, image_size, keep, history)
     try:
         while True:
             try:
@@ -409,13 +441,14 @@ class EnvPool:
     process when ``workers`` <= 1. ``run`` sends every worker its share of the commands at once
     and returns the results in order."""
 
-    def __init__(self, settings: EvalSettings, image_size: int, slots: int, workers: int):
+    def __init__(self, settings: EvalSettings, image_size: int, slots: int, workers: int,
+                 history: tuple[int, int] | None = None):
         self.workers = max(1, min(int(workers), int(slots)))
         keep = min(4, max(2, -(-int(slots) // self.workers)))  # idle environments a worker keeps
         self._local = None
         self._procs, self._conns = [], []
         if self.workers == 1:
-            self._local = EnvSlots(settings, image_size, keep)
+            self._local = EnvSlots(settings, image_size, keep, history)
             return
         import multiprocessing as mp
 
@@ -423,7 +456,7 @@ class EnvPool:
         try:
             for _ in range(self.workers):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_env_worker, args=(child, settings, image_size, keep), daemon=True)
+                proc = ctx.Process(target=_env_worker, args=(child, settings, image_size, keep, history), daemon=True)
                 proc.start()
                 child.close()
                 self._procs.append(proc)
@@ -534,6 +567,8 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
     from jaxvla.policy import seed_keys, split_keys
 
     execute = int(settings.execute or policy.execute_steps)
+    history = bool(getattr(policy, "history_frames", 0))
+    with_state = bool(getattr(policy, "state_dims", ()))
     schedule = _Schedule(jobs, batch_envs)
     unfinished = Counter(task for task, _, _ in jobs)
     slots: list[dict[str, Any] | None] = [None] * batch_envs
@@ -549,9 +584,13 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
                             "stream": seed_keys([seed])[0]}  # the sampler stream policy.reseed(seed) starts
                 starts.append(("start", s, task, index, seed, settings.record_frames and index == 0))
         for (_, s, *_), out in zip(starts, pool.run(starts)):
-            slots[s].update(image=out["image"], instruction=out["instruction"])
+            slots[s].update(image=out["image"], state=out["state"], prev_image=out.get("prev_image"),
+                            instruction=out["instruction"])
         active = [s for s in range(batch_envs) if slots[s] is not None]
         images = np.stack([slots[s]["image"] for s in active])
+        # The checkpoint's optional inputs: o_{t-k} from the slot's kept frames, the observation state.
+        prev = np.stack([slots[s]["prev_image"] for s in active]) if history else None
+        states = np.stack([slots[s]["state"] for s in active]).astype(np.float32) if with_state else None
         instructions = [slots[s]["instruction"] for s in active]
         streams, keys = split_keys(np.stack([slots[s]["stream"] for s in active]))
         for s, stream in zip(active, streams):
@@ -561,12 +600,15 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
             images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
             instructions += instructions[:1] * pad
             keys = np.concatenate([keys, np.repeat(keys[:1], pad, axis=0)])
+            prev = None if prev is None else np.concatenate([prev, np.repeat(prev[:1], pad, axis=0)])
+            states = None if states is None else np.concatenate([states, np.repeat(states[:1], pad, axis=0)])
+        inputs = {"prev_images": prev, "states": states}
         if first_call_seconds is None:
             start = time.perf_counter()
-            policy.act_batch(images, instructions, keys)
+            policy.act_batch(images, instructions, keys, **inputs)
             first_call_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        chunks = np.asarray(policy.act_batch(images, instructions, keys))[: len(active), :execute]
+        chunks = np.asarray(policy.act_batch(images, instructions, keys, **inputs))[: len(active), :execute]
         seconds = time.perf_counter() - start
         calls.append((seconds, len(active)))
         steps = [("step", s, chunk) for s, chunk in zip(active, chunks)]
@@ -576,7 +618,7 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
             episode["seconds"] += seconds
             episode["actions"].append(chunk[: out["executed"]])
             if not out["done"]:
-                episode["image"] = out["image"]
+                episode.update(image=out["image"], state=out["state"], prev_image=out.get("prev_image"))
                 continue
             actions = np.concatenate(episode["actions"]).astype(np.float32)
             row = {"task": episode["task"], "episode": episode["episode"], "seed": episode["seed"],
@@ -643,7 +685,10 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
         else:
             batch_envs = min(int(batch_envs), len(jobs))
             policy = _load_policy(settings)
-            with EnvPool(settings, policy.image_size, batch_envs, workers) as pool:
+            history = None
+            if getattr(policy, "history_frames", 0):  # o_{t-k} per slot: stride k, replanning every n steps
+                history = (int(policy.history_stride), int(settings.execute or policy.execute_steps))
+            with EnvPool(settings, policy.image_size, batch_envs, workers, history) as pool:
                 results, calls, first = _batched_rollouts(policy, settings, jobs, batch_envs, pool, on_episode)
             timing = {"calls": calls, "batch_size": batch_envs, "first_call_seconds": first}
     finally:

@@ -570,6 +570,29 @@ class Experiment:
 
     # ------------------------------------------------------------------ the whole protocol
 
+    SHARED_STAGES = ("tokenizer", "labels", "pretrain")
+
+    def prepare(self, until: str, rows: Sequence[str] | None = None) -> None:
+        """The stages every seed shares, up to ``until`` (``SHARED_STAGES``): ``tokenizer``; ``labels``
+        (also both LAQs, gated, and their labels); ``pretrain`` (also every pretraining of ``rows``).
+        What a long run can do before, or apart from, its finetuning runs."""
+        if until not in self.SHARED_STAGES:
+            raise ValueError(f"until={until!r}; expected one of {self.SHARED_STAGES}")
+        rows = list(rows or self.protocol.rows())
+        pretrainings = list(dict.fromkeys(parse_row(r)[0] for r in rows))
+        self.data()
+        self.tokenizer()
+        if until == "tokenizer":
+            return
+        for pretraining in pretrainings:
+            laq = PRETRAININGS[pretraining][1]
+            if laq:
+                self.labels(laq)
+        if until == "pretrain":
+            for pretraining in pretrainings:
+                if pretraining != "none":
+                    self.pretrain(pretraining)
+
     def run(self, rows: Sequence[str] | None = None) -> list[dict]:
         """Every (row, seed) of the protocol (or of ``rows``), reusing finished stages; returns the
         per-episode records."""

@@ -7,7 +7,12 @@ decode as str.
 
 On connect the server sends its metadata: ``policy.metadata`` (e.g. ``head``, ``chunk`` = K,
 ``action_dim`` = A, ``execute_steps``, ``image_size``) plus ``server: "jaxvla"``, ``protocol: 1``
-and ``observation_spec: {key: {"shape": [...], "dtype": "uint8"}}`` (the required keys).
+and ``observation_spec: {key: {"shape": [...], "dtype": "uint8"}}`` (the required keys). A
+``Policy`` finetuned with frame history also requires ``"prev_image"`` (uint8, the frame
+``history_stride`` control steps before ``"image"``, the episode's first frame while t < k: the
+client keeps its frames, the server is stateless), one with state prompts ``"state"`` (float32
+``[state_size]``, e.g. Meta-World's 39-d state); the metadata carries ``history_frames``,
+``history_stride`` and ``state_dims``.
 
 Then each client message gets exactly one reply, in order:
 

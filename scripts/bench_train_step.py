@@ -27,7 +27,9 @@ same devices, so MFU compares like with like. What the FLOPs count:
   executes, layers unrolled (padding and all), and its MFU.
 * Other stages (tokenizer, LAQ): XLA's cost analysis of the step compiled with every ``nn.scan``
   fully unrolled (``jaxvla.planning.scan_unrolled_flops``), so each scanned transformer block
-  counts, not one loop body (the scanned step's own count is printed beside it); no padding.
+  counts, not one loop body (the compiled step's own count is printed beside it: one loop body per
+  stack with ``model.scan_unroll=1``, the same figure when the stacks are unrolled, as the small
+  LAQs are by default); no padding.
 
 ``--json=PATH`` writes the figures (``mfu``, ``padding_fraction``, ``real_tokens_per_s``,
 ``step_s``, ``peak_gflops``, ...) as one JSON object. Prints the ratio (MFU) last.
@@ -165,7 +167,7 @@ def main(argv):
                        flops_counted="XLA cost analysis, nn.scan loops unrolled", padding_fraction=0.0,
                        real_tokens_per_s=None, achieved_gflops=flops / step_s / 1e9, mfu=flops / step_s / peak)
         lines.append(f"FLOPs / step          {flops / 1e9:.2f} GFLOP (XLA cost analysis, scans unrolled; the "
-                     f"scanned step counts {scanned / 1e9:.2f}: each loop body once)")
+                     f"compiled step counts {scanned / 1e9:.2f}: a scan loop's body once)")
     memory = timing.memory
     lines += [f"achieved              {flops / step_s / 1e9:.1f} GFLOP/s",
               f"matmul peak ({results['peak_dtype']}) {peak / 1e9:.1f} GFLOP/s  ({FLAGS.matmul_size}^3 on "

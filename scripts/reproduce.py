@@ -48,6 +48,9 @@ flags.DEFINE_string("out", "", "Where the results go (default <run_dir>/results)
 flags.DEFINE_string("from_records", "", "Regenerate results.json / RESULTS.md / comparison.png from this "
                                         "episodes.jsonl instead of running anything.")
 flags.DEFINE_integer("bootstrap", 10_000, "Bootstrap replicates.")
+flags.DEFINE_enum("until", None, ["tokenizer", "labels", "pretrain"],
+                  "Run only the shared stages up to this one (labels: LAQs, gates and labels too; pretrain: "
+                  "every pretraining too) and stop: no finetuning, no results.")
 flags.DEFINE_boolean("ignore_laq_gate", False, "Pretrain on an LAQ that failed its gate (the verdict is recorded).")
 FLAGS = flags.FLAGS
 
@@ -241,6 +244,11 @@ def main(argv):
 
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     start = time.time()
+    if FLAGS.until:
+        for exp in experiments:
+            exp.prepare(FLAGS.until, rows)
+        print(f"shared stages up to {FLAGS.until} done in {time.time() - start:.0f} s")
+        return
     records = []
     for exp in experiments:
         suffix = "" if len(experiments) == 1 else f"@{exp.protocol.videos_per_task}"

@@ -205,7 +205,9 @@ def test_bench_train_step_laq_json(script_runs):
     results, last = _run(script_runs, "laq")
     _finite_positive(results, "mfu", "step_s", "peak_gflops", "flops_per_step")
     assert results["padding_fraction"] == 0.0 and results["real_tokens_per_s"] is None
-    assert results["flops_per_step"] > results["xla_scanned_flops_per_step"]  # the depth-2 stacks count twice
+    # lapa_small's stacks are unrolled by default (model.scan_unroll=0): XLA's count of the compiled
+    # step already sees every block (test_laq_flops_count_every_scanned_block covers the loop).
+    assert results["flops_per_step"] == pytest.approx(results["xla_scanned_flops_per_step"], rel=1e-3)
     assert last.startswith("MFU")
 
 

@@ -371,6 +371,77 @@ def test_window_indices_at_episode_boundaries(mw):
         dataset_gap(DatasetSpec("nohz"))
 
 
+def test_history_stride_windows_vs_numpy(mw):
+    """Frame history k steps apart in every window kind, against index arithmetic in numpy: the
+    history frames of anchor t are t-(W-1)k, ..., t-k, clamped to frame 0 (pad_mask False there);
+    the sample's own frames, actions, anchor keys and sample count are those without history."""
+    for traj_np in list(read_metaworld(mw).iterator())[:2]:
+        traj = _traj_tensors(traj_np)
+        length = len(traj_np["action"])
+        images, ts = traj_np["observation"]["image_primary"], np.arange(length)
+        for window, k in ((2, 7), (3, 2)):
+            past = ts[:, None] + k * np.arange(-(window - 1), 0)[None]  # [T, W-1], may be < 0
+
+            out = tf.nest.map_structure(np.asarray, tt.history_windows(traj, window, k))
+            raw = np.concatenate([past, ts[:, None]], 1)
+            np.testing.assert_array_equal(out["observation"]["timestep"], np.maximum(raw, 0))
+            np.testing.assert_array_equal(out["observation"]["pad_mask"], raw >= 0)
+            np.testing.assert_array_equal(out["observation"]["image_primary"], images[np.maximum(raw, 0)])
+
+            plain = tf.nest.map_structure(np.asarray, tt.frame_pairs(traj, 5))
+            out = tf.nest.map_structure(np.asarray, tt.frame_pairs(traj, 5, history=window, history_stride=k))
+            n = length - 5
+            raw = np.concatenate([past[:n], ts[:n, None], ts[:n, None] + 5], 1)
+            np.testing.assert_array_equal(out["observation"]["timestep"], np.maximum(raw, 0))
+            np.testing.assert_array_equal(out["observation"]["pad_mask"], raw >= 0)
+            np.testing.assert_array_equal(out["observation"]["image_primary"], images[np.maximum(raw, 0)])
+            np.testing.assert_array_equal(out["observation"]["proprio"],
+                                          traj_np["observation"]["proprio"][np.maximum(raw, 0)])
+            for key in ("action", "has_action", "gap", "traj_key"):
+                np.testing.assert_array_equal(out[key], plain[key])
+
+            plain = tf.nest.map_structure(np.asarray, tt.clips(traj, 2, 3))
+            out = tf.nest.map_structure(np.asarray, tt.clips(traj, 2, 3, history=window, history_stride=k))
+            n = length - 6
+            raw = np.concatenate([past[:n], ts[:n, None] + np.array([0, 3, 6])[None]], 1)
+            np.testing.assert_array_equal(out["observation"]["timestep"], np.maximum(raw, 0))
+            np.testing.assert_array_equal(out["observation"]["pad_mask"], raw >= 0)
+            np.testing.assert_array_equal(out["observation"]["image_primary"], images[np.maximum(raw, 0)])
+            np.testing.assert_array_equal(out["action"], plain["action"])
+    # history 1 adds nothing (no pad_mask), as before
+    assert "pad_mask" not in tt.frame_pairs(traj, 5, history=1, history_stride=7)["observation"]
+    with pytest.raises(ValueError, match="history window and stride must be >= 1"):
+        tt.history_windows(traj, 2, 0)
+
+
+@pytest.mark.parametrize("sample", ["chunks", "frames", "pairs", "clips"])
+def test_history_frame_is_k_steps_earlier_through_pipeline(mw, sample):
+    """Every sample kind with ``history=2, history_stride=7``: the window's first frame is exactly
+    the raw episode's frame t-7 of the sample's anchor t (its first frame while t < 7, both cases
+    in the batch: the eval stream runs in order from t = 0), decoded from the stored bytes, and so
+    is its proprio; the anchor's frames follow unchanged."""
+    k = 7
+    extra = {"chunks": dict(chunk_size=4), "frames": {}, "pairs": dict(gap_frames=5),
+             "clips": dict(clip_length=2, clip_stride=3)}[sample]
+    cfg = data_config(data_dir=mw["out"], sample=sample, history=2, history_stride=k, shuffle_buffer=0, **extra)
+    batch = next(iter(make_batches(cfg, batch_size=12, train=False, seed=0, process_index=0, process_count=1)))
+    own = {"chunks": [0], "frames": [0], "pairs": [0, 5], "clips": [0, 3, 6]}[sample]
+    images, timestep = batch["observation"]["image_primary"], batch["observation"]["timestep"]
+    assert images.shape == (12, 1 + len(own), 64, 64, 3) and timestep.shape == (12, 1 + len(own))
+    anchors = timestep[:, 1]
+    assert anchors.min() < k <= anchors.max()  # the clamped start and the plain case
+    for row in range(12):
+        r = mw["ref"][batch["traj_key"][row].decode()]
+        t = int(anchors[row])
+        want = [max(t - k, 0)] + [t + o for o in own]
+        np.testing.assert_array_equal(timestep[row], want)
+        np.testing.assert_array_equal(batch["observation"]["pad_mask"][row], [t >= k] + [True] * len(own))
+        for j, step in enumerate(want):
+            decoded = ft.decode_image(tf.constant(r["images"][step])).numpy()
+            np.testing.assert_array_equal(images[row, j], decoded)
+        np.testing.assert_array_equal(batch["observation"]["proprio"][row, 0], r["state"][max(t - k, 0)])
+
+
 # --------------------------------------------------------------------------- augmentation
 
 

@@ -33,7 +33,7 @@ def test_bins_batched_episodes_equal_unbatched(finetuned):
     assert [r["episode"] for r in batched] == [0, 1, 2]
     for one, many in zip(unbatched, batched):
         np.testing.assert_array_equal(many["actions"], one["actions"])
-        assert many["policy_calls"] == many["length"]  # bins: one action per call
+        assert many["policy_calls"] == -(-many["length"] // 7)  # bins: 7 of each 14-action chunk a call
         assert "slot" not in many
     # GIFs: the first success and the first failure (by index), replayed
     gifs = [(r["success"], r["episode"]) for r in batched if "frames" in r]
@@ -45,17 +45,17 @@ def test_bins_batched_episodes_equal_unbatched(finetuned):
             np.testing.assert_array_equal(row["frames"], unbatched[row["episode"]]["frames"])
 
     # 2 slots: episodes 0 and 1 act together; episode 2 starts in the first slot to free and,
-    # alone, acts in calls padded to 2 rows (4 steps each unless one succeeds sooner: 4 calls of
-    # 2 rows, then 4 of 1)
+    # alone, acts in calls padded to 2 rows (4 steps each, all from one chunk: 1 call of 2 rows,
+    # then 1 of 1)
     assert timing["batch_size"] == 2 and timing["first_call_seconds"] > 0
     rows = [n for _, n in timing["calls"]]
     assert rows[0] == 2 and rows[-1] == 1 and sum(rows) == sum(r["policy_calls"] for r in batched)
     latency = evaluation.summarize(batched, ["reach"], timing["calls"], timing["batch_size"])["latency"]
     steps = sum(r["length"] for r in batched)
     assert latency["calls"] == len(rows) and latency["rows_per_call"] == sum(rows) / len(rows)
-    assert latency["actions_per_call"] == 1.0 and latency["batch_size"] == 2
+    assert latency["actions_per_call"] == pytest.approx(steps / sum(rows)) and latency["batch_size"] == 2
     assert latency["actions_per_second"] == pytest.approx(steps / sum(s for s, _ in timing["calls"]))
-    assert latency["control_hz"] == pytest.approx(1000.0 / latency["ms_per_call"])
+    assert latency["control_hz"] == pytest.approx(1000.0 * latency["actions_per_call"] / latency["ms_per_call"])
 
 
 def test_flow_episodes_do_not_depend_on_the_batch(finetuned):

@@ -114,7 +114,8 @@ def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
         assert 0.0 < result.metrics["eval/action_mse"] < 10.0
     else:
         assert 0.0 <= result.metrics["eval/action_token_accuracy"] <= 1.0
-        assert np.isfinite(result.metrics["eval/action_l1"])
+        assert 0.0 < result.metrics["eval/valid_fraction"] <= 1.0 + 1e-5  # sums of 1 / 56 weights
+        assert np.isfinite(result.metrics["eval/action_l1"]) and np.isfinite(result.metrics["eval/chunk_action_mse"])
         # Jensen: the mean square of the errors is at least the square of their mean magnitude.
         assert result.metrics["eval/action_mse"] >= result.metrics["eval/action_l1"] ** 2 - 1e-7
     _, saved_config, assets, step = load_checkpoint(workdir)
@@ -126,11 +127,12 @@ def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
     assert int(assets["prompt_tokens"]) == 36
     if variant == "bins_small":
         assert np.asarray(assets["bin_edges"]).shape == (4, 257)
-        assert int(assets["chunk"]) == 1
-        assert int(assets["seq_len"]) == 117 and int(assets["layout"]["row_len"]) % 117 == 0
+        # ViPRA-AR's 14-action chunks: 36 + 3 + 64 + 1 + 3 + <delta> 3 + 14 x 4 bins + </delta> 3.
+        assert int(assets["chunk"]) == 14 and int(assets["execute_steps"]) == 7
+        assert int(assets["seq_len"]) == 169 and int(assets["layout"]["row_len"]) % 169 == 0
         # This session's 8 devices leave 4 examples one a row (batch_size 4 / 8 devices); packed 2 a
         # row: tests/test_packing.py.
-        assert int(assets["layout"]["examples_per_row"]) == int(assets["layout"]["row_len"]) // 117
+        assert int(assets["layout"]["examples_per_row"]) == int(assets["layout"]["row_len"]) // 169
     else:
         assert int(assets["chunk"]) == 14 and assets["action_normalization"] == "q01q99"
         assert int(assets["seq_len"]) == 121 and int(assets["layout"]["examples_per_row"]) == 1

@@ -213,6 +213,42 @@ def test_remat_policies_give_the_same_gradients():
         init(LAQ(variant="lapa", remat="some", **TINY))
 
 
+@pytest.mark.parametrize("variant", ["lapa", "vipra"])
+def test_scan_unroll_keeps_parameters_outputs_and_gradients(variant):
+    """``scan_unroll`` changes only the compiled loop: unroll=1 (a loop) and unroll=0 (every block
+    inlined, = depth) build the same parameter tree (same values, still stacked on ``layers``) and
+    give the same outputs, loss and gradients."""
+    sizes = {**TINY, "encoder_depth": 2, "temporal_depth": 2, "decoder_depth": 2}
+    num_frames = 2 if variant == "lapa" else 3
+    shape = (2, num_frames, TINY["image_size"], TINY["image_size"], 3)
+    frames = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    params, results = {}, {}
+    for unroll in (1, 0):
+        model = LAQ(variant=variant, num_frames=num_frames, residual=False, scan_unroll=unroll, **sizes)
+        params[unroll] = unbox(jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, jnp.zeros(shape)))["params"]
+
+        def run(p, model=model):  # one compile: the outputs, the loss and its gradients
+            loss = lambda q: laq_loss(q, {"frames": frames}, jax.random.PRNGKey(0), model=model)[0]
+            value, grads = jax.value_and_grad(loss)(p)
+            out = model.apply({"params": p}, jnp.asarray(frames, jnp.float32) / 127.5 - 1.0)
+            return {k: out[k] for k in ("recon", "latents", "quantized", "indices")}, value, grads
+
+        results[unroll] = jax.jit(run)(params[unroll])
+    assert jax.tree.structure(params[0]) == jax.tree.structure(params[1])
+    assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(params[0]["decoder"]["layers"])), \
+        "parameters stay stacked on the layers axis"
+    jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
+    (out0, loss0, grads0), (out1, loss1, grads1) = results[0], results[1]
+    for key in ("recon", "latents", "quantized"):
+        np.testing.assert_allclose(out0[key], out1[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(out0["indices"], out1["indices"])
+    np.testing.assert_allclose(loss0, loss1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads0, grads1)
+    with pytest.raises(ValueError, match="scan unroll must be >= 0"):
+        LAQ(variant=variant, num_frames=num_frames, scan_unroll=-1, **TINY).init(
+            {"params": jax.random.PRNGKey(0)}, jnp.zeros(shape))
+
+
 def test_bad_configurations_are_refused():
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         init(LAQ(variant="lapa", **{**TINY, "patch_size": 7}))

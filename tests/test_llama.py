@@ -234,6 +234,26 @@ def test_scan_and_loop_agree():
     np.testing.assert_allclose(logits(converted, loop, b), want, atol=2e-4, rtol=1e-4)
 
 
+def test_scan_unroll_keeps_parameters_outputs_and_cache():
+    """``scan_unroll=0`` (every layer inlined) has the scanned parameters (stacked on ``layers``,
+    same values) and the same logits and KV-cache decoding as the one-layer loop."""
+    _, looped_params, looped = setup()
+    model, params, unrolled = setup(scan_unroll=0)
+    jax.tree.map(np.testing.assert_array_equal, params, looped_params)
+    b = batch(modality=[0, 0, 1, 1, 1, 0, 2, 2, 0, 3], bidirectional=[1, 1, 1] + [0] * 7)
+    np.testing.assert_allclose(logits(params, unrolled, b), logits(params, looped, b), atol=1e-5)
+    prefix = 6
+    caches = [apply(params, {k: v[:, :prefix] for k, v in b.items()}, cache=init_cache(model.config, 2, 16))
+              for apply in (looped, unrolled)]
+    np.testing.assert_allclose(caches[1]["cache"]["k"], caches[0]["cache"]["k"], atol=1e-5)
+    steps = [apply(params, {k: v[:, prefix:] for k, v in b.items()}, cache=c["cache"])
+             for apply, c in zip((looped, unrolled), caches)]
+    np.testing.assert_allclose(steps[1]["logits"]["text"], steps[0]["logits"]["text"], atol=1e-5)
+    np.testing.assert_allclose(steps[1]["cache"]["v"], steps[0]["cache"]["v"], atol=1e-5)
+    with pytest.raises(ValueError, match="scan unroll must be >= 0"):
+        llama_config("tiny", scan_unroll=-1)
+
+
 def test_remat_policies_give_same_gradients():
     b = batch(modality=[0, 0, 0, 1, 1, 1, 0, 0, 0, 0])
     grads = {}

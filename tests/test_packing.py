@@ -371,8 +371,8 @@ def test_finetune_real_layout_with_metaworld_prompts(head):
                               action_dim=ACTION_DIM)
     layout = layout_for(config, longest, 8, group=8)
     # 36 prompt ids + <vision> 3 + 64 codes + eov + </vision> 3, then 14 flow slots (121) or
-    # <delta> 3 + 4 bins + </delta> 3 (117, two a row of at most 256).
-    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == ((2, 234, 4) if head == "bins" else (1, 121, 8))
+    # <delta> 3 + 14 x 4 bins + </delta> 3 (169, two a row of at most 384).
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == ((2, 338, 4) if head == "bins" else (1, 121, 8))
     edges = np.tile(np.linspace(-1, 1, 257, dtype=np.float32), (ACTION_DIM, 1))
     datasets = {"metaworld": {"edges": edges, "gripper_dims": (-1,), "centres": bin_centres(edges, (-1,))}}
     packer = SequencePacker(config, StubFrames(), prompts, vocab, datasets, layout)
@@ -386,7 +386,8 @@ def test_finetune_real_layout_with_metaworld_prompts(head):
         assert 1 - real / out["tokens"].size <= 0.10
         if head == "bins":
             assert out["num_examples"].tolist() == [2] * 4
-            assert out["action"].shape == (4, 2, 1, ACTION_DIM) and out["bin_centres"].shape == (4, 2, ACTION_DIM, 256)
+            assert out["action"].shape == (4, 2, 14, ACTION_DIM) and out["bin_centres"].shape == (4, 2, ACTION_DIM, 256)
+            assert out["action_bins"].shape == (4, 2, 14 * ACTION_DIM)
             picked = out["tokens"][np.arange(4)[:, None, None], out["action_positions"]]
             np.testing.assert_array_equal(picked, out["action_bins"])
         else:

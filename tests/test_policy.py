@@ -121,22 +121,73 @@ def test_bins_policy_decodes_bin_centres(policies, finetuned, metaworld_dataset)
 
     policy = policies["bins"]
     frames, instructions = _frames(metaworld_dataset)
+    assert policy.chunk == 14 and policy.execute_steps == 7 and policy.metadata["chunk"] == 14
     actions = policy.act({"image": frames[0]}, instructions[0])
-    assert actions.shape == (1, 4) and actions.dtype == np.float32
+    assert actions.shape == (14, 4) and actions.dtype == np.float32
     _, config_dict, assets, _ = load_checkpoint(finetuned["bins_small"][0])
     centres = np.asarray(assets["bin_centres"])
-    for d in range(4):
-        assert np.min(np.abs(centres[d] - actions[0, d])) < 1e-6  # every value is one of the bin centres
+    for d in range(4):  # every value of every step is one of its dim's bin centres
+        assert np.abs(centres[d][None, :] - actions[:, d, None]).min(axis=1).max() < 1e-6
 
-    # The KV-cached greedy decoder picks the same bins as re-running the sequence per token.
+    # The KV-cached greedy decoder picks the same 14 x 4 bins as re-running the sequence per token.
     models = Models(from_dict(config_dict), policy.vocab, 4)
     seq = policy.sequences(frames, instructions)
+    assert seq["action_positions"].shape == (2, 14 * 4)
     cached = np.asarray(jax.jit(functools.partial(predict_bins_cached, backbone=models.backbone))(policy.params, seq))
     greedy = np.asarray(jax.jit(functools.partial(predict_bins_greedy, backbone=models.backbone))(policy.params, seq))
-    assert cached.shape == (2, 4)
+    assert cached.shape == (2, 14 * 4)
     np.testing.assert_array_equal(cached, greedy)
     batch = policy.act_batch(frames, instructions)
-    np.testing.assert_array_equal(batch[:, 0], np.take_along_axis(centres[None], cached[..., None], -1)[..., 0])
+    assert batch.shape == (2, 14, 4)
+    steps = cached.reshape(2, 14, 4)  # time-major: step k's 4 bins are tokens 4k .. 4k + 3
+    np.testing.assert_array_equal(batch, centres[np.arange(4), steps])
+
+
+def test_bins_chunker_replans_every_execute_steps(policies, metaworld_dataset):
+    """The chunked bins policy executes 7 of its 14 actions before asking again: 10 steps are 2
+    calls, the actions those of the two chunks in order."""
+    from jaxvla.policy import ActionChunker
+
+    policy = policies["bins"]
+    frames, instructions = _frames(metaworld_dataset)
+    chunker = ActionChunker(policy)
+    assert chunker.execute == 7
+    observations = [{"image": frames[i // 7 % 2]} for i in range(10)]  # the frame changes at the replan
+    actions = np.stack([chunker.step(o, instructions[0]) for o in observations])
+    assert chunker.replans == 2 and actions.shape == (10, 4)
+    first = policy.act({"image": frames[0]}, instructions[0])
+    second = policy.act({"image": frames[1]}, instructions[0])
+    np.testing.assert_array_equal(actions[:7], first[:7])
+    np.testing.assert_array_equal(actions[7:], second[:3])
+
+
+def test_bins_policy_of_a_single_action_checkpoint(policies, finetuned, metaworld_dataset):
+    """An older (LAPA-style) checkpoint, ``chunk`` = 1 and its 117-token sequences: the policy reads
+    one action ``[1, A]``, executes it alone (the asset's execute_steps 7 is clipped to 1) and
+    decodes the same bins as the greedy decoder on its 4-token layout."""
+    from jaxvla.config import apply_overrides, from_dict
+    from jaxvla.losses.finetune import predict_bins_greedy
+    from jaxvla.policy import ActionChunker, Policy
+    from jaxvla.stages.finetune import Models
+
+    state, config_dict, assets, step = load_checkpoint(finetuned["bins_small"][0])
+    config = apply_overrides(from_dict(config_dict), {"model.chunk": 1})
+    old_assets = dict(assets, chunk=np.asarray(1), seq_len=np.asarray(117))  # what chunk=1 training saved
+    policy = Policy(state["params"], config, old_assets, step=step)
+    assert policy.chunk == 1 and policy.execute_steps == 1 and policy.prompt_budget == 36
+    frames, instructions = _frames(metaworld_dataset, n=1)
+    actions = policy.act_batch(frames, instructions)
+    assert actions.shape == (1, 1, 4)
+    seq = policy.sequences(frames, instructions)
+    assert seq["tokens"].shape == (1, 117) and seq["action_positions"].shape == (1, 4)
+    models = Models(config, policy.vocab, 4)
+    greedy = np.asarray(jax.jit(functools.partial(predict_bins_greedy, backbone=models.backbone))(policy.params, seq))
+    centres = np.asarray(assets["bin_centres"])
+    np.testing.assert_array_equal(actions[:, 0], centres[np.arange(4), greedy])
+    chunker = ActionChunker(policy)
+    for _ in range(3):
+        chunker.step({"image": frames[0]}, instructions[0])
+    assert chunker.replans == 3
 
 
 def test_policy_rejects_bad_input(policies, tmp_path):
@@ -153,8 +204,8 @@ def test_policy_rejects_bad_input(policies, tmp_path):
         policy.act({"image": np.zeros((64, 64, 3), np.uint8)}, 3)
     with pytest.raises(FileNotFoundError):
         Policy.from_checkpoint(str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="execute_steps=3 must be in"):
-        Policy.from_checkpoint(policy.checkpoint, execute_steps=3)
+    with pytest.raises(ValueError, match=r"execute_steps=15 must be in \[1, 14\]"):
+        Policy.from_checkpoint(policy.checkpoint, execute_steps=15)
 
 
 def test_policy_refuses_other_stages(tiny_tokenizer):

@@ -176,3 +176,52 @@ def test_five_step_pretrain_then_init_from_finetune(prerequisites, tmp_path, cap
     assert "dropped     backbone/head_latent/kernel" in caplog.text
     assert "kept        backbone/embed_text/embedding" in caplog.text
     assert "initialised velocity_head" in caplog.text
+
+
+@pytest.mark.parametrize("objective", ["vipra", "actionvla"])
+def test_history_frame_before_o_t(prerequisites, tmp_path, objective):
+    """``model.history_frames=1``, k = 7: each pretraining example's vision block is o_{t-7}, eof,
+    o_t, ...: o_{t-7} the raw episode's frame 7 steps before the sample's anchor (its first frame
+    while t < 7), while the latent codes stay the LAQ's codes of the window from o_t (vipra) and the
+    targets those of o_t's sample (actionvla: its action's bins)."""
+    from jaxvla.data import sequences as seq
+    from jaxvla.data.pipeline import make_batches
+    from jaxvla.data.stats import bin_actions
+    from jaxvla.latent_actions import load_laq
+    from jaxvla.stages import build_stage, pretrain, vla
+
+    config = tiny_pretrain_config(prerequisites, **{
+        "model.objective": objective, "model.history_frames": 1, "model.history_stride": 7, "model.pack": False,
+        "model.seq_len": 320,
+        "data.num_bins": 256 if objective == "actionvla" else 0, "data.stats_dir": str(tmp_path / "stats")})
+    stage = build_stage(config)
+    assert int(stage.assets["history_frames"]) == 1 and int(stage.assets["history_stride"]) == 7
+    batch = next(stage.batches(0))
+    laq = load_laq(prerequisites["laq"]) if objective == "vipra" else None
+    raw = next(iter(make_batches(pretrain.data_config_for(config, laq, None), batch_size=4, train=True,
+                                 seed=config.seed)))  # the stage's first pipeline batch
+    images, timestep = raw["observation"]["image_primary"], raw["observation"]["timestep"]
+    own = 3 if objective == "vipra" else 1  # the LAQ's clip of 2 x 4 steps / one frame
+    assert images.shape[:2] == (4, 1 + own)
+    np.testing.assert_array_equal(timestep[:, 0], np.maximum(timestep[:, 1] - 7, 0))
+    if objective == "vipra":
+        np.testing.assert_array_equal(timestep[:, 1:], timestep[:, 1:2] + np.array([0, 4, 8]))
+    frames = vla.FrameTokenizer.from_checkpoint(prerequisites["tokenizer"])
+    index = [0, 1, -1] if objective == "vipra" else [0, 1]  # tokenized as the stage does: one call
+    codes = frames.tokens(images[:, index])  # [4, 3 or 2, N]
+    latents = laq.encode(images[:, 1:]) if objective == "vipra" else None  # [4, H, M]: the window from o_t
+    n = frames.tokens_per_frame
+    eof = frames.codebook_size
+    for row in range(4):
+        tokens, modality = batch["tokens"][row], batch["modality"][row]
+        image = tokens[modality == seq.IMAGE]
+        np.testing.assert_array_equal(image[:n], codes[row, 0])  # o_{t-7}
+        assert image[n] == eof
+        np.testing.assert_array_equal(image[n + 1:2 * n + 1], codes[row, 1])  # o_t
+        if objective == "vipra":
+            np.testing.assert_array_equal(image[2 * n + 2:3 * n + 2], codes[row, -1])  # o_{t+H}
+            latent = tokens[modality == seq.LATENT].reshape(latents.shape[1], -1)[:, :-1]  # separators dropped
+            np.testing.assert_array_equal(latent, latents[row])
+        else:
+            edges = np.asarray(next(iter(stage.assets["statistics"].values()))["action"]["bin_edges"])
+            np.testing.assert_array_equal(tokens[modality == seq.ACTION], bin_actions(raw["action"][row], edges))

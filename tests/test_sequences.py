@@ -136,6 +136,51 @@ def test_flow_block():
     np.testing.assert_array_equal(seq["bidirectional_ids"], [1] * 11 + [2] * 5 + [0] * 4)
 
 
+HISTORY_BUILDERS = {
+    "lapa": lambda prev: S.build_lapa(PROMPT, IMAGE, [2, 0], MARKERS, VOCAB, max_len=24, prev_image=prev),
+    "actionvla": lambda prev: S.build_actionvla(PROMPT, IMAGE, [15, 0, 7], MARKERS, VOCAB, max_len=24,
+                                                prev_image=prev),
+    "bins": lambda prev: S.build_bins(PROMPT, IMAGE, [15, 0, 7], MARKERS, VOCAB, max_len=24, prev_image=prev),
+    "flow": lambda prev: S.build_flow(PROMPT, IMAGE, MARKERS, VOCAB, max_len=24, chunk=3, prev_image=prev),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HISTORY_BUILDERS))
+def test_history_frame_layout(kind):
+    """``prev_image``: ``prompt <vision> o_{t-k} eof o_t eov </vision> ...``: the history frame's N
+    codes and one eof right after ``<vision>`` (context: weight 0, image modality, causal); every
+    later token, its target, loss weight, modality and bidirectional id are the layout without
+    history's, N + 1 = 5 positions later; positions stay 0..n-1."""
+    prev = np.array([[6, 6], [1, 4]])  # N = 4 codes
+    plain, seq = HISTORY_BUILDERS[kind](None), HISTORY_BUILDERS[kind](prev)
+    n0, n = int(plain["segment_ids"].sum()), int(seq["segment_ids"].sum())
+    assert n == n0 + 5
+    check_common(seq, n, 24)
+    # prompt (4) and <vision> (1), then o_{t-k} and its eof (8), then o_t as before
+    np.testing.assert_array_equal(seq["tokens"][:5], plain["tokens"][:5])
+    np.testing.assert_array_equal(seq["tokens"][5:10], [6, 6, 1, 4, VOCAB.eof_id])
+    np.testing.assert_array_equal(seq["modality"][5:10], [S.IMAGE] * 5)
+    np.testing.assert_array_equal(seq["tokens"][10:n], plain["tokens"][5:n0])
+    np.testing.assert_array_equal(seq["tokens"][10:14], IMAGE.reshape(-1))
+    for key in ("modality", "target_modality", "bidirectional_ids"):
+        np.testing.assert_array_equal(seq[key][10:n], plain[key][5:n0], err_msg=key)
+    np.testing.assert_array_equal(seq["targets"][9:n], plain["targets"][4:n0])
+    # the history frame is never a target (weights 0 for predicting it and its eof) and every
+    # target after it keeps its weight: the same loss groups with the same members
+    assert (seq["loss_weight"][4:9] == 0).all()
+    np.testing.assert_allclose(seq["loss_weight"][9:n], plain["loss_weight"][4:n0], rtol=1e-6)
+    np.testing.assert_allclose(seq["loss_weight"][:4], plain["loss_weight"][:4], rtol=1e-6)
+    assert seq["loss_weight"].sum() == pytest.approx(plain["loss_weight"].sum())
+    for name in ("latent_positions", "action_positions"):
+        if name in plain:
+            np.testing.assert_array_equal(seq[name], plain[name] + 5, err_msg=name)
+    # causal over the vision block: o_t sees o_{t-k}, never the other way round
+    mask = S.attention_mask(seq)
+    assert mask[10:14, 5:10].all() and not mask[5:10, 10:14].any()
+    with pytest.raises(ValueError, match=r"prev_image codes must lie in \[0, 8\)"):
+        HISTORY_BUILDERS[kind](np.array([8, 0, 0, 0]))
+
+
 def test_batch():
     seqs = [S.build_lapa(PROMPT, IMAGE, [i, 3], MARKERS, VOCAB, max_len=18) for i in range(3)]
     batch = S.batch_sequences(seqs)

@@ -421,8 +421,8 @@ def test_prompt_token_budget_matches_the_sequence_builders(text_tokenizer):
     size = {m: len(ids) for m, ids in markers.items()}
     prefix = size["<vision>"] + frame + 1 + size["</vision>"]  # + eov
     expected = {"flow": seq_len - prefix - CHUNK,
-                "bins": seq_len - prefix - size["<delta>"] - ACTION_DIM - size["</delta>"]}
-    image, actions = np.zeros(frame, np.int32), np.zeros(ACTION_DIM, np.int32)
+                "bins": seq_len - prefix - size["<delta>"] - CHUNK * ACTION_DIM - size["</delta>"]}
+    image, actions = np.zeros(frame, np.int32), np.zeros((CHUNK, ACTION_DIM), np.int32)  # bins: the chunk's
     for head, build in (("flow", lambda p: build_flow(p, image, markers, vocab, seq_len, chunk=CHUNK)),
                         ("bins", lambda p: build_bins(p, image, actions, markers, vocab, seq_len))):
         budget = prompt_token_budget(head, seq_len, markers, vocab, frame, chunk=CHUNK, action_dim=ACTION_DIM)

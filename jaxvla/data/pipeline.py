@@ -29,13 +29,16 @@ Stages of ``make_batches`` (per dataset of the mixture, then mixed):
 Sample kinds (``config.data.sample``; B = batch size, S = image_size; see ``traj_transforms``):
 
 * ``frames``: one frame per sample; ``observation/image_<cam>`` [B, S, S, 3] (with
-  ``history > 1``: [B, W, S, S, 3] and ``observation/pad_mask`` [B, W]), ``action`` [B, A],
-  ``has_action`` [B].
+  ``history > 1``: [B, W, S, S, 3], frames t-(W-1)k .. t-k, t with k = ``history_stride``, and
+  ``observation/pad_mask`` [B, W]), ``action`` [B, A], ``has_action`` [B].
 * ``pairs``: LAPA's (x_t, x_{t+H}); images [B, 2, S, S, 3], ``action`` [B, Hmax, A] (the H actions
   between the frames, zero-padded to the largest gap of the mixture), ``has_action`` [B, Hmax],
   ``gap`` [B].
 * ``clips``: ViPRA's L+1 frames; images [B, L+1, S, S, 3], ``action`` [B, L*stride, A],
   ``has_action`` [B, L*stride].
+* pairs and clips with ``history > 1``: the W - 1 history frames of the anchor t first (images
+  [B, (W-1) + 2 or (W-1) + L+1, S, S, 3], ``observation/pad_mask`` likewise), then the frames
+  above; actions, labels and the anchor unchanged.
 * ``chunks``: action chunks for policy finetuning; images [B, S, S, 3] (or [B, W, ...] with
   history), ``action`` [B, K, A], ``action_pad_mask`` [B, K], ``has_action`` [B]. Samples whose
   first action is missing (the RLDS terminal step) are dropped.
@@ -64,7 +67,10 @@ Config keys read (``config.data.*``; ``default_data_config()`` has them all with
     gap_frames            > 0 overrides every dataset's gap (frames)
     clip_length, clip_stride   L (clips have L+1 frames) and the frame stride
     chunk_size, chunk_pad      K and "zero" | "last"
-    history               observation window W for frames / chunks (1 = no window)
+    history               frame history W (1 = none): frames / chunks get a window of W frames
+                          ending at t, pairs / clips their frames preceded by W - 1 history frames
+                          (``traj_transforms``: frames before 0 repeat frame 0)
+    history_stride        k: control steps between the history frames (t-(W-1)k, ..., t-k, t)
     shuffle_buffer        samples in the shuffle buffer (train and eval)
     traj_shuffle_buffer   trajectories in a shuffle buffer before windowing (train; 0 = none)
     augment               seeded augmentation when training (``augmentation.*`` ranges:
@@ -566,6 +572,7 @@ def default_data_config():
             chunk_size=14,
             chunk_pad="zero",
             history=1,
+            history_stride=1,
             shuffle_buffer=10_000,
             traj_shuffle_buffer=8,
             augment=False,
@@ -1001,21 +1008,26 @@ def _samples(
         ds = ds.traj_map_seeded(tt.goal_relabel_uniform)
 
     history = int(get("history") or 1)
+    history_stride = int(get("history_stride") or 1)
+    if history < 1 or history_stride < 1:
+        raise ValueError(f"config.data.history={history} and config.data.history_stride={history_stride}: "
+                         "expected >= 1 (history 1: no history frames)")
     if sample == "frames":
         if history > 1:
-            ds = ds.traj_map(lambda t: tt.history_windows(t, history))
+            ds = ds.traj_map(lambda t: tt.history_windows(t, history, history_stride))
     elif sample == "pairs":
-        ds = ds.traj_map(lambda t: tt.frame_pairs(t, gap, action_window=max_gap))
+        ds = ds.traj_map(lambda t: tt.frame_pairs(t, gap, action_window=max_gap, history=history,
+                                                  history_stride=history_stride))
     elif sample == "clips":
         length, stride = int(get("clip_length")), int(get("clip_stride") or 1)
-        ds = ds.traj_map(lambda t: tt.clips(t, length, stride))
+        ds = ds.traj_map(lambda t: tt.clips(t, length, stride, history=history, history_stride=history_stride))
     elif sample == "chunks":
         chunk, pad = int(get("chunk_size")), str(get("chunk_pad") or "zero")
 
         def chunks(t):
             t = tt.action_chunks(t, chunk, pad)
             if history > 1:
-                t = tt.history_windows(t, history)
+                t = tt.history_windows(t, history, history_stride)
             return t
 
         ds = ds.traj_map(chunks)

@@ -216,25 +216,33 @@ def _check_frame(kind: str, name: str, frame, vocab: Vocab) -> np.ndarray:
     return frame
 
 
-def _prefix(b: _Builder, prompt_ids, image, markers, vocab, vision_group: str | None = None):
-    """prompt, <vision>, o_t codes, eov, </vision>."""
+def _prefix(b: _Builder, prompt_ids, image, markers, vocab, vision_group: str | None = None, prev_image=None):
+    """prompt, <vision>, [o_{t-k} codes, eof,] o_t codes, eov, </vision>.
+
+    ``prev_image``: the history frame's N codes (None: no history). Like every observed frame it
+    is context only (loss weight 0, its eof too); the tokens after it keep their loss groups, so
+    the targets and their weights are those of the layout without history, N + 1 positions later.
+    """
     b.add("prompt", prompt_ids, TEXT)
     b.add(VISION_OPEN, _marker(markers, VISION_OPEN), TEXT)
+    if prev_image is not None:
+        b.add("prev_image", _check_frame(b.kind, "prev_image", prev_image, vocab), IMAGE)
+        b.add("eof", [vocab.eof_id], IMAGE)
     b.add("image", _check_frame(b.kind, "image", image, vocab), IMAGE, vision_group)
     b.add("eov", [vocab.eov_id], IMAGE)
     b.add(VISION_CLOSE, _marker(markers, VISION_CLOSE), TEXT)
 
 
-def build_lapa(prompt_ids, image, latent, markers, vocab: Vocab, max_len: int, *,
+def build_lapa(prompt_ids, image, latent, markers, vocab: Vocab, max_len: int, *, prev_image=None,
                latent_weight: float = 0.99, text_weight: float = 0.01) -> dict[str, np.ndarray]:
-    """LAPA: ``prompt <vision> o_t eov </vision> <delta> z_1..z_M </delta>``.
+    """LAPA: ``prompt <vision> [o_{t-k} eof] o_t eov </vision> <delta> z_1..z_M </delta>``.
 
-    ``image``: the N VQGAN codes of o_t (any shape, flattened); ``latent``: the M latent codes.
-    Loss: ``latent_weight`` over the M latent targets, ``text_weight`` over the text targets.
-    Adds ``latent_positions`` [M].
+    ``image``: the N VQGAN codes of o_t (any shape, flattened); ``prev_image``: optional history
+    frame o_{t-k} (N codes; None: none); ``latent``: the M latent codes. Loss: ``latent_weight``
+    over the M latent targets, ``text_weight`` over the text targets. Adds ``latent_positions`` [M].
     """
     b = _Builder(vocab, "lapa")
-    _prefix(b, prompt_ids, image, markers, vocab)
+    _prefix(b, prompt_ids, image, markers, vocab, prev_image=prev_image)
     b.add(DELTA_OPEN, _marker(markers, DELTA_OPEN), TEXT)
     b.add("latent", np.asarray(latent).reshape(-1), LATENT, "latent", limit=vocab.latent_codes,
           span="latent_positions")
@@ -281,34 +289,36 @@ def build_vipra(prompt_ids, image, future_image, latents, markers, vocab: Vocab,
     return seq
 
 
-def build_actionvla(prompt_ids, image, actions, markers, vocab: Vocab, max_len: int, *,
+def build_actionvla(prompt_ids, image, actions, markers, vocab: Vocab, max_len: int, *, prev_image=None,
                     action_weight: float = 0.99, text_weight: float = 0.01,
                     open_marker: str = DELTA_OPEN, close_marker: str = DELTA_CLOSE,
                     kind: str = "actionvla") -> dict[str, np.ndarray]:
     """ACTIONVLA (pretraining on action labels): LAPA's layout with the A action-bin ids in place
-    of the latent codes: ``prompt <vision> o_t eov </vision> <delta> a_1..a_A </delta>``.
-    ``actions``: bin ids (any shape, flattened; a chunk [T, A] gives T*A tokens). Adds
-    ``action_positions``."""
+    of the latent codes: ``prompt <vision> [o_{t-k} eof] o_t eov </vision> <delta> a_1..a_A
+    </delta>``. ``actions``: bin ids (any shape, flattened; a chunk [T, A] gives T*A tokens);
+    ``prev_image``: optional history frame (N codes). Adds ``action_positions``."""
     b = _Builder(vocab, kind)
-    _prefix(b, prompt_ids, image, markers, vocab)
+    _prefix(b, prompt_ids, image, markers, vocab, prev_image=prev_image)
     b.add(open_marker, _marker(markers, open_marker), TEXT)
     b.add("actions", np.asarray(actions).reshape(-1), ACTION, "action", span="action_positions")
     b.add(close_marker, _marker(markers, close_marker), TEXT)
     return b.pack(max_len, {"action": action_weight, "text": text_weight})
 
 
-def build_bins(prompt_ids, image, actions, markers, vocab: Vocab, max_len: int, *,
+def build_bins(prompt_ids, image, actions, markers, vocab: Vocab, max_len: int, *, prev_image=None,
                action_weight: float = 1.0, text_weight: float = 0.0,
                open_marker: str = DELTA_OPEN, close_marker: str = DELTA_CLOSE) -> dict[str, np.ndarray]:
-    """Discrete finetuning: ACTIONVLA's layout, the action bins weighted 1.0 and no text loss."""
-    return build_actionvla(prompt_ids, image, actions, markers, vocab, max_len,
+    """Discrete finetuning: ACTIONVLA's layout (with the optional history frame ``prev_image``),
+    the action bins weighted 1.0 and no text loss."""
+    return build_actionvla(prompt_ids, image, actions, markers, vocab, max_len, prev_image=prev_image,
                            action_weight=action_weight, text_weight=text_weight,
                            open_marker=open_marker, close_marker=close_marker, kind="bins")
 
 
-def build_flow(prompt_ids, image, markers, vocab: Vocab, max_len: int, *, chunk: int = 14,
+def build_flow(prompt_ids, image, markers, vocab: Vocab, max_len: int, *, chunk: int = 14, prev_image=None,
                text_weight: float = 0.0, prefix_bidirectional: bool = False) -> dict[str, np.ndarray]:
-    """Flow-matching finetuning: ``prompt <vision> o_t eov </vision>`` as the prefix, then ``chunk``
+    """Flow-matching finetuning: ``prompt <vision> [o_{t-k} eof] o_t eov </vision>`` as the prefix
+    (``prev_image``: the optional history frame's N codes), then ``chunk``
     placeholder positions (modality action, token 0) forming one bidirectional block
     (``bidirectional_ids`` = 2): they see the whole prefix and each other, the prefix never sees
     them. The model replaces their embeddings by the action encoder's and a velocity head reads
@@ -318,7 +328,7 @@ def build_flow(prompt_ids, image, markers, vocab: Vocab, max_len: int, *, chunk:
         raise ValueError(f"flow: chunk must be positive, got {chunk}")
     b = _Builder(vocab, "flow")
     n0 = len(b.parts)
-    _prefix(b, prompt_ids, image, markers, vocab)
+    _prefix(b, prompt_ids, image, markers, vocab, prev_image=prev_image)
     if prefix_bidirectional:
         b.parts[n0:] = [(n, t, m, g, 1) for n, t, m, g, _ in b.parts[n0:]]
     b.add("action_placeholders", np.zeros(chunk, np.int32), ACTION, None, bidir=FLOW_BLOCK_ID,
@@ -481,7 +491,8 @@ def synthetic_examples(rng: np.random.Generator, batch_size: int, objective: str
     training; only the ids are random. For what needs the shapes and the arithmetic but no data,
     tokenizer or LAQ: memory planning, train-step benchmarks, multi-process tests.
     ``frame_tokens``: VQGAN codes per frame (LWM at 256 px: 256); ``latent_shape``: the [H, M]
-    latent codes (LAPA: 1 x 4, flattened; ViPRA: 14 x 16); ``history_frames`` 1 adds ViPRA's o_{t-1}."""
+    latent codes (LAPA: 1 x 4, flattened; ViPRA: 14 x 16); ``history_frames`` 1 adds a history
+    frame o_{t-k} (random codes) before o_t in every objective's vision block."""
     markers = {name: np.array([3 + 2 * i, 4 + 2 * i], np.int32) for i, name in enumerate(MARKERS)}
 
     def ids(size, high):
@@ -491,16 +502,17 @@ def synthetic_examples(rng: np.random.Generator, batch_size: int, objective: str
     for _ in range(batch_size):
         prompt = np.concatenate([[vocab.bos_id], ids(prompt_tokens - 1, vocab.text_size)]).astype(np.int32)
         image = ids(frame_tokens, vocab.image_codes)
+        previous = ids(frame_tokens, vocab.image_codes) if history_frames else None
         if objective == "lapa":
-            seqs.append(build_lapa(prompt, image, ids(latent_shape, vocab.latent_codes), markers, vocab, max_len))
+            seqs.append(build_lapa(prompt, image, ids(latent_shape, vocab.latent_codes), markers, vocab, max_len,
+                                   prev_image=previous))
         elif objective == "vipra":
-            previous = ids(frame_tokens, vocab.image_codes) if history_frames else None
             seqs.append(build_vipra(prompt, image, ids(frame_tokens, vocab.image_codes),
                                     ids(latent_shape, vocab.latent_codes), markers, vocab, max_len,
                                     prev_image=previous))
         elif objective == "actionvla":
             seqs.append(build_actionvla(prompt, image, ids(action_tokens, vocab.action_bins), markers, vocab,
-                                        max_len))
+                                        max_len, prev_image=previous))
         else:
             raise ValueError(f"synthetic_batch: objective {objective!r}; expected lapa, vipra or actionvla")
     return seqs

@@ -367,6 +367,57 @@ def unbin_actions(bins: np.ndarray, edges: np.ndarray, binary_dims: Sequence[int
     return out.reshape(bins.shape).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- proprioceptive state
+
+STATE_BINS = 256
+
+
+def state_bin_edges(stats: Mapping[str, Any], dims: Sequence[int], num_bins: int = STATE_BINS) -> np.ndarray:
+    """Equal-width bin edges of the proprio dims ``dims`` over their [q01, q99]: float32
+    ``[D, num_bins + 1]`` (``edges[d, 0]`` = q01, ``edges[d, -1]`` = q99).
+
+    ``stats``: one key's statistics (``statistics[dataset]["observation/proprio"]``, q01 / q99
+    ``[P]``); ``dims``: indices in [0, P). The finetuning stage stores these edges in its assets,
+    so a policy discretizes its observations' state exactly as training did."""
+    lo = np.asarray(stats["q01"], np.float64).reshape(-1)
+    hi = np.asarray(stats["q99"], np.float64).reshape(-1)
+    dims = [int(d) for d in dims]
+    bad = [d for d in dims if not 0 <= d < lo.size]
+    if bad or not dims:
+        raise ValueError(f"state_bin_edges: dims {dims} must be non-empty indices in [0, {lo.size}) "
+                         f"(the proprio statistics' size)")
+    if int(num_bins) < 2:
+        raise ValueError(f"state_bin_edges: num_bins must be >= 2, got {num_bins}")
+    return np.linspace(lo[dims], hi[dims], int(num_bins) + 1, axis=-1).astype(np.float32)
+
+
+def discretize_state(state: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Selected state values ``[..., D]`` (float, finite) -> int32 bins ``[..., D]`` in
+    [0, num_bins): bin ``b`` with ``edges[d, b] <= x < edges[d, b + 1]``; values below q01 go to
+    bin 0, values at or above q99 to the last bin (clipped). On equal-width edges this is
+    ``clip(floor((x - q01) / (q99 - q01) * num_bins), 0, num_bins - 1)`` up to float rounding at
+    the edges; a dim whose q01 = q99 gives 0 below that value and num_bins - 1 at or above it."""
+    edges = np.asarray(edges, np.float32)
+    state = np.asarray(state, np.float32)
+    if edges.ndim != 2 or edges.shape[1] < 3:
+        raise ValueError(f"discretize_state: edges must be [D, num_bins + 1], got shape {edges.shape}")
+    if state.shape[-1:] != edges.shape[:1]:
+        raise ValueError(f"discretize_state: state has {state.shape[-1:]} dims, the edges {edges.shape[0]}")
+    if not np.isfinite(state).all():
+        raise ValueError("discretize_state: the state holds non-finite values")
+    flat = state.reshape(-1, edges.shape[0])
+    out = np.empty(flat.shape, np.int32)
+    for d in range(edges.shape[0]):
+        out[:, d] = np.searchsorted(edges[d, 1:-1], flat[:, d], side="right")
+    return out.reshape(state.shape)
+
+
+def state_bin_centres(edges: np.ndarray) -> np.ndarray:
+    """float32 ``[D, num_bins]``: the midpoint of every state bin (what a bin stands for)."""
+    edges = np.asarray(edges, np.float64)
+    return (0.5 * (edges[:, :-1] + edges[:, 1:])).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- normalisation
 
 _EPS = 1e-8

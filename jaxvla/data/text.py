@@ -39,6 +39,8 @@ _INSTALL_HINT = (
 LAPA_PROMPT = (
     "You are a helpful assistant. USER: What action should the robot take to {instruction}? ASSISTANT:"
 )
+# A state prompt inserts " State: <bins>." before this ending, so it still ends as pretraining's did.
+STATE_ANCHOR = " ASSISTANT:"
 
 
 def default_tokenizer_path() -> str:
@@ -100,13 +102,39 @@ def encode_text(tokenizer, text: str, add_bos: bool = True) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
-def prompt_ids(tokenizer, instruction: str, template: str = LAPA_PROMPT) -> np.ndarray:
-    """``<s>`` + the ids of LAPA's prompt around ``instruction`` (trailing whitespace and one final
-    period of the instruction are dropped, since the template adds "?")."""
+def state_text(state_bins) -> str:
+    """The discretized proprioceptive state as prompt text: the bins (ints in [0, 255], one per
+    selected dim, ``jaxvla.data.stats.discretize_state``) in decimal, separated by single spaces,
+    e.g. ``[12, 200, 45, 3]`` -> ``"12 200 45 3"``."""
+    bins = np.asarray(state_bins).reshape(-1)
+    if bins.size == 0:
+        raise ValueError("state_text: no state bins (the state prompt needs at least one dim)")
+    if not np.issubdtype(bins.dtype, np.integer):
+        raise ValueError(f"state_text: state bins must be integers, got dtype {bins.dtype}")
+    return " ".join(str(int(b)) for b in bins)
+
+
+def prompt_text(instruction: str, template: str = LAPA_PROMPT, state_bins=None) -> str:
+    """The prompt string (without bos) of :func:`prompt_ids`: LAPA's prompt around ``instruction``
+    (trailing whitespace and one final period dropped, since the template adds "?"); with
+    ``state_bins`` (pi0-FAST style proprioception in the prompt, finetuning and policies only)
+    the question is followed by ``" State: "`` + :func:`state_text` + ``"."`` before
+    ``" ASSISTANT:"``, e.g. "You are a helpful assistant. USER: What action should the robot take
+    to open the drawer? State: 12 200 45 3. ASSISTANT:"."""
     instruction = instruction.strip()
     if instruction.endswith("."):
         instruction = instruction[:-1]
-    return encode_text(tokenizer, template.format(instruction=instruction), add_bos=True)
+    text = template.format(instruction=instruction)
+    if state_bins is None:
+        return text
+    if not text.endswith(STATE_ANCHOR):
+        raise ValueError(f"prompt_text: a state prompt needs a template ending in {STATE_ANCHOR!r}, got {template!r}")
+    return text[: -len(STATE_ANCHOR)] + f" State: {state_text(state_bins)}." + STATE_ANCHOR
+
+
+def prompt_ids(tokenizer, instruction: str, template: str = LAPA_PROMPT, state_bins=None) -> np.ndarray:
+    """``<s>`` + the ids of :func:`prompt_text` (``state_bins``: the discretized state, or None)."""
+    return encode_text(tokenizer, prompt_text(instruction, template, state_bins), add_bos=True)
 
 
 def marker_ids(tokenizer, markers=("<vision>", "</vision>", "<delta>", "</delta>",

@@ -15,8 +15,8 @@ Key groups, and how the windowing transforms treat them:
 
 Output keys and shapes (``S`` = string, ``P`` proprio dim, ``A`` action dim):
 
-``frame_pairs(traj, gap, action_window=None)`` -- LAPA's (x_t, x_{t+H}) for every t with
-t + H <= T - 1, so N = max(T - H, 0):
+``frame_pairs(traj, gap, action_window=None, history=1, history_stride=1)`` -- LAPA's (x_t,
+x_{t+H}) for every t with t + H <= T - 1, so N = max(T - H, 0):
     observation/<key>   [N, 2, ...]   frames t and t + H (image_*: S [N, 2]; timestep [N, 2])
     action              [N, W, A]     actions t .. t+H-1 (W = action_window or H; steps past H or
                                       past the episode are zeros)
@@ -24,16 +24,26 @@ t + H <= T - 1, so N = max(T - H, 0):
     gap                 int32 [N]     H
     others              [N, ...]      at t
 
-``clips(traj, length, stride=1)`` -- ViPRA's L+1 frames t, t+s, ..., t+L*s, N = max(T - L*s, 0):
+``clips(traj, length, stride=1, history=1, history_stride=1)`` -- ViPRA's L+1 frames t, t+s, ...,
+t+L*s, N = max(T - L*s, 0):
     observation/<key>   [N, L+1, ...]
     action              [N, L*s, A]   every step's action from t to t+L*s-1
     has_action          [N, L*s]
     others              [N, ...]      at t
 
-``history_windows(traj, window)`` -- observation windows of W frames ending at t, N = T:
-    observation/<key>   [N, W, ...]   frames t-W+1 .. t; indices before 0 repeat frame 0
+``history_windows(traj, window, stride=1)`` -- observation windows of W frames ending at t, N = T:
+    observation/<key>   [N, W, ...]   frames t-(W-1)k, ..., t-k, t (k = ``stride`` control steps);
+                                      indices before 0 repeat frame 0
     observation/pad_mask bool [N, W]  False on those repeated (padding) frames
     others              unchanged [N, ...] (so it composes with ``action_chunks``)
+
+Frame history of pairs and clips (``history`` W > 1, ``history_stride`` k): the sample's frames
+are preceded by the W - 1 history frames of its anchor t, exactly ``history_windows``' first W - 1:
+``observation/<key>`` [N, (W-1) + 2, ...] (pairs: t-(W-1)k, ..., t-k, t, t+H) or
+[N, (W-1) + L+1, ...] (clips), indices before 0 repeating frame 0, and ``observation/pad_mask``
+bool [N, (W-1) + F] (False on those repeated frames, True on the sample's own F frames). The anchor
+t, the actions and every other key are those of the sample without history: one sample per t
+still, the history frame is context only. With W = 1 nothing changes (no ``pad_mask``).
 
 ``action_chunks(traj, chunk, pad="zero")`` -- action chunks of K steps starting at t, N = T:
     action              [N, K, A]     actions t .. t+K-1
@@ -114,8 +124,32 @@ def _action_window(traj: Traj, starts: tf.Tensor, window: int, valid_len: int) -
     return action, mask
 
 
-def frame_pairs(traj: Traj, gap: int, action_window: int | None = None) -> Traj:
-    """(x_t, x_{t+gap}) for every valid t; see the module docstring for keys and shapes."""
+def _history_offsets(window: int, stride: int, where: str) -> list[int]:
+    """Offsets -(W-1)k, ..., -k, 0 of a history window of W frames, k control steps apart."""
+    window, stride = int(window), int(stride)
+    if window < 1 or stride < 1:
+        raise ValueError(f"{where}: history window and stride must be >= 1, got window={window}, stride={stride}")
+    return [-(window - 1 - i) * stride for i in range(window)]
+
+
+def _with_history(observation: dict, frame_index: tf.Tensor, history: int, history_stride: int,
+                  where: str) -> dict:
+    """``observation`` gathered at ``frame_index`` [N, F], preceded by the W - 1 history frames of
+    each row's anchor ``frame_index[:, 0]`` (clamped to frame 0, ``pad_mask`` False there)."""
+    offsets = _history_offsets(history, history_stride, where)[:-1]
+    if not offsets:
+        return _gather(observation, frame_index)
+    past = frame_index[:, :1] + tf.constant(offsets, tf.int32)[None, :]  # [N, W-1], may be < 0
+    index = tf.concat([tf.maximum(past, 0), frame_index], axis=1)
+    out = _gather(observation, index)
+    out["pad_mask"] = tf.concat([past >= 0, tf.ones_like(frame_index, tf.bool)], axis=1)
+    return out
+
+
+def frame_pairs(traj: Traj, gap: int, action_window: int | None = None, history: int = 1,
+                history_stride: int = 1) -> Traj:
+    """(x_t, x_{t+gap}) for every valid t, preceded by ``history`` - 1 history frames k =
+    ``history_stride`` steps apart; see the module docstring for keys and shapes."""
     gap = int(gap)
     if gap < 1:
         raise ValueError(f"frame_pairs: gap must be >= 1, got {gap}")
@@ -127,14 +161,15 @@ def frame_pairs(traj: Traj, gap: int, action_window: int | None = None) -> Traj:
     starts = tf.range(num, dtype=tf.int32)
     frame_index = tf.stack([starts, starts + gap], axis=1)
     out = _gather(others, starts)
-    out["observation"] = _gather(observation, frame_index)
+    out["observation"] = _with_history(observation, frame_index, history, history_stride, "frame_pairs")
     out["action"], out["has_action"] = _action_window(traj, starts, window, gap)
     out["gap"] = tf.fill([num], tf.constant(gap, tf.int32))
     return out
 
 
-def clips(traj: Traj, length: int, stride: int = 1) -> Traj:
-    """L+1 = ``length + 1`` frames t, t+stride, ..., with every step's action in between."""
+def clips(traj: Traj, length: int, stride: int = 1, history: int = 1, history_stride: int = 1) -> Traj:
+    """L+1 = ``length + 1`` frames t, t+stride, ..., with every step's action in between, preceded
+    by ``history`` - 1 history frames ``history_stride`` steps apart (module docstring)."""
     length, stride = int(length), int(stride)
     if length < 1 or stride < 1:
         raise ValueError(f"clips: length and stride must be >= 1, got length={length}, stride={stride}")
@@ -144,19 +179,18 @@ def clips(traj: Traj, length: int, stride: int = 1) -> Traj:
     starts = tf.range(num, dtype=tf.int32)
     frame_index = starts[:, None] + tf.range(0, span + 1, stride, dtype=tf.int32)[None, :]
     out = _gather(others, starts)
-    out["observation"] = _gather(observation, frame_index)
+    out["observation"] = _with_history(observation, frame_index, history, history_stride, "clips")
     out["action"], out["has_action"] = _action_window(traj, starts, span, span)
     return out
 
 
-def history_windows(traj: Traj, window: int) -> Traj:
-    """Observation windows of ``window`` frames ending at each t (left-padded by frame 0)."""
-    window = int(window)
-    if window < 1:
-        raise ValueError(f"history_windows: window must be >= 1, got {window}")
+def history_windows(traj: Traj, window: int, stride: int = 1) -> Traj:
+    """Observation windows of ``window`` frames ``stride`` control steps apart ending at each t
+    (frames t-(W-1)k, ..., t-k, t; indices before 0 repeat frame 0)."""
+    offsets = _history_offsets(window, stride, "history_windows")
     out = {k: v for k, v in traj.items() if k != "observation"}
     length = traj_length(traj)
-    index = tf.range(length, dtype=tf.int32)[:, None] + tf.range(-window + 1, 1, dtype=tf.int32)[None, :]
+    index = tf.range(length, dtype=tf.int32)[:, None] + tf.constant(offsets, tf.int32)[None, :]
     observation = _gather(dict(traj["observation"]), tf.maximum(index, 0))
     observation["pad_mask"] = index >= 0
     out["observation"] = observation

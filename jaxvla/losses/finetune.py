@@ -11,10 +11,13 @@ Batches (``jaxvla.stages.finetune``): the sequence arrays of ``jaxvla.data.seque
   ``action`` ``[B, K, A]`` (normalised) and ``action_pad_mask`` ``[B, K]``.
 * bins: ``d`` examples a row when packed (``jaxvla.data.sequences.pack_examples``: segment ids
   1..d, positions restarting per example; unpacked d = 1), ``num_examples`` ``[R]`` and the
-  per-example arrays laid out by row and slot: ``action_positions`` ``[R, d, A]`` (the A bin
-  tokens' indices in the row), ``action_bins`` ``[R, d, A]``, eval batches also ``action``
-  ``[R, d, K, A]`` (raw) and ``bin_centres`` ``[R, d, A, V]``. The decoders also take the
-  unpacked ``[B, A]`` positions a policy builds.
+  per-example arrays laid out by row and slot. An example's target is its chunk of K actions as
+  T = K * A bin tokens, time-major (step 0's A bins, then step 1's, ...; K = 1 is LAPA / OpenVLA's
+  one action, K = 14 ViPRA-AR's chunk): ``action_positions`` ``[R, d, T]`` (the T bin tokens'
+  indices in the row), ``action_bins`` ``[R, d, T]``, ``action`` ``[R, d, K, A]`` (raw) and
+  ``action_pad_mask`` ``[R, d, K]``; eval batches also ``bin_centres`` ``[R, d, A, V]``. The bins of
+  padded chunk steps (past the episode's end) are in the sequence but carry loss weight 0 (set by
+  the stage). The decoders also take the unpacked ``[B, T]`` positions a policy builds.
 
 Flow sampling: the prefix (everything but the action block) is run once into a KV cache whose
 action slots are masked out (segment 0); each Euler step then runs only the K action tokens
@@ -73,16 +76,21 @@ def padding_fraction(batch) -> jax.Array:
 def binned_action_loss(params, batch, rng, *, backbone, max_targets: int | None = None):
     """Cross-entropy of the action-bin tokens: ``sum_i loss_weight[i] * CE`` over the targets whose
     ``target_modality`` is action, divided by the number of examples (``sum(num_examples)`` when the
-    batch is packed, else its rows). The builders spread weight 1 over an example's bin tokens, so
-    the loss is the mean over examples of each example's mean bin CE, packed or not (pretraining's
-    loss, ``jaxvla.losses.pretrain``, normalises the same way).
+    batch is packed, else its rows). The builders spread weight 1 over an example's T = K * A bin
+    tokens (1 / T each) and the stage zeroes the weights of padded chunk steps, so every real bin
+    token of the batch weighs the same, 1 / (N T) for N examples: the loss is
+    ``sum over real bin tokens of CE / (N T)`` (with no padded step, e.g. K = 1: the mean over
+    examples of each example's mean bin CE, packed or not, normalised like pretraining's loss,
+    ``jaxvla.losses.pretrain``). Padded steps' tokens are never gathered (weight 0).
 
     Only the action targets reach the head: up to ``max_targets`` a row are gathered (static; the
-    stage passes its layout's per-row cap, ``d`` x A) before the ``[D, V]`` matmul; None gathers
+    stage passes its layout's per-row cap, ``d`` x T) before the ``[D, V]`` matmul; None gathers
     every position (any batch, at the price of a head at every position).
 
-    Metrics: ``cross_entropy`` (= the loss), ``action_token_accuracy`` (argmax == target over the
-    action targets, teacher-forced), ``padding_fraction``."""
+    Metrics: ``cross_entropy`` (the mean CE over the real bin tokens: ``sum(w CE) / sum(w)``; equals
+    the loss when no step is padded), ``valid_fraction`` (``sum(w) / N``: the share of the chunks'
+    steps that are real, up to float rounding of the 1 / T weights), ``action_token_accuracy`` (argmax == target over the real bin tokens,
+    teacher-forced), ``padding_fraction``."""
     del rng
     out = backbone.apply({"params": params["backbone"]}, *_seq(batch), heads=())
     hidden = out["hidden"]
@@ -95,70 +103,97 @@ def binned_action_loss(params, batch, rng, *, backbone, max_targets: int | None 
         examples = jnp.float32(hidden.shape[0])
     loss = sums["weighted_ce"] / examples
     accuracy = sums["correct"] / jnp.maximum(sums["targets"], 1.0)
-    return loss, {"cross_entropy": loss, "action_token_accuracy": accuracy,
+    return loss, {"cross_entropy": sums["weighted_ce"] / jnp.maximum(sums["weight"], 1e-12),
+                  "valid_fraction": sums["weight"] / examples, "action_token_accuracy": accuracy,
                   "padding_fraction": padding_fraction(batch)}
 
 
 def _bin_slots(batch) -> jax.Array:
-    """``action_positions`` as ``[R, E, A]`` int32 (E examples a row; unpacked ``[B, A]``: E = 1)."""
+    """``action_positions`` as ``[R, E, T]`` int32 (E examples a row; unpacked ``[B, T]``: E = 1)."""
     positions = jnp.asarray(batch["action_positions"], jnp.int32)
     return positions.reshape(positions.shape[0], -1, positions.shape[-1])
 
 
 def predicted_bins(params, batch, *, backbone) -> jax.Array:
     """Teacher-forced argmax bins at ``action_positions`` (logits at ``p - 1``), shaped like
-    ``action_positions`` (``[B, A]`` or packed ``[R, d, A]``)."""
+    ``action_positions`` (``[B, T]`` or packed ``[R, d, T]``, T = K * A time-major)."""
     logits = action_token_logits(params, batch, backbone=backbone)
     slots = _bin_slots(batch)
-    picked = jnp.take_along_axis(logits, slots.reshape(slots.shape[0], -1, 1) - 1, axis=1)  # [R, E*A, V]
+    picked = jnp.take_along_axis(logits, slots.reshape(slots.shape[0], -1, 1) - 1, axis=1)  # [R, E*T, V]
     return jnp.argmax(picked, axis=-1).astype(jnp.int32).reshape(batch["action_positions"].shape)
 
 
 def predict_bins_greedy(params, batch, *, backbone) -> jax.Array:
-    """Bins decoded greedily one token at a time (each predicted bin written into the sequence
-    before the next is read): what a policy does, without teacher forcing. Runs the full sequence
-    A times (A is small). In a packed row every example decodes its i-th bin in the same pass:
-    examples never attend to each other, so that equals decoding each alone. Shaped like
-    ``action_positions`` (``[B, A]`` or ``[R, d, A]``), int32."""
+    """Bins decoded greedily one token at a time without a cache (each predicted bin written into
+    the sequence before the next is read): what a policy does, without teacher forcing, and the
+    reference for :func:`predict_bins_cached`. Runs the full ``[R, L]`` sequence T times (a
+    ``lax.fori_loop``; T = K * A, e.g. 14 x 4 = 56). In a packed row every example decodes its i-th
+    bin in the same pass: examples never attend to each other, so that equals decoding each alone.
+
+    ``batch["action_positions"]``: ``[B, T]`` (one example a row) or ``[R, d, T]`` (packed), the T
+    bin slots of each example in time-major order. Returns int32 bins shaped like it (``[B, T]`` or
+    ``[R, d, T]``); ``.reshape(..., K, A)`` gives the chunk's steps."""
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
-    slots = _bin_slots(batch)  # [R, E, A]
+    slots = _bin_slots(batch)  # [R, E, T]
     rows = jnp.arange(tokens.shape[0])[:, None]
-    out = []
-    for i in range(slots.shape[-1]):
-        seq = dict(batch, tokens=tokens)
-        logits = action_token_logits(params, seq, backbone=backbone)
-        pick = jnp.argmax(logits[rows, slots[..., i] - 1], axis=-1).astype(jnp.int32)  # [R, E]
-        tokens = tokens.at[rows, slots[..., i]].set(pick)
-        out.append(pick)
-    return jnp.stack(out, axis=-1).reshape(batch["action_positions"].shape)
+
+    def body(i, carry):
+        tokens, picks = carry
+        slot = jax.lax.dynamic_index_in_dim(slots, i, axis=2, keepdims=False)  # [R, E]
+        logits = action_token_logits(params, dict(batch, tokens=tokens), backbone=backbone)  # [R, L, V]
+        pick = jnp.argmax(logits[rows, slot - 1], axis=-1).astype(jnp.int32)  # [R, E]
+        return tokens.at[rows, slot].set(pick), picks.at[:, :, i].set(pick)
+
+    _, picks = jax.lax.fori_loop(0, slots.shape[-1], body, (tokens, jnp.zeros(slots.shape, jnp.int32)))
+    return picks.reshape(batch["action_positions"].shape)
 
 
-def predict_bins_cached(params, batch, *, backbone) -> jax.Array:
-    """``predict_bins_greedy`` with the prefix in a KV cache (what a policy runs at every control
-    step): one prefill with the bin slots masked out (segment 0), whose logits at
-    ``action_positions[:, 0] - 1`` give the first bin, then ``A - 1`` one-token steps, each
-    feeding the bin just chosen at its true position. Same bins as ``predict_bins_greedy`` up to
-    float rounding; ``[B, A]`` int32."""
+def predict_bins_cached(params, batch, *, backbone, cache_dtype=jnp.float32) -> jax.Array:
+    """:func:`predict_bins_greedy` with the prefix in a KV cache (what a policy runs at every
+    control step): one prefill of the ``[R, L]`` rows with every bin slot masked out (segment 0),
+    whose action logits at ``slots[..., 0] - 1`` give each example's first bin, then ``T - 1``
+    one-token steps (a ``lax.scan``): step i feeds the bin just chosen for slot ``i - 1`` at that
+    slot's true position, segment and ids (``[R, E]`` tokens: one per example of the row, which
+    never see each other) and reads bin i from its logits. The cache holds ``L + E (T - 1)`` slots.
+    Same bins as :func:`predict_bins_greedy` up to float rounding.
+
+    ``batch["action_positions"]``: ``[B, T]`` or packed ``[R, d, T]`` (T = K * A, time-major).
+    Returns int32 bins shaped like it; ``.reshape(..., K, A)`` gives the chunk's steps."""
     tokens, modality, positions, segment_ids, bidirectional_ids = _seq(batch)
-    action_positions = jnp.asarray(batch["action_positions"], jnp.int32)
-    batch_size, length = tokens.shape
-    num_bins = action_positions.shape[1]
-    rows = jnp.arange(batch_size)
-    prefix_segments = segment_ids.at[rows[:, None], action_positions].set(0)
-    cache = init_cache(backbone.config, batch_size, length + num_bins)
+    slots = _bin_slots(batch)  # [R, E, T]
+    num_rows, length = tokens.shape
+    per_row, num_bins = slots.shape[1], slots.shape[2]
+    rows = jnp.arange(num_rows)[:, None]
+    prefix_segments = segment_ids.at[rows, slots.reshape(num_rows, -1)].set(0)
+    cache = init_cache(backbone.config, num_rows, length + per_row * (num_bins - 1), cache_dtype)
     out = backbone.apply({"params": params["backbone"]}, tokens, modality, positions, prefix_segments,
                          bidirectional_ids, cache=cache, heads=("action",))
-    pick = jnp.argmax(out["logits"]["action"][rows, action_positions[:, 0] - 1], axis=-1).astype(jnp.int32)
-    picks, cache = [pick], out["cache"]
-    for i in range(1, num_bins):
-        slot = action_positions[:, i - 1:i]
+    first = jnp.argmax(out["logits"]["action"][rows, slots[..., 0] - 1], axis=-1).astype(jnp.int32)  # [R, E]
+
+    def step(carry, i):
+        pick, cache = carry
+        slot = jax.lax.dynamic_index_in_dim(slots, i - 1, axis=2, keepdims=False)  # [R, E]: where pick sits
         at = lambda x: jnp.take_along_axis(x, slot, axis=1)  # noqa: E731
-        out = backbone.apply({"params": params["backbone"]}, pick[:, None], at(modality), at(positions),
-                             at(segment_ids), at(bidirectional_ids), cache=cache, heads=("action",))
-        pick = jnp.argmax(out["logits"]["action"][:, 0], axis=-1).astype(jnp.int32)
-        picks.append(pick)
-        cache = out["cache"]
-    return jnp.stack(picks, axis=1)
+        out = backbone.apply({"params": params["backbone"]}, pick, at(modality), at(positions), at(segment_ids),
+                             at(bidirectional_ids), cache=cache, heads=("action",))
+        pick = jnp.argmax(out["logits"]["action"], axis=-1).astype(jnp.int32)  # [R, E]
+        return (pick, out["cache"]), pick
+
+    _, rest = jax.lax.scan(step, (first, out["cache"]), jnp.arange(1, num_bins))  # [T - 1, R, E]
+    picks = jnp.concatenate([first[None], rest], axis=0)  # [T, R, E]
+    return jnp.moveaxis(picks, 0, -1).reshape(batch["action_positions"].shape)
+
+
+def decode_bin_chunk(bins: jax.Array, centres: jax.Array) -> jax.Array:
+    """Bin ids ``[..., T]`` (T = K * A, time-major) -> float32 actions ``[..., K, A]``: each step's
+    A bins looked up in the per-example ``bin_centres`` table ``[..., A, V]`` (leading dims equal
+    to the bins')."""
+    centres = jnp.asarray(centres, jnp.float32)
+    action_dim, num_values = centres.shape[-2], centres.shape[-1]
+    steps = jnp.clip(jnp.asarray(bins, jnp.int32), 0, num_values - 1)
+    steps = steps.reshape(steps.shape[:-1] + (-1, action_dim))  # [..., K, A]
+    table = jnp.broadcast_to(centres[..., None, :, :], steps.shape + (num_values,))  # [..., K, A, V]
+    return jnp.take_along_axis(table, steps[..., None], axis=-1)[..., 0]
 
 
 # --------------------------------------------------------------------------- flow
@@ -289,18 +324,37 @@ def flow_eval_metrics(params, batch, rng, *, backbone, action_encoder, velocity_
 
 
 def bins_eval_metrics(params, batch, rng, *, backbone, max_targets: int | None = None) -> dict[str, Any]:
-    """The loss's metrics plus ``action_l1`` / ``action_mse``: the mean |decoded bin centre - true
-    action| and its square of the greedily decoded bins, and ``greedy_bin_accuracy`` against ``action_bins``. Per example (``[B,
-    ...]`` unpacked, ``[R, d, ...]`` packed): ``bin_centres`` ``[..., A, V]``, ``action`` ``[..., K,
-    A]`` raw (the first action is the target), ``action_bins`` ``[..., A]``."""
+    """The loss's metrics plus those of the greedily decoded chunk (:func:`predict_bins_cached`,
+    the policy's decoder, on the packed rows) mapped to bin centres, in robot units.
+
+    Per example (``[B, ...]`` unpacked, ``[R, d, ...]`` packed): ``action_positions`` /
+    ``action_bins`` ``[..., K * A]``, ``bin_centres`` ``[..., A, V]``, ``action`` ``[..., K, A]`` raw,
+    ``action_pad_mask`` ``[..., K]`` (absent: every step real).
+
+    * ``action_mse`` / ``action_l1``: the mean squared / absolute error of the chunk's FIRST
+      decoded action against the demonstrated one, over examples whose first step is real (all:
+      the pipeline drops the others): the experiment's stopping rule, the same quantity whatever
+      K is, and the flow head's ``action_mse`` counterpart.
+    * ``chunk_action_mse``: the same squared error over every real step of the chunk.
+    * ``greedy_bin_accuracy``: decoded bin == ``action_bins`` over the real steps' tokens."""
     loss, metrics = binned_action_loss(params, batch, rng, backbone=backbone, max_targets=max_targets)
-    bins = predict_bins_greedy(params, batch, backbone=backbone)  # [..., A]
-    centres = jnp.asarray(batch["bin_centres"], jnp.float32)
-    decoded = jnp.take_along_axis(centres, bins[..., None], axis=-1)[..., 0]
-    target = jnp.asarray(batch["action"], jnp.float32)[..., 0, :]
+    bins = predict_bins_cached(params, batch, backbone=backbone)  # [..., K * A]
+    decoded = decode_bin_chunk(bins, batch["bin_centres"])  # [..., K, A]
+    target = jnp.asarray(batch["action"], jnp.float32)  # [..., K, A]
+    valid = batch.get("action_pad_mask")
+    valid = jnp.ones(target.shape[:-1], jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
+    weights = jnp.broadcast_to(valid[..., None], target.shape)  # [..., K, A]
+    error = decoded - target
+    first = weights[..., 0, :]
+
+    def mean(values, w):
+        return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
     metrics = dict(metrics, loss=loss)
-    metrics["action_l1"] = jnp.mean(jnp.abs(decoded - target))
+    metrics["action_l1"] = mean(jnp.abs(error[..., 0, :]), first)
     # The stopping rule shared with the flow head (the first action's squared error).
-    metrics["action_mse"] = jnp.mean(jnp.square(decoded - target))
-    metrics["greedy_bin_accuracy"] = jnp.mean((bins == jnp.asarray(batch["action_bins"])).astype(jnp.float32))
+    metrics["action_mse"] = mean(jnp.square(error[..., 0, :]), first)
+    metrics["chunk_action_mse"] = mean(jnp.square(error), weights)
+    hits = (bins == jnp.asarray(batch["action_bins"], jnp.int32)).astype(jnp.float32)
+    metrics["greedy_bin_accuracy"] = mean(hits, weights.reshape(hits.shape))
     return metrics

@@ -168,6 +168,9 @@ class LAQ(nn.Module):
     mlp_ratio: float = 4.0
     residual: bool = True
     remat: str = "none"
+    # Transformer blocks per scan iteration of every stack (jaxvla.models.transformer.scan_unroll):
+    # 1 a loop over one compiled block, 0 fully unrolled. Same parameters either way.
+    scan_unroll: int = 1
     dtype: Dtype = jnp.float32
 
     @property
@@ -201,7 +204,7 @@ class LAQ(nn.Module):
     def setup(self):
         self._check()
         stack = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
-                     remat=self.remat, dtype=self.dtype)
+                     remat=self.remat, unroll=self.scan_unroll, dtype=self.dtype)
         self.patch_norm_in = layer_norm("patch_norm_in", self.dtype)
         self.patch_embed = dense(self.dim, (None, "embed"), "patch_embed", self.dtype)
         self.patch_norm_out = layer_norm("patch_norm_out", self.dtype)

@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvla.models.transformer import constrain, remat_policy
+from jaxvla.models.transformer import constrain, remat_policy, scan_unroll
 
 MODALITIES = ("text", "image", "latent", "action")
 ATTENTION_KERNELS = ("", "einsum", "xla", "cudnn")
@@ -76,6 +76,9 @@ class LlamaConfig:
     # (einsum on CPU, JAX's choice elsewhere).
     attention: str = ""
     scan_layers: bool = True
+    # With scan_layers: layers per scan iteration (jaxvla.models.transformer.scan_unroll), 1 a loop
+    # over one compiled layer, 0 fully unrolled (no loop); the stacked parameter layout is the same.
+    scan_unroll: int = 1
     tie_embeddings: bool = False  # head_m = embed_m transposed
 
     def __post_init__(self):
@@ -88,6 +91,7 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         remat_policy(self.remat)  # validates the name
+        scan_unroll(self.scan_unroll, self.num_layers)  # validates the value
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_KERNELS}")
 
@@ -283,6 +287,7 @@ class Llama(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
+                unroll=scan_unroll(c.scan_unroll, c.num_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return scanned(c, name="layers")(x, layer_cache, mask, rope, index)

@@ -1,7 +1,11 @@
 """Pre-LayerNorm transformer blocks (ViT style) for the latent action quantizer.
 
-``TransformerStack(depth, ...)`` runs ``depth`` blocks through ``nn.scan`` (one compiled body,
-parameters stacked on a leading ``layers`` axis) with an optional ``nn.remat`` policy. A block is
+``TransformerStack(depth, ...)`` runs ``depth`` blocks through ``nn.scan`` (parameters stacked on a
+leading ``layers`` axis) with an optional ``nn.remat`` policy. ``unroll`` is the scan's: 1 compiles
+one block body run in a loop, n places n blocks in each loop iteration, 0 (or >= depth) unrolls the
+stack completely (no loop: XLA schedules and fuses across blocks and slices each block's weights
+once, at the price of a compile time growing with depth). The parameter tree is the same for every
+``unroll``, so checkpoints load whatever it is. A block is
 self-attention (optionally causal or masked), optional cross-attention to a context, and a GELU MLP.
 Attention goes through ``jax.nn.dot_product_attention`` so GPUs get the cuDNN kernel.
 
@@ -34,10 +38,20 @@ def remat_policy(name: str):
     return True, jax.checkpoint_policies.nothing_saveable
 
 
-def scanned_layers(block: type[nn.Module], depth: int, remat: str):
+def scan_unroll(unroll: int, depth: int) -> int:
+    """The ``unroll`` of a ``depth``-layer scan: ``unroll`` blocks per loop iteration, 0 or anything
+    >= ``depth`` the whole stack (no loop). Raises on a negative value."""
+    unroll = int(unroll)
+    if unroll < 0:
+        raise ValueError(f"scan unroll must be >= 0 (0: fully unrolled), got {unroll}")
+    return max(depth, 1) if unroll == 0 or unroll >= depth else unroll
+
+
+def scanned_layers(block: type[nn.Module], depth: int, remat: str, unroll: int = 1):
     """``block`` (scan-compatible: ``(x, context) -> (x, None)``) repeated ``depth`` times by
     ``nn.scan``, its parameters stacked on a leading ``layers`` axis, wrapped in ``nn.remat`` with
-    the ``remat`` policy unless it is "none"."""
+    the ``remat`` policy unless it is "none"; ``unroll`` blocks per loop iteration
+    (:func:`scan_unroll`: 0 = all of them, no loop)."""
     use_remat, policy = remat_policy(remat)
     if use_remat:
         block = nn.remat(block, policy=policy, prevent_cse=False)
@@ -47,6 +61,7 @@ def scanned_layers(block: type[nn.Module], depth: int, remat: str):
         split_rngs={"params": True},
         in_axes=nn.broadcast,
         length=depth,
+        unroll=scan_unroll(unroll, depth),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -179,11 +194,12 @@ class TransformerStack(nn.Module):
     causal: bool = False
     cross_attention: bool = False
     remat: str = "none"
+    unroll: int = 1  # scan_unroll: blocks per loop iteration, 0 = all (no loop)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        scanned = scanned_layers(TransformerBlock, self.depth, self.remat)
+        scanned = scanned_layers(TransformerBlock, self.depth, self.remat, self.unroll)
         x, _ = scanned(
             self.num_heads, self.head_dim, self.mlp_ratio, self.causal, self.cross_attention, self.dtype,
             name="layers",
@@ -227,11 +243,12 @@ class FactorisedStack(nn.Module):
     mlp_ratio: float = 4.0
     temporal_causal: bool = False
     remat: str = "none"
+    unroll: int = 1  # scan_unroll: blocks per loop iteration, 0 = all (no loop)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scanned = scanned_layers(FactorisedBlock, self.depth, self.remat)
+        scanned = scanned_layers(FactorisedBlock, self.depth, self.remat, self.unroll)
         x, _ = scanned(
             self.num_heads, self.head_dim, self.mlp_ratio, self.temporal_causal, self.dtype, name="layers"
         )(x, None)

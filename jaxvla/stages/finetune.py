@@ -7,9 +7,13 @@
   "action_encoder": ActionEncoder(width=dim), "velocity_head": VelocityHead(A)}``; sequences of
   ``build_flow`` (prefix + ``chunk`` placeholder slots in one bidirectional block); actions
   normalised by ``data.action_normalization`` (q01q99 -> [-1, 1], gripper untouched).
-* ``bins`` (LAPA / OpenVLA): params ``{"backbone": Llama (no latent vocabulary, 256 action
-  bins)}``; sequences of ``build_bins`` with the A bins of the chunk's first action
-  (``chunk`` = 1), quantile edges from ``data.num_bins``; actions unnormalised.
+* ``bins`` (ViPRA-AR; LAPA / OpenVLA with ``chunk`` = 1): params ``{"backbone": Llama (no latent
+  vocabulary, 256 action bins)}``; sequences of ``build_bins`` whose targets are the chunk's
+  ``chunk`` x A bins flattened time-major (T = K * A tokens), quantile edges from
+  ``data.num_bins``; actions unnormalised. Chunk steps past the episode's end
+  (``action_pad_mask`` False; the pipeline pads them with zeros, ``data.chunk_pad``) keep their
+  tokens in the sequence but get loss weight 0 (:func:`mask_padded_steps`): they are never
+  targets, and, coming after the real steps, no real target attends to them.
 
 ``init_from`` (a stage 2 workdir whose params are ``{"backbone": ...}`` with the latent table and
 head) keeps the backbone, drops ``embed_latent`` / ``head_latent`` (and, for flow, the action
@@ -18,6 +22,22 @@ table / head), initialises what is new; the trainer logs every decision.
 Frames are tokenized host-side in the batch iterator by the frozen image tokenizer
 (``model.tokenizer_checkpoint``, trained first with ``model.tokenizer_steps`` when missing), the
 instruction by the SentencePiece model, then laid out, so the loss sees int arrays only.
+
+Optional prefix inputs (both off by default; the comparison protocol turns both on):
+
+* frame history, ``model.history_frames`` = 1: the vision block is ``<vision> o_{t-k} eof o_t eov
+  </vision>`` with k = ``model.history_stride`` control steps (the pipeline's chunk windows, frame 0
+  where t < k: what a policy's history buffer feeds too); ViPRA's policy inputs.
+* proprioceptive state, ``model.state_dims`` (e.g. "4": Meta-World's hand xyz and gripper opening,
+  never the object poses): those dims of o_t's ``observation/proprio`` (raw, so
+  ``data.proprio_normalization`` must be "none"), each cut into 256 equal-width bins over the
+  finetuning data's q01..q99 (:func:`jaxvla.data.stats.state_bin_edges` /
+  ``discretize_state``, clipped) and written into the prompt pi0-FAST style
+  (:func:`jaxvla.data.text.prompt_text`: "... take to <instruction>? State: 12 200 45 3.
+  ASSISTANT:"). No model change; ``model.prompt_tokens`` must make room for the state text (up to
+  19 ids for 4 dims: 36 -> 55 for MT10's prompts, 60 for MT50's; a budget without room is an
+  error naming it). An addition of ours for the
+  CPU-scale protocol: LAPA's and ViPRA's Meta-World policies read images and text only.
 
 Sequence layout, fixed at build time (:func:`longest_example`, :func:`layout_for`): the longest
 example is the one whose prompt has ``model.prompt_tokens`` ids (bos and template included; a
@@ -31,15 +51,15 @@ the same prompt budget.
 * bins, ``model.pack`` (default): the examples packed ``d`` a row
   (``jaxvla.data.sequences.pack_examples``, the mechanism of packed pretraining): ``d`` the largest
   divisor of pretraining's :func:`~jaxvla.stages.pretrain.packing_group` with ``d`` examples in
-  ``model.seq_len`` tokens, rows of ``d`` x the longest example, the loss's action gather ``d`` x A
-  a row and the loss the mean over examples. ``pack=False``: ``d`` = 1.
+  ``model.seq_len`` tokens, rows of ``d`` x the longest example, the loss's action gather ``d`` x
+  K * A a row and the loss normalised by the examples. ``pack=False``: ``d`` = 1.
 
 Batch (numpy, per process): the ``SEQUENCE_KEYS`` arrays ``[R, L]`` (flow: R = B). Flow adds
 ``action_positions`` ``[B, K]``, ``action`` ``[B, K, A]`` float32 and ``action_pad_mask`` ``[B, K]``.
 Bins add ``num_examples`` ``[R]`` (always ``d``) and, by row and slot (example ``r * d + j`` of the
 pipeline batch is slot ``j`` of row ``r``, so every array splits along its leading axis with its
-rows, across devices and gradient-accumulation micro-batches), ``action_positions`` ``[R, d, A]``
-(indices in the row), ``action_bins`` ``[R, d, A]``, ``action`` ``[R, d, K, A]``, ``action_pad_mask``
+rows, across devices and gradient-accumulation micro-batches), ``action_positions`` ``[R, d, K*A]``
+(indices in the row), ``action_bins`` ``[R, d, K*A]``, ``action`` ``[R, d, K, A]``, ``action_pad_mask``
 ``[R, d, K]`` and, in eval batches, ``bin_centres`` ``[R, d, A, V]``.
 
 Assets (everything a policy needs to turn outputs into robot actions): ``head``, ``chunk``,
@@ -47,8 +67,10 @@ Assets (everything a policy needs to turn outputs into robot actions): ``head``,
 ``prompt_tokens``, ``layout`` (rows, row length, examples a row), ``vocab`` sizes and special ids,
 ``tokenizer_checkpoint``, ``text_tokenizer``, ``action_normalization``, per dataset
 ``statistics`` (action / proprio mean, std, min, max, q01, q99 (+ ``bin_edges`` when bins)),
-``normalize_mask``, ``gripper_dims``, and for bins ``bin_edges`` / ``bin_centres`` of the first
-dataset.
+``normalize_mask``, ``gripper_dims`` (+ ``state_edges`` [D, 257] with state prompts), for bins
+``bin_edges`` / ``bin_centres`` of the first dataset, and the prefix inputs ``history_frames``,
+``history_stride``, ``state_dims`` (empty: none) and ``state_size`` (the proprio dim a policy's
+observation ``state`` must have); checkpoints without them have neither input.
 """
 
 from __future__ import annotations
@@ -97,6 +119,42 @@ class Models:
         return dict(backbone=self.backbone, action_encoder=self.action_encoder, velocity_head=self.velocity_head)
 
 
+def parse_state_dims(spec) -> tuple[int, ...]:
+    """``config.model.state_dims`` -> the proprio dims written into the prompt (ascending, unique).
+
+    ``""`` / ``0`` / None: none (no state in the prompt); ``"N"`` or N: the first N dims
+    (Meta-World's 4: hand xyz and gripper opening, never the object poses); ``"a:b"``: dims a..b-1;
+    ``"i,j,k"``: those dims. Errors name the key."""
+    where = "config.model.state_dims"
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return ()
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            start, _, stop = text.partition(":")
+            dims = list(range(int(start or 0), int(stop)))
+            if not dims:
+                raise ValueError("empty range")
+        elif "," in text:
+            dims = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            count = int(text)
+            if count < 0:
+                raise ValueError("negative count")
+            dims = list(range(count))
+    except ValueError:
+        raise ValueError(f"{where}={spec!r}: expected '' (off), a count N (the first N proprio dims), 'a:b' or "
+                         "'i,j,k'") from None
+    if any(d < 0 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"{where}={spec!r}: dims must be distinct and >= 0, got {dims}")
+    return tuple(sorted(dims))
+
+
+def state_dims(model_config) -> tuple[int, ...]:
+    """The prompt's proprio dims of a finetuning ``config.model`` (missing key: none)."""
+    return parse_state_dims(model_config.get("state_dims", ""))
+
+
 def check_config(config) -> None:
     mc, data = config.model, config.data
     if mc.head not in ("flow", "bins"):
@@ -105,8 +163,12 @@ def check_config(config) -> None:
         raise ValueError(f"config.data.sample={data.sample!r}; finetuning reads 'chunks'")
     if int(data.chunk_size) != int(mc.chunk):
         raise ValueError(f"config.data.chunk_size={data.chunk_size} but config.model.chunk={mc.chunk}; set them equal")
-    if int(data.get("history", 1)) != 1:
-        raise ValueError(f"config.data.history={data.history}: finetuning reads one frame (history 1)")
+    from jaxvla.stages import vla
+
+    vla.data_with_history(data, *vla.history_settings(mc))  # history keys valid and consistent
+    if state_dims(mc) and (data.get("proprio_normalization") or "none") != "none":
+        raise ValueError(f"config.model.state_dims={mc.state_dims!r} discretizes the raw proprio with its q01 / q99: "
+                         f"set config.data.proprio_normalization='none' (got {data.proprio_normalization!r})")
     if mc.head == "bins" and int(data.num_bins) <= 0:
         raise ValueError("config.model.head='bins' needs config.data.num_bins > 0 (e.g. 256)")
     if mc.head == "bins" and (data.action_normalization or "none") != "none":
@@ -120,20 +182,53 @@ def check_config(config) -> None:
 
 
 LAYOUT_KEYS = "config.model.seq_len (or lower config.model.prompt_tokens)"
+STATE_BINS = 256  # jaxvla.data.stats.STATE_BINS: bins of each state dim in the prompt
+
+
+def state_prompt_tokens(prompts, num_dims: int, instruction: str = "") -> int:
+    """Prompt ids of ``instruction`` with the longest state text of ``num_dims`` dims (every bin
+    255, three digits; SentencePiece splits digits, so no state is longer)."""
+    return int(prompts(instruction, state_bins=np.full(num_dims, STATE_BINS - 1, np.int32)).size)
+
+
+def _check_state_budget(prompts, num_dims: int, prompt_tokens: int) -> None:
+    """The state text must leave room for an instruction: a budget that even an empty one with the
+    longest state overflows is an error naming ``config.model.prompt_tokens``."""
+    saved, prompts.max_tokens = prompts.max_tokens, None
+    try:
+        need = state_prompt_tokens(prompts, num_dims)
+        added = need - int(prompts("").size)
+    finally:
+        prompts.max_tokens = saved
+    if need >= prompt_tokens:
+        raise ValueError(f"config.model.prompt_tokens={prompt_tokens} leaves no room for an instruction: the "
+                         f"template with the longest {num_dims}-dim state alone is {need} ids (the state adds "
+                         f"{added}); raise it by about {added} over the prompt budget without state")
+    log.info("state prompts: the state text adds up to %d ids (the template with an empty instruction: %d of the %d "
+             "of config.model.prompt_tokens)", added, need, prompt_tokens)
 
 
 def longest_example(head: str, prompt_tokens: int, markers, vocab: seq.Vocab, tokens_per_frame: int, *,
-                    chunk: int, action_dim: int) -> dict:
+                    chunk: int, action_dim: int, history_frames: int = 0) -> dict:
     """The longest example finetuning builds: a ``prompt_tokens``-id prompt (bos, then zeros), a
-    frame of ``tokens_per_frame`` codes and the head's action part (flow: ``chunk`` slots; bins: A
-    bins). Only its length and its targets count (the builders' layouts do not depend on ids)."""
+    frame of ``tokens_per_frame`` codes (preceded by the history frame and its eof when
+    ``history_frames`` = 1) and the head's action part (flow: ``chunk`` slots; bins:
+    ``chunk`` x A bins, every step real, so its ``chunk * action_dim`` action targets are the most
+    an example has). Only its length and its targets count (the builders' layouts do not depend on
+    ids)."""
     prompt = np.concatenate([[vocab.bos_id], np.zeros(prompt_tokens - 1)]).astype(np.int32)
     image = np.zeros(tokens_per_frame, np.int32)
     # A bound the example always fits (markers are a few ids each), so the builder never refuses it.
-    bound = prompt_tokens + tokens_per_frame + chunk + action_dim + sum(np.size(m) for m in markers.values()) + 8
+    bound = (prompt_tokens + tokens_per_frame + chunk + chunk * action_dim
+             + sum(np.size(m) for m in markers.values()) + 8)
+    previous = None
+    if history_frames:
+        previous = np.zeros(tokens_per_frame, np.int32)
+        bound += tokens_per_frame + 1
     if head == "flow":
-        return seq.build_flow(prompt, image, markers, vocab, bound, chunk=chunk)
-    return seq.build_bins(prompt, image, np.zeros(action_dim, np.int32), markers, vocab, bound)
+        return seq.build_flow(prompt, image, markers, vocab, bound, chunk=chunk, prev_image=previous)
+    return seq.build_bins(prompt, image, np.zeros((chunk, action_dim), np.int32), markers, vocab, bound,
+                          prev_image=previous)
 
 
 def layout_for(config, longest: dict, num_examples: int, group: int | None = None) -> seq.PackingLayout:
@@ -160,10 +255,27 @@ def describe_layout(head: str, layout: seq.PackingLayout) -> str:
             f"{layout.row_len} ({layout.examples_per_row} a row)")
 
 
+def mask_padded_steps(example: dict, step_valid, action_dim: int) -> dict:
+    """A ``build_bins`` example of a K-step chunk (``action_positions`` ``[K * A]``, time-major) with
+    the loss weight of every bin of a padded step (``step_valid`` ``[K]`` False: past the episode's
+    end) set to 0: those bins stay in the sequence as inputs but are never targets (the loss
+    gathers weighted targets only). The real steps' bins keep the builder's weight 1 / (K * A)
+    each, so a real bin token weighs the same in every example. ``example`` is untouched (returned
+    as is when every step is real, else a copy with new ``loss_weight``)."""
+    step_valid = np.asarray(step_valid, bool).reshape(-1)
+    slots = np.asarray(example["action_positions"]).reshape(step_valid.size, int(action_dim))  # [K, A]
+    if step_valid.all():
+        return example
+    weights = np.array(example["loss_weight"], np.float32, copy=True)
+    weights[slots[~step_valid].reshape(-1) - 1] = 0.0  # loss_weight[p - 1] weighs predicting token p
+    return dict(example, loss_weight=weights)
+
+
 def pack_bins(built: list, per_example: dict, layout: seq.PackingLayout) -> dict:
     """Bins examples (``build_bins`` dicts, any ``max_len``) -> the packed batch of ``layout``:
-    ``SEQUENCE_KEYS`` ``[R, row_len]``, ``num_examples`` ``[R]``, ``action_positions`` ``[R, d, A]``
-    (indices in the row) and every ``per_example`` array ``[N, ...]`` as ``[R, d, ...]``."""
+    ``SEQUENCE_KEYS`` ``[R, row_len]``, ``num_examples`` ``[R]``, ``action_positions``
+    ``[R, d, K * A]`` (indices in the row) and every ``per_example`` array ``[N, ...]`` as
+    ``[R, d, ...]``."""
     from jaxvla.losses.pretrain import target_counts
 
     rows, per_row = layout.num_rows, layout.examples_per_row
@@ -177,7 +289,8 @@ def pack_bins(built: list, per_example: dict, layout: seq.PackingLayout) -> dict
     count, cap = target_counts(packed)["action"], int(layout.row_caps["action"])
     if count > cap:
         raise ValueError(f"pack_bins: a row has {count} action targets but the loss gathers {cap} (the longest "
-                         f"example's, times {per_row}): an example has more action dims than the longest one")
+                         f"example's, times {per_row}): an example has more action targets (chunk x action dims) "
+                         f"than the longest one")
 
     def by_slot(values):
         values = np.asarray(values)
@@ -197,7 +310,10 @@ class SequencePacker:
     docstring). The prompts' budget is set here: a longer instruction raises naming
     ``config.model.prompt_tokens``."""
 
-    def __init__(self, config, frames, prompts, vocab, datasets: dict, layout: seq.PackingLayout):
+    def __init__(self, config, frames, prompts, vocab, datasets: dict, layout: seq.PackingLayout,
+                 state_edges: dict | None = None):
+        from jaxvla.stages import vla
+
         self.config = config
         self.head = config.model.head
         self.frames = frames
@@ -208,34 +324,82 @@ class SequencePacker:
         self.chunk = int(config.model.chunk)
         self.datasets = datasets  # name -> {"edges", "gripper_dims", "centres"} (bins)
         self.default = next(iter(datasets)) if datasets else None
+        self.history_frames, self.history_stride = vla.history_settings(config.model)
+        self.state_dims = state_dims(config.model)
+        self.state_edges = dict(state_edges or {})  # dataset name -> float32 [D, 257] (state prompts)
+        if self.state_dims and not self.state_edges:
+            raise ValueError("config.model.state_dims is set but no state bin edges were given (proprio statistics)")
 
     def _dataset(self, name) -> dict:
         if isinstance(name, bytes):
             name = name.decode("utf-8")
         return self.datasets.get(str(name)) or self.datasets[self.default]
 
+    def _state_edges(self, name) -> np.ndarray:
+        if isinstance(name, bytes):
+            name = name.decode("utf-8")
+        return self.state_edges.get(str(name), next(iter(self.state_edges.values())))
+
+    def prefixes(self, batch: dict) -> tuple[list, np.ndarray, np.ndarray | None]:
+        """(prompt ids per example, o_t codes ``[B, N]``, o_{t-k} codes ``[B, N]`` or None) of a
+        pipeline batch: images ``[B, S, S, 3]`` or, with history, ``[B, 2, S, S, 3]`` (o_{t-k}, o_t);
+        with ``state_dims`` each prompt carries the state of o_t (``observation/proprio``
+        ``[B, P]``, with history ``[B, 2, P]``: its last frame's), discretized by
+        :func:`~jaxvla.data.stats.discretize_state` with its dataset's edges."""
+        from jaxvla.data import stats as stats_lib
+
+        images = np.asarray(_lookup(batch, "observation/image_primary"))
+        tokens = self.frames.tokens(images)  # [B, N], with history [B, 2, N]
+        if self.history_frames:
+            if tokens.ndim != 3 or tokens.shape[1] != 2:
+                raise ValueError(f"finetuning with config.model.history_frames=1 expects frame windows "
+                                 f"[B, 2, S, S, 3] (o_{{t-k}}, o_t), got images {images.shape}")
+            codes, previous = tokens[:, 1], tokens[:, 0]
+        else:
+            codes, previous = tokens, None
+        instructions = _lookup(batch, "task/language_instruction")
+        if not self.state_dims:
+            return [self.prompts(instruction) for instruction in instructions], codes, previous
+        proprio = np.asarray(_lookup(batch, "observation/proprio"), np.float32)
+        if proprio.ndim == 3:
+            proprio = proprio[:, -1]  # the window's last frame: o_t
+        if proprio.shape[-1] <= max(self.state_dims):
+            raise ValueError(f"config.model.state_dims={self.state_dims} but the batch's proprio has "
+                             f"{proprio.shape[-1]} dims")
+        names = batch.get("dataset_name", [None] * len(instructions))
+        prompts = []
+        for i, instruction in enumerate(instructions):
+            bins = stats_lib.discretize_state(proprio[i, list(self.state_dims)], self._state_edges(names[i]))
+            prompts.append(self.prompts(instruction, state_bins=bins))
+        return prompts, codes, previous
+
     def __call__(self, batch: dict, eval: bool = False) -> dict:
         from jaxvla.data import stats as stats_lib
 
-        images = _lookup(batch, "observation/image_primary")
-        codes = self.frames.tokens(images)  # [B, N]
-        instructions = _lookup(batch, "task/language_instruction")
+        prompts, codes, previous = self.prefixes(batch)
         actions = np.asarray(batch["action"], np.float32)
         pad_mask = np.asarray(batch["action_pad_mask"], bool)
         names = batch.get("dataset_name", [None] * len(actions))
         markers, layout = self.prompts.markers, self.layout
+
+        def prev(i):
+            return None if previous is None else previous[i]
+
         if self.head == "flow":
-            seqs = [seq.build_flow(self.prompts(instructions[i]), codes[i], markers, self.vocab, layout.row_len,
-                                   chunk=self.chunk) for i in range(len(actions))]
+            seqs = [seq.build_flow(prompts[i], codes[i], markers, self.vocab, layout.row_len, chunk=self.chunk,
+                                   prev_image=prev(i)) for i in range(len(actions))]
             return dict(seq.batch_sequences(seqs), action=actions, action_pad_mask=pad_mask)
         built, bins, centres = [], [], []
         for i in range(len(actions)):
             info = self._dataset(names[i])
-            bins.append(stats_lib.bin_actions(actions[i, :1], info["edges"], info["gripper_dims"])[0].astype(np.int32))
+            # The chunk's K x A bins, flattened time-major by the builder (K = 1: LAPA's one action).
+            bins.append(stats_lib.bin_actions(actions[i], info["edges"], info["gripper_dims"]).astype(np.int32))
             centres.append(info["centres"])
-            built.append(seq.build_bins(self.prompts(instructions[i]), codes[i], bins[-1], markers, self.vocab,
-                                        layout.example_len))
-        per_example = {"action_bins": np.stack(bins), "action": actions, "action_pad_mask": pad_mask}
+            built.append(seq.build_bins(prompts[i], codes[i], bins[-1], markers, self.vocab, layout.example_len,
+                                        prev_image=prev(i)))
+            built[-1] = mask_padded_steps(built[-1], pad_mask[i], actions.shape[-1])
+        per_example = {"action_bins": np.stack(bins).reshape(len(actions), -1), "action": actions,
+                       "action_pad_mask": pad_mask}
         if eval:
             per_example["bin_centres"] = np.stack(centres).astype(np.float32)
         return pack_bins(built, per_example, layout)
@@ -277,9 +441,12 @@ def build(config) -> Stage:
     vocab = vla.make_vocab(mc.size, frames, LATENT_CODES, action_bins, text_size=TEXT_VOCAB)
 
     per_process = config.batch_size // jax.process_count()
+    history_frames, history_stride = vla.history_settings(mc)
+    # With history the chunks' frames are windows (o_{t-k}, o_t): frame 0 where t < k.
+    data_config = vla.data_with_history(config.data, history_frames, history_stride)
 
     def pipeline(train: bool, start_step: int = 0, seed_offset: int = 0):
-        return pipeline_batches(config.data, batch_size=per_process, train=train, seed=config.seed + seed_offset,
+        return pipeline_batches(data_config, batch_size=per_process, train=train, seed=config.seed + seed_offset,
                                 start_step=start_step)
 
     # Statistics come with the pipeline (computed / cached on first use); the action dim from
@@ -302,15 +469,33 @@ def build(config) -> Stage:
             centres = bin_centres(edges, tuple(spec.gripper_dims))
             datasets[spec.name] = {"edges": edges, "gripper_dims": tuple(spec.gripper_dims), "centres": centres}
         dataset_assets[spec.name] = entry
+    state = state_dims(mc)
+    state_edges, state_size = {}, 0
+    if state:
+        from jaxvla.data.stats import state_bin_edges
+
+        for spec in specs:
+            proprio = statistics.get(spec.name, {}).get("observation/proprio")
+            if proprio is None:
+                raise ValueError(f"config.model.state_dims={mc.state_dims!r}: no proprio statistics for dataset "
+                                 f"{spec.name!r} (they come with action normalisation or bins)")
+            size = int(np.asarray(proprio["q01"]).size)
+            if max(state) >= size:
+                raise ValueError(f"config.model.state_dims={mc.state_dims!r} selects dims {list(state)} but dataset "
+                                 f"{spec.name!r} has {size} proprio dims")
+            state_size = max(state_size, size)
+            state_edges[spec.name] = state_bin_edges(proprio, state)
+            dataset_assets[spec.name]["state_edges"] = state_edges[spec.name]
+        _check_state_budget(prompts, len(state), int(mc.prompt_tokens))
     if head == "flow" and (config.data.action_normalization or "none") == "none":
         log.warning("flow finetuning on unnormalised actions (config.data.action_normalization='none')")
 
     models = Models(config, vocab, action_dim)
     chunk = int(mc.chunk)
     longest = longest_example(head, int(mc.prompt_tokens), prompts.markers, vocab, frames.tokens_per_frame,
-                              chunk=chunk, action_dim=action_dim)
+                              chunk=chunk, action_dim=action_dim, history_frames=history_frames)
     layout = layout_for(config, longest, per_process)
-    packer = SequencePacker(config, frames, prompts, vocab, datasets, layout)
+    packer = SequencePacker(config, frames, prompts, vocab, datasets, layout, state_edges)
     log.info(
         "finetune (%s): backbone %s dim %d x %d layers, vocab text %d / image %d / action %d (no latent); "
         "chunk %d x %d action dims, image tokenizer %s (%d tokens per frame)",
@@ -319,6 +504,8 @@ def build(config) -> Stage:
     )
     log.info("finetune layout: %s (a %d-id prompt budget, config.model.prompt_tokens; rows of at most "
              "config.model.seq_len=%d)", describe_layout(head, layout), int(mc.prompt_tokens), int(mc.seq_len))
+    log.info("finetune inputs: %s; %s", f"o_{{t-{history_stride}}} before o_t" if history_frames else "o_t only",
+             f"proprio dims {list(state)} in the prompt ({STATE_BINS} bins over q01..q99)" if state else "no state")
 
     def init_variables(rng):
         ids = jnp.zeros((1, layout.row_len), jnp.int32)
@@ -370,6 +557,13 @@ def build(config) -> Stage:
         "text_tokenizer": str(mc.text_tokenizer or ""),
         "action_normalization": str(config.data.action_normalization or "none"),
         "datasets": dataset_assets,
+        # Policy inputs: history_frames (0 / 1) frames o_{t-k} before o_t, k = history_stride
+        # control steps; state_dims: the proprio dims written into the prompt (empty: none) of a
+        # state_size-dim observation state, with each dataset's state_edges [D, 257].
+        "history_frames": np.asarray(history_frames),
+        "history_stride": np.asarray(history_stride),
+        "state_dims": np.asarray(state, np.int32),
+        "state_size": np.asarray(state_size),
     }
     if head == "bins":
         name = next(iter(datasets))

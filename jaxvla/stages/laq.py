@@ -50,7 +50,7 @@ def build_model(config) -> LAQ:
             "(config.model.image_size); set them equal"
         )
     return LAQ(**kwargs, residual=bool(config.model.residual), remat=config.remat_policy,
-               dtype=jnp.dtype(config.compute_dtype))
+               scan_unroll=int(config.model.get("scan_unroll", 1)), dtype=jnp.dtype(config.compute_dtype))
 
 
 def expected_sample(model: LAQ) -> str:

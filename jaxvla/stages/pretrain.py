@@ -13,6 +13,13 @@ Windows follow the latent actions: with ``latent_source="laq"`` the data sample 
 future frame o_{t+H}); with ``"labels"`` it is pairs (o_t, o_{t+H}) with H the labels' window
 span and the codes joined at t.
 
+Frame history (``model.history_frames`` = 1, every objective, ViPRA's o_{t-k}): the vision block
+is ``<vision> o_{t-k} eof o_t ...`` with k = ``model.history_stride`` control steps (the protocol's
+7); the pipeline prepends that frame to each sample's window (frame 0 when t < k, as in finetuning
+and in a policy), while the anchor t, the LAQ's window and the joined labels stay those of o_t. The
+packed layout's longest example is built from a real batch, so it counts the extra frame. Assets
+record ``history_frames`` / ``history_stride``.
+
 With ``latent_source="synthetic"`` the stage needs no data, tokenizer or LAQ: batches are random
 ids in the objective's real layout (``jaxvla.data.sequences.synthetic_batch``; one image frame is
 ``max_targets.image`` codes), batch ``s`` drawn from ``(seed, s)`` and split across processes. The
@@ -77,8 +84,10 @@ def _prerequisites(config):
 
 
 def data_config_for(config, laq, labels_info) -> ml_collections.ConfigDict:
-    """``config.data`` with the sample window the latent actions need."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
+    """``config.data`` with the sample window the latent actions need and, with
+    ``model.history_frames`` = 1, the history frame o_{t-k} (k = ``model.history_stride``) before
+    each sample's frames (the anchor t, the LAQ's window and the labels stay those of o_t)."""
+    data = vla.data_with_history(config.data, *vla.history_settings(config.model))
     if config.model.objective == "actionvla":
         data.sample = "frames"
     elif laq is not None:
@@ -145,6 +154,7 @@ class SequencePacker:
         self.frames, self.laq, self.vocab, self.bin_edges = frames, laq, vocab, bin_edges
         self.text = vla.TextPrompts(self.mc.text_tokenizer)
         self.pack = bool(self.mc.get("pack", False))
+        self.history_frames, self.history_stride = vla.history_settings(self.mc)
         self.layout: seq.PackingLayout | None = None
         self.group = packing_group(config)
         if self.pack:
@@ -161,27 +171,44 @@ class SequencePacker:
 
     def example_builder(self, batch: dict):
         """``build(i, prompt_ids) -> example`` for the ``i``-th sample of ``batch`` (the frames
-        tokenized, the latent codes or action bins computed once for the whole batch)."""
+        tokenized, the latent codes or action bins computed once for the whole batch).
+
+        With ``history_frames`` = 1 the pipeline's windows start with o_{t-k} (``data_config_for``):
+        frames ``[B, 2, S, S, 3]`` (o_{t-k}, o_t), pairs ``[B, 3, ...]`` (o_{t-k}, o_t, o_{t+H}),
+        clips ``[B, 1 + L+1, ...]``; the LAQ encodes the window without it (from o_t on) and
+        ``prev_image`` puts its tokens before o_t's."""
         mc, vocab, markers = self.mc, self.vocab, self.text.markers
         images = np.asarray(batch["observation"]["image_primary"])
+        h = self.history_frames
+        if h and (images.ndim != 5 or images.shape[1] < 2):
+            raise ValueError(f"pretraining with config.model.history_frames={h}: expected frame windows "
+                             f"[B, 1 + F, S, S, 3] starting with o_{{t-k}}, got images {images.shape}")
         if mc.objective == "actionvla":
             from jaxvla.data.stats import bin_actions
 
-            tokens = self.frames.tokens(images)  # [B, N]
+            tokens = self.frames.tokens(images)  # [B, N], with history [B, 2, N]
+            current, previous = (tokens[:, h], tokens[:, 0]) if h else (tokens, None)
             bins = bin_actions(np.asarray(batch["action"]), self.bin_edges)  # [B, A]
-            return lambda i, prompt: seq.build_actionvla(prompt, tokens[i], bins[i], markers, vocab, mc.seq_len,
-                                                         action_weight=mc.action_weight, text_weight=mc.text_weight)
-        # o_t (and, for vipra, o_{t+H}) through the tokenizer in one call.
-        frame_index = [0, -1] if mc.objective == "vipra" else [0]
-        tokens = self.frames.tokens(images[:, frame_index])  # [B, 1 or 2, N]
-        first, future = tokens[:, 0], tokens[:, -1]
-        codes = self.latent_codes(batch, images)
+            return lambda i, prompt: seq.build_actionvla(
+                prompt, current[i], bins[i], markers, vocab, mc.seq_len, action_weight=mc.action_weight,
+                text_weight=mc.text_weight, prev_image=None if previous is None else previous[i])
+        # [o_{t-k},] o_t (and, for vipra, o_{t+H}) through the tokenizer in one call.
+        frame_index = list(range(h)) + ([h, images.shape[1] - 1] if mc.objective == "vipra" else [h])
+        tokens = self.frames.tokens(images[:, frame_index])  # [B, h + 1 or h + 2, N]
+        first, future = tokens[:, h], tokens[:, -1]
+        previous = tokens[:, 0] if h else None
+        codes = self.latent_codes(batch, images[:, h:])  # the LAQ's own window, from o_t
+
+        def prev(i):
+            return None if previous is None else previous[i]
+
         if mc.objective == "lapa":
             return lambda i, prompt: seq.build_lapa(prompt, first[i], codes[i].reshape(-1), markers, vocab, mc.seq_len,
-                                                    latent_weight=mc.latent_weight, text_weight=mc.text_weight)
+                                                    latent_weight=mc.latent_weight, text_weight=mc.text_weight,
+                                                    prev_image=prev(i))
         return lambda i, prompt: seq.build_vipra(prompt, first[i], future[i], codes[i], markers, vocab, mc.seq_len,
                                                  latent_weight=mc.latent_weight, future_weight=mc.future_weight,
-                                                 text_weight=mc.text_weight)
+                                                 text_weight=mc.text_weight, prev_image=prev(i))
 
     def __call__(self, batch: dict) -> dict:
         build = self.example_builder(batch)
@@ -235,7 +262,7 @@ def synthetic_batches(config, vocab: seq.Vocab):
     examples = functools.partial(seq.synthetic_examples, objective=mc.objective, vocab=vocab, max_len=mc.seq_len,
                                  frame_tokens=int(mc.max_targets["image"]),
                                  latent_shape=tuple(mc.synthetic_latent_shape),
-                                 history_frames=int(mc.history_frames))
+                                 history_frames=vla.history_settings(mc)[0])
     layout = None
     if mc.get("pack", False):
         longest = examples(np.random.default_rng(0), 1)[0]  # every synthetic example has this length
@@ -286,7 +313,8 @@ def build(config) -> Stage:
         batches, eval_batches, layout = synthetic_batches(config, vocab)
         return _stage(config, vocab, batches, eval_batches, {
             "objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
-            "seq_len": np.asarray(mc.seq_len)}, max_targets=dict(mc.max_targets) if layout is None else layout.row_caps)
+            "seq_len": np.asarray(mc.seq_len), "history_frames": np.asarray(vla.history_settings(mc)[0]),
+            "history_stride": np.asarray(vla.history_settings(mc)[1])}, max_targets=dict(mc.max_targets) if layout is None else layout.row_caps)
     ensure_configured_dataset(config.data)
     frames, laq, labels_info = _prerequisites(config)
     data = data_config_for(config, laq, labels_info)
@@ -322,6 +350,9 @@ def build(config) -> Stage:
         "latent_codes": np.asarray(vocab.latent_codes),
         "seq_len": np.asarray(mc.seq_len),
         "tokenizer_checkpoint": frames.checkpoint,
+        # The vision block: history_frames (0 / 1) earlier frames o_{t-k}, k = history_stride steps.
+        "history_frames": np.asarray(packer.history_frames),
+        "history_stride": np.asarray(packer.history_stride),
     }
     if laq is not None:
         assets.update(laq_checkpoint=laq.checkpoint, laq_config_hash=laq.config_hash)

@@ -144,12 +144,25 @@ class TextPrompts:
         with self._lock:
             return list(self._cache)
 
-    def __call__(self, instruction: Any) -> np.ndarray:
+    def __call__(self, instruction: Any, state_bins=None) -> np.ndarray:
+        """Prompt ids (int32, read-only) of ``instruction``; with ``state_bins`` (the discretized
+        proprioceptive state, ints in [0, 255], ``jaxvla.data.text.prompt_text``) the state prompt,
+        which is never cached (states rarely repeat) but is held to the same budget."""
         from jaxvla.data.text import prompt_ids
 
         if isinstance(instruction, bytes):
             instruction = instruction.decode("utf-8")
         instruction = str(instruction)
+        if state_bins is not None:
+            with self._lock:
+                ids = prompt_ids(self.tokenizer, instruction, state_bins=state_bins)
+            ids.flags.writeable = False
+            if self.max_tokens is not None and ids.size > self.max_tokens:
+                raise ValueError(
+                    f"instruction of {len(instruction)} characters with the state's {np.size(state_bins)} bins is "
+                    f"{ids.size} prompt tokens (bos, LAPA's template and the state text included); at most "
+                    f"{self.max_tokens} fit ({self._budget_reason})")
+            return ids
         with self._lock:
             ids = self._cache.get(instruction)
             if ids is None:
@@ -169,6 +182,36 @@ class TextPrompts:
             return ids
 
 
+def history_settings(model_config) -> tuple[int, int]:
+    """``(history_frames, history_stride)`` of a stage 2 / 3 ``config.model``: 0 or 1 earlier frame
+    o_{t-k} before o_t in the vision block, ``k`` control steps before it (missing keys: no
+    history, k = 1). Errors name the key."""
+    frames = int(model_config.get("history_frames", 0) or 0)
+    stride = int(model_config.get("history_stride", 1) or 0)
+    if frames not in (0, 1):
+        raise ValueError(f"config.model.history_frames={frames}: expected 0 (o_t only) or 1 (o_{{t-k}} before o_t)")
+    if stride < 1:
+        raise ValueError(f"config.model.history_stride={stride}: expected k >= 1 control steps")
+    return frames, stride
+
+
+def data_with_history(data_config, history_frames: int, history_stride: int):
+    """A copy of ``config.data`` whose pipeline windows carry the history frame:
+    ``history = 1 + history_frames``, ``history_stride = k`` (``jaxvla.data.pipeline``: frames
+    t-k, t; before the episode's start, frame 0). ``config.data.history`` left at 1 is set here;
+    another value that disagrees with ``config.model.history_frames`` is an error naming both."""
+    import ml_collections
+
+    data = ml_collections.ConfigDict(data_config.to_dict())
+    given = int(data.get("history", 1) or 1)
+    if given not in (1, 1 + history_frames):
+        raise ValueError(f"config.data.history={given} disagrees with config.model.history_frames={history_frames}: "
+                         f"leave config.data.history at 1 (the stage sets it to 1 + history_frames)")
+    data.history = 1 + int(history_frames)
+    data.history_stride = int(history_stride)
+    return data
+
+
 def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, latent: bool = True,
                     action: bool = True):
     """``config.model`` (``size`` + non-zero overrides) -> ``LlamaConfig`` whose tables match
@@ -183,6 +226,8 @@ def backbone_config(model_config, vocab, *, compute_dtype: str, remat: str, late
         overrides["rope_theta"] = float(model_config.rope_theta)
     if "scan_layers" in model_config:
         overrides["scan_layers"] = bool(model_config.scan_layers)
+    if "scan_unroll" in model_config:
+        overrides["scan_unroll"] = int(model_config.scan_unroll)
     if model_config.get("attention"):
         overrides["attention"] = str(model_config.attention)
     text, image, latent_size, action_size = vocab.sizes
