@@ -53,6 +53,7 @@ import functools
 import logging
 import os
 import time
+from collections import deque
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -451,8 +452,6 @@ class FrameHistory:
 
     def reset(self) -> None:
         """A new episode: forget every frame."""
-        from collections import deque
-
         self._frames: Any = deque(maxlen=self.stride + 1)
         self.steps = 0  # frames pushed: t + 1 after o_t
 

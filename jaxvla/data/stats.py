@@ -405,11 +405,7 @@ def discretize_state(state: np.ndarray, edges: np.ndarray) -> np.ndarray:
         raise ValueError(f"discretize_state: state has {state.shape[-1:]} dims, the edges {edges.shape[0]}")
     if not np.isfinite(state).all():
         raise ValueError("discretize_state: the state holds non-finite values")
-    flat = state.reshape(-1, edges.shape[0])
-    out = np.empty(flat.shape, np.int32)
-    for d in range(edges.shape[0]):
-        out[:, d] = np.searchsorted(edges[d, 1:-1], flat[:, d], side="right")
-    return out.reshape(state.shape)
+    return bin_actions(state, edges, binary_dims=())  # the action bins' rule, no binary dims
 
 
 def state_bin_centres(edges: np.ndarray) -> np.ndarray:
