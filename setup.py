@@ -28,7 +28,7 @@ CORE = [
     # Bar plots and loss curves of the evaluation, the comparison and the demo report (Agg backend).
     "matplotlib>=3.8",
     "msgpack>=1.0",
-    # Policy serving (jaxvla/serve.py): asyncio server + sync client API, proxy= kwarg (15+).
+    # Policy serving (jaxvla/serving/): asyncio server + sync client API, proxy= kwarg (15+).
     "websockets>=15,<18",
     # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py).
     "av>=14,<20",

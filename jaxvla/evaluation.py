@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxvla.frame_history import FrameHistory
 from jaxvla.io.files import atomic_path, write_json
 from jaxvla.tracking import save_figure
 
@@ -322,27 +323,25 @@ class EnvSlots:
                 self._release(env)
             env = self.envs[slot] = self._take(task, seed)
         obs = env.reset(seed=seed)
+        history = None
+        if self.history is not None:
+            history = FrameHistory(*self.history)  # (stride k, replanning every n)
+            history.push(obs["image"], step=0)
         self.episodes[slot] = {"success": False, "steps": 0, "frames": [obs["image"]] if record else None,
-                               "kept": {0: obs["image"]} if self.history is not None else None}
+                               "history": history}
         out = {"image": obs["image"], "state": obs["state"], "instruction": env.instruction}
         if self.history is not None:
             out["prev_image"] = obs["image"]  # t = 0 < k: the first frame
         return out
 
-    def _kept_for_history(self, step: int) -> bool:
-        """Whether a replan will read frame ``step``: as o_t (step a multiple of n) or as its o_{t-k}
-        (step + k a multiple of n)."""
-        k, n = self.history
-        return step % n == 0 or (step + k) % n == 0
-
     def step(self, slot: int, actions: np.ndarray) -> dict[str, Any]:
         env, episode = self.envs[slot], self.episodes[slot]
-        frames, stride, kept = episode["frames"], self.settings.frame_stride, episode["kept"]
+        frames, stride, history = episode["frames"], self.settings.frame_stride, episode["history"]
         executed, done, image, state = 0, False, None, None
         for action in actions:
             step = episode["steps"] + 1
             record = frames is not None and step % stride == 0
-            keep = kept is not None and self._kept_for_history(step)
+            keep = history is not None and history.needs(step)
             obs, _, terminated, truncated, info = env.step(action, render=record or keep)
             episode["steps"] = step
             executed += 1
@@ -351,8 +350,8 @@ class EnvSlots:
             state = obs["state"]
             if record:
                 frames.append(image)
-            if keep:
-                kept[step] = image
+            if history is not None:
+                history.push(image if keep else None, step)
             if terminated or truncated:
                 done = True
                 break
@@ -364,11 +363,8 @@ class EnvSlots:
         else:
             out["image"] = env.render() if image is None else image
             out["state"] = state
-            if kept is not None:
-                t, k = episode["steps"], self.history[0]
-                out["prev_image"] = kept[max(t - k, 0)]
-                for old in [s for s in kept if s < t - k]:  # no later replan reads them
-                    del kept[old]
+            if history is not None:
+                out["prev_image"] = history.previous()
         return out
 
     def replay(self, task: str, seed: int, actions: np.ndarray) -> dict[str, Any]:
@@ -553,6 +549,13 @@ class _Schedule:
         return task, index, seed
 
 
+def _pad_rows(rows: np.ndarray | None, num_rows: int) -> np.ndarray | None:
+    """``rows`` ``[R, ...]`` with its first row repeated up to ``num_rows`` rows (None stays None)."""
+    if rows is None or len(rows) == num_rows:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[:1], num_rows - len(rows), axis=0)])
+
+
 def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, int, int]], batch_envs: int,
                       pool: EnvPool, on_episode) -> tuple[list[dict[str, Any]], list[tuple[float, int]], float]:
     """Rounds of: start queued episodes in free slots (``_Schedule``); ONE policy call for every
@@ -567,8 +570,8 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
     from jaxvla.policy import seed_keys, split_keys
 
     execute = int(settings.execute or policy.execute_steps)
-    history = bool(getattr(policy, "history_frames", 0))
-    with_state = bool(getattr(policy, "state_dims", ()))
+    history = bool(policy.history_frames)
+    with_state = bool(policy.state_dims)
     schedule = _Schedule(jobs, batch_envs)
     unfinished = Counter(task for task, _, _ in jobs)
     slots: list[dict[str, Any] | None] = [None] * batch_envs
@@ -595,13 +598,9 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
         streams, keys = split_keys(np.stack([slots[s]["stream"] for s in active]))
         for s, stream in zip(active, streams):
             slots[s]["stream"] = stream
-        pad = batch_envs - len(active)  # a fixed batch size: one compilation
-        if pad:
-            images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
-            instructions += instructions[:1] * pad
-            keys = np.concatenate([keys, np.repeat(keys[:1], pad, axis=0)])
-            prev = None if prev is None else np.concatenate([prev, np.repeat(prev[:1], pad, axis=0)])
-            states = None if states is None else np.concatenate([states, np.repeat(states[:1], pad, axis=0)])
+        # A fixed batch size, one compilation: free slots repeat the first active row's inputs.
+        images, keys, prev, states = (_pad_rows(x, batch_envs) for x in (images, keys, prev, states))
+        instructions += instructions[:1] * (batch_envs - len(active))
         inputs = {"prev_images": prev, "states": states}
         if first_call_seconds is None:
             start = time.perf_counter()
@@ -686,7 +685,7 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
             batch_envs = min(int(batch_envs), len(jobs))
             policy = _load_policy(settings)
             history = None
-            if getattr(policy, "history_frames", 0):  # o_{t-k} per slot: stride k, replanning every n steps
+            if policy.history_frames:  # o_{t-k} per slot: stride k, replanning every n steps
                 history = (int(policy.history_stride), int(settings.execute or policy.execute_steps))
             with EnvPool(settings, policy.image_size, batch_envs, workers, history) as pool:
                 results, calls, first = _batched_rollouts(policy, settings, jobs, batch_envs, pool, on_episode)

@@ -113,6 +113,14 @@ class Protocol:
     # unless this is False; the probe fits on this many pool episodes per task.
     enforce_laq_gate: bool = True
     probe_episodes_per_task: int = 5
+    # The policy's inputs in every pretraining and finetuning stage: ViPRA's frame history
+    # (o_{t-k}, o_t with k = history_stride control steps; 0: the current frame alone) and, in
+    # finetuning only, the proprioceptive state written into the prompt (``model.state_dims``:
+    # hand xyz + gripper; "" : none), our deviation from LAPA / ViPRA, which see pixels only.
+    history_stride: int = 7
+    state_dims: str = "4"
+    # Finetuning examples per step (0: the config's, 8 at small).
+    finetune_batch_size: int = 0
 
     def __post_init__(self):
         unknown = [p for p in self.pretrainings if p not in PRETRAININGS]
@@ -128,6 +136,22 @@ class Protocol:
             raise ValueError(f"videos_per_task must be >= 0, got {self.videos_per_task}")
         if not self.seeds:
             raise ValueError("seeds: at least one finetuning seed")
+        if self.history_stride < 0:
+            raise ValueError(f"history_stride must be >= 0 (0: no frame history), got {self.history_stride}")
+
+    @property
+    def inputs_tag(self) -> str:
+        """What the inputs add to a pretraining stage's name: ``h7`` (frame history, k = 7)."""
+        parts = [f"h{self.history_stride}"] if self.history_stride else []
+        return "_".join(parts)
+
+    @property
+    def finetune_inputs_tag(self) -> str:
+        """... and to a finetuning stage's: ``h7_st4`` (history, then the state dims)."""
+        parts = [self.inputs_tag] if self.inputs_tag else []
+        if self.state_dims:
+            parts.append("st" + self.state_dims.replace(":", "-"))
+        return "_".join(parts)
 
     def rows(self) -> list[str]:
         """Row names in order; with no videos only SCRATCH rows exist (nothing to pretrain on)."""
@@ -140,20 +164,23 @@ class Protocol:
 
 PROTOCOLS = {
     # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool, under 20 minutes.
-    "demo": Protocol("demo", tokenizer_steps=200, laq_steps=200, pretrain_steps=200, finetune_steps=400,
-                     select_every=100, pool_tasks="mt10", videos_per_task=4, demos_per_task=2,
-                     heldout_demos_per_task=1, eval_placements=1, seeds=(0,), pretrainings=("vipra",),
+    "demo": Protocol("demo", tokenizer_steps=200, laq_steps=200, pretrain_steps=100, finetune_steps=600,
+                     select_every=100, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
+                     heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
                      heads=("flow",), enforce_laq_gate=False),
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos, at most 10 hours on
     # 2 cores (scripts/reproduce.py --plan prints the estimate).
-    "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1200, finetune_steps=1200,
+    "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
                     select_every=200),
 }
 
-# Seconds per training step of the small configs on 2 CPU cores (stage.json of finished stages
-# replaces these when present); evaluation and data generation in seconds per episode.
-STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 0.8, "finetune": 0.45}
-EPISODE_SECONDS = {"generate": 4.0, "label": 0.3, "evaluate": 2.5}
+# Seconds per training step of the small configs on 2 CPU cores with the protocol's inputs (frame
+# history, state), measured 2026-12-01 (make demo's stages: ViPRA pretraining 1.0 s, flow
+# finetuning 0.57 s; bins rows are longer); finished stages are excluded from the estimate.
+# Evaluation and data generation in seconds per episode (rendering 64 px: ~1 s; make demo's
+# batched evaluation: 20 episodes in 43 s).
+STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune": 0.65}
+EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
 
 
 def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("loss",)) -> str | None:
@@ -219,16 +246,22 @@ class Experiment:
         if laq:
             names += [f"laq_{laq}_{self.pool_tag}", f"labels_{laq}_{self.pool_tag}"]
         if pretraining != "none":
-            names.append(f"pretrain_{pretraining}_{self.pool_tag}")
+            names.append(self.pretrain_name(pretraining))
         finetune = self.finetune_name(row, seed)
         return names + [finetune, "eval_" + finetune[len("finetune_"):]]
+
+    def pretrain_name(self, objective: str) -> str:
+        inputs = self.protocol.inputs_tag
+        return f"pretrain_{objective}_{self.pool_tag}" + (f"_{inputs}" if inputs else "")
 
     def finetune_name(self, row: str, seed: int) -> str:
         pretraining, head = parse_row(row)
         p = self.protocol
         pool = "" if pretraining == "none" else f"_{self.pool_tag}"
-        return (f"finetune_{row.lower()}{pool}_{p.finetune_tasks}_k{p.demos_per_task}_"
-                f"{p.finetune_steps_of(pretraining)}steps_s{seed}")
+        inputs = f"_{p.finetune_inputs_tag}" if p.finetune_inputs_tag else ""
+        batch = f"_b{p.finetune_batch_size}" if p.finetune_batch_size else ""
+        return (f"finetune_{row.lower()}{pool}_{p.finetune_tasks}_k{p.demos_per_task}{inputs}_"
+                f"{p.finetune_steps_of(pretraining)}steps{batch}_s{seed}")
 
     # ------------------------------------------------------------------ the plan
 
@@ -491,10 +524,31 @@ class Experiment:
                       progress=self.progress)
         return self._record(name, time.time() - start, {}, labels=out, laq_steps=laq_steps)
 
+    def input_overrides(self, finetuning: bool) -> dict:
+        """The protocol's inputs (frame history; state when ``finetuning``) as config overrides, with
+        the sequence caps they need. The caps only bound a row: rows are sized to the longest
+        example (``jaxvla.stages``' packing layouts), so a generous cap wastes nothing. At small
+        with k = 7 a LAPA / ACTIONVLA example is 182 tokens (2 a row of 384), a ViPRA one 296 (one a
+        row); in finetuning, with state (a 60-id prompt), a bins example is at most 258 tokens (2 a row of
+        528) and a flow one 210 (flow rows hold one)."""
+        p = self.protocol
+        overrides = {"model.history_frames": 1 if p.history_stride else 0}
+        if p.history_stride:
+            overrides["model.history_stride"] = p.history_stride
+        if not finetuning:
+            return {**overrides, "model.seq_len": 384 if p.history_stride else 256}
+        overrides["model.seq_len"] = 528
+        if p.state_dims:
+            # The state text takes up to 19 more prompt ids for 4 dims (stages.finetune checks it),
+            # and MT50's longest instruction 5 more than MT10's: 60 fits every Meta-World task.
+            overrides.update({"model.state_dims": p.state_dims, "model.prompt_tokens": 60})
+        return overrides
+
     def pretrain_overrides(self, objective: str) -> dict:
         n = self.protocol.pretrain_steps
         overrides = {"num_steps": n, "eval_every": n, "checkpoint.every": n,
                      "model.tokenizer_checkpoint": self._path(f"tokenizer_{self.pool_tag}"),
+                     **self.input_overrides(finetuning=False),
                      **self.pool_overrides(with_actions=PRETRAININGS[objective][2])}
         laq = PRETRAININGS[objective][1]
         if laq:
@@ -508,7 +562,7 @@ class Experiment:
         laq = PRETRAININGS[objective][1]
         if laq:
             self.labels(laq)
-        return self._train(f"pretrain_{objective}_{self.pool_tag}", f"configs/pretrain.py:{objective}_small",
+        return self._train(self.pretrain_name(objective), f"configs/pretrain.py:{objective}_small",
                            self.pretrain_overrides(objective))
 
     def finetune_overrides(self, row: str, seed: int) -> tuple[str, dict]:
@@ -522,10 +576,13 @@ class Experiment:
                      "model.tokenizer_checkpoint": self._path(f"tokenizer_{self.pool_tag}"),
                      "data.data_dir": self.demo_data, "data.metaworld_tasks": p.finetune_tasks,
                      "data.metaworld_episodes_per_task": p.demos_per_task + p.heldout_demos_per_task,
-                     "data.few_demos_per_task": p.demos_per_task, "data.generate_metaworld": False}
+                     "data.few_demos_per_task": p.demos_per_task, "data.generate_metaworld": False,
+                     **self.input_overrides(finetuning=True)}
+        if p.finetune_batch_size:
+            overrides["batch_size"] = p.finetune_batch_size
         if pretraining == "none":
             return f"configs/finetune.py:scratch_{head}_small", overrides
-        overrides["init_from"] = self._path(f"pretrain_{pretraining}_{self.pool_tag}")
+        overrides["init_from"] = self._path(self.pretrain_name(pretraining))
         return f"configs/finetune.py:{head}_small", overrides
 
     def finetune(self, row: str, seed: int) -> dict:
@@ -642,6 +699,11 @@ def format_plan(plan: dict) -> str:
     for r in plan["rows"]:
         lines.append(f"  {r['row']:<16} head {r['head']:<5} seeds {r['seeds']}  pretrain {r['pretrain_steps']:>5}  "
                      f"finetune {r['finetune_steps']:>5}  total {r['total_steps']:>5}")
+    inputs = [f"frame history o_(t-{p['history_stride']}), o_t in pretraining and finetuning"
+              if p["history_stride"] else "the current frame alone"]
+    if p["state_dims"]:
+        inputs.append(f"proprioceptive state (dims {p['state_dims']}) in the finetuning prompt (our deviation)")
+    lines += ["", "policy inputs: " + "; ".join(inputs)]
     lines += ["", f"stage steps: tokenizer {p['tokenizer_steps']}, LAQ {p['laq_steps']}, pretraining "
                   f"{p['pretrain_steps']}, finetuning {p['finetune_steps']} (+{p['pretrain_steps']} for SCRATCH)",
               f"stopping point: {plan['selection']}",

@@ -26,7 +26,8 @@ Optional inputs, as the checkpoint was finetuned (its assets; ``observation_spec
 * frame history (``history_frames`` 1): the observation also holds ``"prev_image"``, the frame
   ``history_stride`` control steps before ``"image"`` (the episode's first frame while t < k), laid
   out ``<vision> o_{t-k} eof o_t eov </vision>``. ``ActionChunker`` keeps each episode's frames
-  (:class:`FrameHistory`) and adds it; batched evaluation's environment workers keep them per slot.
+  (:class:`~jaxvla.frame_history.FrameHistory`) and adds it; batched evaluation's environment
+  slots keep one ``FrameHistory`` each.
 * proprioceptive state (``state_dims``): the observation also holds ``"state"`` float32
   ``[state_size]`` (Meta-World's 39-d state); its ``state_dims`` entries are discretized with the
   checkpoint's ``state_edges`` (256 bins over the finetuning data's q01..q99) and written into
@@ -53,12 +54,13 @@ import functools
 import logging
 import os
 import time
-from collections import deque
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxvla.frame_history import FrameHistory
 
 log = logging.getLogger("jaxvla")
 
@@ -438,33 +440,17 @@ class Policy:
         return int(self._infer._cache_size()) + (int(self._infer_rows._cache_size()) if rows else 0)
 
 
-class FrameHistory:
-    """One episode's frames for a frame-history policy: ``push`` every control step's frame (o_0,
-    o_1, ..., o_t); ``previous()`` is then o_{t-k} (k = ``stride``), or o_0 while t < k: the frame
-    the finetuning data pairs with o_t (``jaxvla.data.traj_transforms.history_windows``, frames
-    before the episode's start repeating frame 0). Keeps the last k + 1 frames (references)."""
+class ChunkedPolicy(Protocol):
+    """What :class:`ActionChunker` drives (a :class:`Policy`, or a test's stand-in): ``chunk`` K
+    actions per call, ``execute_steps`` executed by default, and the frame-history inputs
+    (``history_frames`` 0 or 1, ``history_stride`` k; 0 and 0 for a policy without them)."""
 
-    def __init__(self, stride: int):
-        if int(stride) < 1:
-            raise ValueError(f"FrameHistory: stride must be >= 1 control step, got {stride}")
-        self.stride = int(stride)
-        self.reset()
+    chunk: int
+    execute_steps: int
+    history_frames: int
+    history_stride: int
 
-    def reset(self) -> None:
-        """A new episode: forget every frame."""
-        self._frames: Any = deque(maxlen=self.stride + 1)
-        self.steps = 0  # frames pushed: t + 1 after o_t
-
-    def push(self, frame: np.ndarray) -> None:
-        """This control step's frame o_t (uint8 [S, S, 3]), once per step, in order."""
-        self._frames.append(np.asarray(frame))
-        self.steps += 1
-
-    def previous(self) -> np.ndarray:
-        """o_{max(t - k, 0)} for the last pushed o_t."""
-        if not self._frames:
-            raise RuntimeError("FrameHistory.previous(): no frame pushed yet in this episode (push o_t first)")
-        return self._frames[0]
+    def act(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray: ...
 
 
 class ActionChunker:
@@ -475,21 +461,22 @@ class ActionChunker:
     observation, as it does) and adds ``"prev_image"`` (o_{t-k}, the first frame while t < k) to
     the observation of each policy call; ``reset`` starts a new episode."""
 
-    def __init__(self, policy, execute: int | None = None):
+    def __init__(self, policy: ChunkedPolicy, execute: int | None = None):
         self.policy = policy
         chunk = int(policy.chunk)
         self.execute = int(execute or policy.execute_steps)
         if not 1 <= self.execute <= chunk:
             raise ValueError(f"execute={self.execute} must be in [1, {chunk}] (the policy's chunk)")
-        self.history_frames = int(getattr(policy, "history_frames", 0) or 0)
-        self.history_stride = int(getattr(policy, "history_stride", 0) or 0)
+        self.history_frames = int(policy.history_frames)
+        self.history_stride = int(policy.history_stride)
         self.reset()
 
     def reset(self) -> None:
         self._queue: list[np.ndarray] = []
         self.replans = 0
         self.call_seconds: list[float] = []
-        self.history = FrameHistory(self.history_stride) if self.history_frames else None
+        # Every step's frame is pushed, but only those a replan reads are kept.
+        self.history = FrameHistory(self.history_stride, self.execute) if self.history_frames else None
 
     def step(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
         if self.history is not None:

@@ -322,6 +322,14 @@ def _check_finite(step: int, metrics: dict[str, float], workdir: str, checkpoint
     raise NonFiniteLossError(f"{problem}; stopping: {moved}{kept}")
 
 
+def _record_history(history: list[tuple[int, dict[str, float]]], step: int, eval_metrics: dict[str, float]) -> None:
+    """Adds ``eval_metrics`` to ``step``'s history entry (made by that step's log, when it logged)."""
+    if history and history[-1][0] == step:
+        history[-1][1].update(eval_metrics)
+    else:
+        history.append((step, dict(eval_metrics)))
+
+
 def _evaluate(stage: Stage, params, config, mesh, eval_fn) -> dict[str, float]:
     totals: dict[str, float] = {}
     count = 0
@@ -466,6 +474,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
                 eval_metrics = _evaluate(stage, state.params, config, mesh, eval_fn)
                 writer.scalars(step, eval_metrics)
                 logged.update(eval_metrics)
+                _record_history(history, step, eval_metrics)
                 log.info("step %d eval: %s", step, _fmt(eval_metrics))
             if visualize_fn and config.image_every and step % config.image_every == 0:
                 _visualize(stage, state.params, stage.batches(step), mesh, visualize_fn, writer, step)
@@ -482,9 +491,14 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
                 paths = _visualize(stage, state.params, stage.batches(final_step), mesh, visualize_fn, writer, final_step)
                 for path in paths:
                     log.info("wrote %s", path)
-            if config.eval_every and stage.eval_batches:
-                logged.update(_evaluate(stage, state.params, config, mesh, eval_fn))
-                writer.scalars(final_step, {k: v for k, v in logged.items() if k.startswith("eval/")})
+            # The final params are evaluated unless the loop just did (eval_every dividing num_steps).
+            evaluated = bool(history) and history[-1][0] == final_step and any(
+                k.startswith("eval/") for k in history[-1][1])
+            if config.eval_every and stage.eval_batches and not evaluated:
+                eval_metrics = _evaluate(stage, state.params, config, mesh, eval_fn)
+                logged.update(eval_metrics)
+                writer.scalars(final_step, eval_metrics)
+                _record_history(history, final_step, eval_metrics)
         if last_saved != final_step and final_step > start:
             save(final_step)
         log.info("step %d: %s", final_step, _fmt(logged))

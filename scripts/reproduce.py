@@ -51,6 +51,10 @@ flags.DEFINE_integer("bootstrap", 10_000, "Bootstrap replicates.")
 flags.DEFINE_enum("until", None, ["tokenizer", "labels", "pretrain"],
                   "Run only the shared stages up to this one (labels: LAQs, gates and labels too; pretrain: "
                   "every pretraining too) and stop: no finetuning, no results.")
+flags.DEFINE_integer("history_stride", None, "Frame history o_{t-k} in pretraining and finetuning: k control "
+                     "steps (0: the current frame alone; default: the protocol's, 7).")
+flags.DEFINE_string("state_dims", None, "Proprioceptive state dims in the finetuning prompt, e.g. 4 or 0:4 "
+                    "(empty: pixels only; default: the protocol's, 4).")
 flags.DEFINE_boolean("ignore_laq_gate", False, "Pretrain on an LAQ that failed its gate (the verdict is recorded).")
 FLAGS = flags.FLAGS
 
@@ -85,6 +89,10 @@ def protocols_from_flags():
         changes["eval_placements"] = FLAGS.eval_placements
     if FLAGS.ignore_laq_gate:
         changes["enforce_laq_gate"] = False
+    if FLAGS.history_stride is not None:
+        changes["history_stride"] = FLAGS.history_stride
+    if FLAGS.state_dims is not None:
+        changes["state_dims"] = FLAGS.state_dims
     sizes = [base.videos_per_task]
     if FLAGS.videos_per_task:
         try:

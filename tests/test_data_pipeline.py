@@ -27,12 +27,16 @@ from jaxvla.data.dataset import (
     shard_file_instructions,
     standardize_metaworld,
 )
+from jaxvla.data.gaps import frame_gap
+from jaxvla.data.latent_labels import LatentLabelWriter
 from jaxvla.data.pipeline import (
     DatasetSpec,
     dataset_gap,
     dataset_statistics,
     default_data_config,
+    get_dataset_spec,
     make_batches,
+    make_trajectory_dataset,
 )
 
 
@@ -363,8 +367,8 @@ def test_window_indices_at_episode_boundaries(mw):
         out = tf.nest.map_structure(np.asarray, tt.drop_actions(traj))
         assert not out["action"].any() and not out["has_action"].any()
 
-    assert tt.gap_for_dataset(80, 0.6) == 48 and tt.gap_for_dataset(12, 2.4) == 29
-    assert tt.gap_for_dataset(5, 0.05) == 1 and tt.gap_for_dataset(10, 0.25) == 3
+    assert frame_gap(80, 0.6) == 48 and frame_gap(12, 2.4) == 29
+    assert frame_gap(5, 0.05) == 1 and frame_gap(10, 0.25) == 3
     assert dataset_gap(DatasetSpec("x", control_hz=12.0, kind="human")) == 29
     assert dataset_gap(DatasetSpec("x", control_hz=5.0, gap_frames=3)) == 3
     with pytest.raises(ValueError, match="control_hz"):
@@ -866,8 +870,6 @@ def latent_code(traj_index, frame):
 @pytest.fixture(scope="module")
 def mw_train_trajs(mw):
     """[(traj_key, length)] of the fixture's train split, as the pipeline reads them."""
-    from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset
-
     ds = make_trajectory_dataset(get_dataset_spec("metaworld"), "train", False, 0, 0, 1, data_dir=mw["out"])
     trajs = [(t["traj_key"][0].decode(), len(t["observation"]["timestep"])) for t in ds.iterator()]
     assert len(trajs) >= 2
@@ -877,8 +879,6 @@ def mw_train_trajs(mw):
 def write_mw_labels(out_dir, trajs, window, skip=()):
     """Labels frames 0..T-1-window of every trajectory (a full LAQ window ahead) but ``skip``'s.
     -> {traj_key: trajectory index}, labelled frames."""
-    from jaxvla.data.latent_labels import LatentLabelWriter
-
     index, labelled = {}, 0
     with LatentLabelWriter(out_dir, LATENT_HASH, LATENT_CODE_SHAPE, 8, {"gap": window}) as writer:
         for i, (key, length) in enumerate(trajs):

@@ -77,12 +77,18 @@ def test_rows_names_and_shared_stages(tmp_path):
     with pytest.raises(ValueError, match="unknown row 'VIPRA-AR'"):
         parse_row("VIPRA-AR")
     scratch = exp.stage_names("SCRATCH-bins", 1)
-    assert scratch == ["tokenizer_pool20", "finetune_scratch-bins_mt10_k5_2400steps_s1",
-                       "eval_scratch-bins_mt10_k5_2400steps_s1"]
+    # Stage names carry the inputs (h7: frame history k = 7; st4: 4 state dims in the prompt).
+    assert scratch == ["tokenizer_pool20", "finetune_scratch-bins_mt10_k5_h7_st4_2200steps_s1",
+                       "eval_scratch-bins_mt10_k5_h7_st4_2200steps_s1"]
     vipra_ar, vipra_fm = exp.stage_names("VIPRA-bins", 0), exp.stage_names("VIPRA-flow", 0)
     assert set(vipra_ar) & set(vipra_fm) == {"tokenizer_pool20", "laq_vipra_pool20", "labels_vipra_pool20",
-                                             "pretrain_vipra_pool20"}
-    assert exp.stage_names("ACTIONVLA-flow", 2)[:2] == ["tokenizer_pool20", "pretrain_actionvla_pool20"]
+                                             "pretrain_vipra_pool20_h7"}
+    assert exp.stage_names("ACTIONVLA-flow", 2)[:2] == ["tokenizer_pool20", "pretrain_actionvla_pool20_h7"]
+    # Other inputs, other names: a pixels-only run never reuses these stages.
+    plain = Experiment(str(tmp_path), dataclasses.replace(PROTOCOLS["day"], history_stride=0, state_dims=""),
+                       data_root=str(tmp_path / "data"))
+    assert plain.stage_names("LAPA-flow", 0)[3:5] == ["pretrain_lapa_pool20",
+                                                      "finetune_lapa-flow_pool20_mt10_k5_1200steps_s0"]
     # No videos: only SCRATCH rows exist.
     none = dataclasses.replace(PROTOCOLS["day"], videos_per_task=0)
     assert none.rows() == ["SCRATCH-bins", "SCRATCH-flow"]
@@ -114,8 +120,8 @@ def test_pool_reaches_pretraining_without_actions(tmp_path, metaworld_dataset, m
     configs = {name: c.data for name, c in seen.items()}
     configs["labels"] = exp.label_data_config(load_config(os.path.join(REPO, "configs/laq.py:lapa_small")))
     tag = exp.pool_tag
-    assert set(configs) == {f"tokenizer_{tag}", f"laq_lapa_{tag}", f"laq_vipra_{tag}", f"pretrain_lapa_{tag}",
-                            f"pretrain_vipra_{tag}", f"pretrain_actionvla_{tag}", "labels"}
+    assert set(configs) == {f"tokenizer_{tag}", f"laq_lapa_{tag}", f"laq_vipra_{tag}", f"pretrain_lapa_{tag}_h7",
+                            f"pretrain_vipra_{tag}_h7", f"pretrain_actionvla_{tag}_h7", "labels"}
     for name, data in configs.items():
         if name.startswith("tokenizer"):
             continue  # the tokenizer's reader yields frames only
@@ -127,7 +133,7 @@ def test_pool_reaches_pretraining_without_actions(tmp_path, metaworld_dataset, m
         data.latent_labels = ""
         batch = next(iter(make_batches(data, batch_size=4, train=False, seed=0, process_index=0, process_count=1)))
         has_actions = bool(batch["has_action"].any()) and bool(np.abs(batch["action"]).sum() > 0)
-        assert has_actions == (name == f"pretrain_actionvla_{tag}"), name
+        assert has_actions == (name == f"pretrain_actionvla_{tag}_h7"), name
 
 
 def test_select_step_is_the_lowest_held_out_error():
@@ -177,8 +183,17 @@ def test_finetuning_is_matched_and_selects_on_held_out_demos(tmp_path, monkeypat
     assert scratch["num_steps"] == protocol.pretrain_steps + protocol.finetune_steps and scratch["seed"] == 2
     spec, lapa = exp.finetune_overrides("LAPA-bins", 0)
     assert spec == "configs/finetune.py:bins_small" and lapa["num_steps"] == protocol.finetune_steps
-    assert lapa["init_from"].endswith("pretrain_lapa_pool20")
+    assert lapa["init_from"].endswith("pretrain_lapa_pool20_h7")
+    # The same inputs in every row: frame history k = 7 and the 4-dim state prompt.
+    pre = exp.pretrain_overrides("vipra")
+    assert pre["model.history_frames"] == 1 and pre["model.history_stride"] == 7 and "model.state_dims" not in pre
+    assert "batch_size" not in lapa  # the config's
+    wider = Experiment(str(tmp_path), dataclasses.replace(protocol, finetune_batch_size=16))
+    assert wider.finetune_overrides("LAPA-bins", 0)[1]["batch_size"] == 16
+    assert wider.finetune_name("LAPA-bins", 0).endswith("_1200steps_b16_s0")
     for o in (scratch, lapa):
+        assert o["model.history_frames"] == 1 and o["model.history_stride"] == 7
+        assert o["model.state_dims"] == "4" and o["model.prompt_tokens"] == 60
         assert o["data.data_dir"] == exp.demo_data and o["data.few_demos_per_task"] == 5
         assert o["eval_every"] == o["checkpoint.every"] == protocol.select_every
         assert o["checkpoint.max_to_keep"] * o["checkpoint.every"] > o["num_steps"]
@@ -240,6 +255,10 @@ def test_plan_command_prints_the_protocol_and_refuses_bad_flags():
     assert "45 tasks (ml45) x 10 = 450 episodes" in out.stdout and "x 50 = 2250 episodes" in out.stdout
     assert "5 tasks (ml45-test) x K=2 = 10 episodes" in out.stdout
     assert "VIPRA-flow" in out.stdout and "estimated time" in out.stdout
+    assert "frame history o_(t-7), o_t" in out.stdout and "proprioceptive state (dims 4)" in out.stdout
+    pixels = subprocess.run([sys.executable, script, "--plan", "--history_stride=0", "--state_dims="],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert pixels.returncode == 0 and "policy inputs: the current frame alone\n" in pixels.stdout
     bad = subprocess.run([sys.executable, script, "--plan", "--rows=VIPRA-AR"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode != 0 and "unknown row 'VIPRA-AR'" in bad.stderr

@@ -103,8 +103,16 @@ def stage_vocab(stage):
 def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
     from jaxvla.checkpoint import load_checkpoint
 
+    from jaxvla.experiment import select_step
+
     workdir, result = finetuned[variant]
     assert np.isfinite(result.metrics["loss"])
+    # The held-out evaluation lands in the history at its step (the experiment's stopping rule
+    # reads it from there), once: eval_every=3 divides num_steps, so no second final evaluation.
+    evaluated = [(s, m) for s, m in result.history if "eval/action_mse" in m]
+    assert [s for s, _ in evaluated] == [3] and [s for s, _ in result.history] == [1, 2, 3]
+    assert evaluated[0][1]["eval/action_mse"] == result.metrics["eval/action_mse"]
+    assert select_step(result.history) == (3, [(3, result.metrics["eval/action_mse"])])
     # Rows sized to the 36-id prompt budget: the reach / button-press prompts leave at most 10 % padding.
     assert 0.0 < result.metrics["padding_fraction"] <= 0.10
     assert 0.0 < result.metrics["eval/padding_fraction"] <= 0.10

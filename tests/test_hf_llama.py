@@ -20,7 +20,7 @@ from jaxvla.io.hf_llama import (hf_config_to_llama, hf_to_params, load_hf_llama,
 from jaxvla.io.lwm import (lwm_llama_to_params, read_easylm_streaming, rope_half_to_interleaved,
                            rope_interleaved_to_half)
 from jaxvla.io.weights import flatten_dict, load_param_tree
-from jaxvla.models.llama import Llama, llama_config
+from jaxvla.models.llama import Llama, apply_rope, llama_config, rope_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L = 2, 9
@@ -228,8 +228,6 @@ def test_rope_permutation_inverse():
 
     # EasyLM's apply_rotary_emb (complex numbers over interleaved pairs, in numpy) followed by the
     # permutation equals the backbone's rotate-half RoPE applied to the permuted input.
-    from jaxvla.models.llama import apply_rope, rope_tables
-
     dh, theta = 8, 10000.0
     q = np.random.default_rng(0).normal(size=(1, 5, 2, dh)).astype(np.float32)  # [B, L, H, Dh]
     pos = np.arange(5)[None]
@@ -260,8 +258,12 @@ def test_lwm_tree_reproduces_backbone_logits(tmp_path):
         got = run_backbone(cfg, lwm_llama_to_params(tree, cfg), tokens, modality)
         for m in ("text", "image"):
             np.testing.assert_allclose(got[m], expected[m], atol=1e-5, err_msg=f"{m} scanned={scanned_src} {scan}")
-    # Without the RoPE permutation the logits differ: the test really exercises it.
-    unpermuted = lwm_llama_to_params(params_to_lwm_tree(params, config), config, permute_rope=False)
+    # Without the RoPE permutation (undone here on the converted q/k kernels) the logits differ: the
+    # test really exercises it.
+    unpermuted = lwm_llama_to_params(params_to_lwm_tree(params, config), config)
+    for name in ("q_proj", "k_proj"):
+        attention = unpermuted["layers"]["attention"][name]
+        attention["kernel"] = rope_half_to_interleaved(attention["kernel"])
     assert np.abs(run_backbone(config, unpermuted, tokens, modality)["text"] - expected["text"]).max() > 1e-3
 
     # EasyLM streaming checkpoint file: msgpack stream of (key path, to_bytes(array)).

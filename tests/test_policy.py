@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from jaxvla.checkpoint import load_checkpoint
+from jaxvla.serving.client import Client, ServerError
+from jaxvla.serving.server import PolicyServer
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +221,7 @@ class CountingPolicy:
     """A chunk whose action k of call c is (c, k, ...): shows which call produced each action."""
 
     chunk, execute_steps, action_dim = 6, 4, 2
+    history_frames, history_stride = 0, 0  # no frame history
 
     def __init__(self):
         self.calls = 0
@@ -295,6 +298,7 @@ class ScriptedPolicy:
     logging every action it returns and every reseed."""
 
     chunk = execute_steps = 1
+    history_frames = history_stride = 0  # no frame history
     image_size = 16  # frames are rendered but unused: the smallest size keeps the episode fast
 
     def __init__(self, task, expert):
@@ -354,8 +358,6 @@ def test_recorded_success_is_metaworlds_own(monkeypatch, expert):
 
 
 def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
-    from jaxvla.serve import Client, PolicyServer
-
     policy = policies["bins"]  # deterministic: the served actions equal a direct call's
     frames, instructions = _frames(metaworld_dataset, 1)
     expected = policy.act({"image": frames[0]}, instructions[0])
@@ -373,8 +375,11 @@ def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
         with Client(port=server.port) as client:
             assert client.metadata["head"] == "bins" and client.metadata["observation_spec"]["image"]["shape"] == [64, 64, 3]
             np.testing.assert_array_equal(client.act({"image": frames[0]}, instructions[0]), expected)
-            with pytest.raises(RuntimeError, match="image"):
-                client.act({"image": frames[0][:32]}, instructions[0])
+            with pytest.raises(ServerError, match="image"):  # 2 channels (other sizes are resized)
+                client.act({"image": frames[0][..., :2]}, instructions[0])
+            # A 128 px frame (each pixel 2 x 2) is shrunk by area averaging back to the 64 px frame.
+            np.testing.assert_array_equal(
+                client.act({"image": frames[0].repeat(2, axis=0).repeat(2, axis=1)}, instructions[0]), expected)
             assert client.health()["status"] == "ok"
             np.testing.assert_array_equal(client.act({"image": frames[0]}, instructions[0]), expected)
             np.testing.assert_array_equal(client.act({"image": frames[0]}, fitting), expected_fitting)
@@ -383,6 +388,6 @@ def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
                                rf"\(the checkpoint's seq_len {policy.seq_len} minus"):
                 client.act({"image": frames[0]}, too_long)
             assert fitting in policy.prompts.cached() and too_long not in policy.prompts.cached()
-            assert client.health()["requests"] == 3
+            assert client.health()["requests"] == 4
     finally:
         server.stop()

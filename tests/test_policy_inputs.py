@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jaxvla.serving.client import Client
+from jaxvla.serving.server import PolicyServer
+
 K = 7  # the protocol's history stride
 STATE_PROMPT_TOKENS = 55  # 36 + the 4-dim state text's 19 ids at most
 
@@ -165,7 +168,7 @@ def episode_windows(metaworld_dataset):
 def test_chunker_history_feeds_the_training_frame(episode_windows, execute):
     """A replayed episode: at every replan t the ActionChunker hands the policy o_{t-7} (o_0 while
     t < 7), the very frame the finetuning pipeline pairs with o_t for that episode and step."""
-    from jaxvla.policy import ActionChunker, FrameHistory
+    from jaxvla.policy import ActionChunker
 
     frames, windows = episode_windows
     assert len(frames) > 2 * K
@@ -184,12 +187,35 @@ def test_chunker_history_feeds_the_training_frame(episode_windows, execute):
     chunker.step({"image": frames[5]}, "reach")
     np.testing.assert_array_equal(policy.calls[-1]["prev_image"], frames[5])
 
+
+
+def test_frame_history_keeps_what_replans_read():
+    """o_{t-k} for every t against a list of all frames; with replanning every n steps only the
+    frames of replanning steps and their o_{t-k} are needed, and those alone suffice."""
+    from jaxvla.frame_history import FrameHistory
+
+    frames = [np.full((2, 2, 3), t, np.uint8) for t in range(30)]
     history = FrameHistory(3)
-    with pytest.raises(RuntimeError, match="no frame pushed"):
+    with pytest.raises(RuntimeError, match="frames up to step -1"):
         history.previous()
-    for t in range(6):
-        history.push(np.full((2, 2, 3), t, np.uint8))
+    for t in range(30):
+        history.push(frames[t])
         assert history.previous()[0, 0, 0] == max(t - 3, 0)
+        assert len(history._frames) <= 4  # o_{t-3} .. o_t, nothing older
+    for k, n in ((7, 7), (7, 3), (2, 5)):
+        sparse = FrameHistory(k, replan_every=n)
+        needed = {t for t in range(30) if t % n == 0} | {max(t - k, 0) for t in range(0, 30, n)}
+        assert {t for t in range(30) if sparse.needs(t)} >= needed
+        if k == n:  # ViPRA's 7 of 14: no frame beyond the replanning ones
+            assert {t for t in range(30) if sparse.needs(t)} == {t for t in range(30) if t % n == 0}
+        for t in range(30):
+            sparse.push(frames[t] if sparse.needs(t) else None, t)
+            if t % n == 0:
+                assert sparse.previous()[0, 0, 0] == max(t - k, 0)
+        with pytest.raises(ValueError, match="must be given"):
+            FrameHistory(k, replan_every=n).push(None, 0)
+    with pytest.raises(ValueError, match="frames come in order"):
+        history.push(frames[0], 3)
 
 
 def test_env_slots_keep_the_history_frames():
@@ -221,7 +247,7 @@ def test_env_slots_keep_the_history_frames():
             np.testing.assert_array_equal(out["image"], frames[t])
             np.testing.assert_array_equal(out["prev_image"], frames[max(t - K, 0)])
             np.testing.assert_array_equal(out["state"], states[t])
-            assert min(slots.episodes[0]["kept"]) >= t - K  # older frames are dropped
+            assert min(slots.episodes[0]["history"]._frames) >= t - K  # older frames are dropped
     finally:
         slots.close()
 
@@ -371,7 +397,6 @@ def test_serve_history_state_policy(history_state_policy, metaworld_dataset):
     """The server's observation spec asks for the policy's inputs; a request without the state is
     refused naming it, a full one gets the direct call's actions."""
     from jaxvla.policy import Policy
-    from jaxvla.serve import Client, PolicyServer
     from jaxvla.sim.metaworld_env import MetaWorldEnv
 
     policy = Policy.from_checkpoint(history_state_policy)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from jaxvla.data import schema  # noqa: E402
 from jaxvla.data import video  # noqa: E402
+from jaxvla.data.latent_labels import LatentLabelWriter, join_latent_labels  # noqa: E402
 
 SIZE = 64
 STAMP = 6  # gray level step of the frame-index stamp (40 frames -> 0..234)
@@ -128,7 +129,7 @@ def test_max_frames_and_size(tmp_path, source):
 
 
 def test_human_video_gap_facts():
-    assert video.HUMAN_VIDEO_GAP_SECONDS == 2.4
+    assert video.HUMAN_GAP_SECONDS == 2.4
     assert video.SSV2_FPS == 12 and video.SSV2_FRAME_OFFSET == 30
     assert video.human_video_frame_gap(12) == 29  # 2.4 s * 12 fps = 28.8
     assert video.human_video_frame_gap(10) == 24
@@ -355,8 +356,6 @@ def test_min_frames_skips_short_clips(ssv2):
 
 def test_latent_labels_join_onto_video(ssv2, tmp_path):
     """End to end: label SSv2 pairs at a gap H (no label for the last H frames) and join them."""
-    from jaxvla.data.latent_labels import LatentLabelWriter, join_latent_labels
-
     gap = 3
     reader = video.SomethingSomethingReader(ssv2["video_dir"], ssv2["labels"])
     rng = np.random.default_rng(0)

@@ -102,6 +102,7 @@ import json
 import math
 from typing import Any, Callable, Mapping
 
+from jaxvla.data import gaps
 from jaxvla.data.schema import IMAGE_CAMERAS, flat_keys, missing_feature_error
 
 # --------------------------------------------------------------------------- vocabularies
@@ -152,7 +153,6 @@ TRANSFORMS = frozenset(
 LANGUAGE_ENCODINGS = frozenset({"string", "codepoints"})
 
 REL_GRIPPER_THRESHOLD = 0.5
-LAPA_WINDOW_SECONDS = 0.6
 
 
 # --------------------------------------------------------------------------- spec
@@ -277,9 +277,9 @@ class DatasetSpec:
             return "absolute_open_one"
         return self.gripper_convention
 
-    def frame_gap(self, seconds: float = LAPA_WINDOW_SECONDS) -> int:
-        """Steps spanning about ``seconds`` (the LAPA window H): ``max(1, round(seconds * hz))``."""
-        return max(1, int(round(seconds * self.control_hz)))
+    def frame_gap(self, seconds: float = gaps.ROBOT_GAP_SECONDS) -> int:
+        """Steps spanning about ``seconds`` (the LAPA window H): ``gaps.frame_gap(control_hz, seconds)``."""
+        return gaps.frame_gap(self.control_hz, seconds)
 
     def raw_keys(self) -> tuple[str, ...]:
         """Every raw path ``standardize`` reads (flags excepted: they are optional)."""
@@ -1217,7 +1217,7 @@ def standardize(name: str | DatasetSpec, trajectory: Mapping[str, Any]) -> dict[
     return get_dataset_spec(name).standardize(trajectory)
 
 
-def frame_gap(name: str | DatasetSpec, seconds: float = LAPA_WINDOW_SECONDS) -> int:
+def frame_gap(name: str | DatasetSpec, seconds: float = gaps.ROBOT_GAP_SECONDS) -> int:
     return get_dataset_spec(name).frame_gap(seconds)
 
 

@@ -58,7 +58,7 @@ Config keys read (``config.data.*``; ``default_data_config()`` has them all with
     data_dir              TFDS data_dir holding the datasets (or one dataset's version dir)
     dataset               single dataset name (``metaworld``, or any registered spec) when
                           ``mixture`` is empty
-    mixture               registered mixture name, or "name:weight,name:weight"
+    mixture               mixture name (``jaxvla.data.mixtures``), or "name:weight,name:weight"
     split, eval_split     "" -> the spec's train / val split
     sample                frames | pairs | clips | chunks
     image_size            S (square resize, antialiased)
@@ -120,6 +120,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxvla.data import frame_transforms as ft
+from jaxvla.data import latent_labels as latent_lib
+from jaxvla.data import mixtures as oxe_mixtures
+from jaxvla.data import oxe
 from jaxvla.data import stats as stats_lib
 from jaxvla.data import traj_transforms as tt
 from jaxvla.data.dataset import (
@@ -127,6 +130,7 @@ from jaxvla.data.dataset import (
     METAWORLD_CONTROL_HZ,
     METAWORLD_GRIPPER_DIM,
     TrajDataset,
+    _default_process,
     _derive_seed,
     abs_path,
     first_episodes_per_task,
@@ -134,13 +138,13 @@ from jaxvla.data.dataset import (
     load_builder,
     path_exists,
     standardize_metaworld,
+    translate_error,
 )
+from jaxvla.data.gaps import HUMAN_GAP_SECONDS, ROBOT_GAP_SECONDS, frame_gap
 
 log = logging.getLogger("jaxvla")
 
 SAMPLE_KINDS = ("frames", "pairs", "clips", "chunks")
-ROBOT_GAP_SECONDS = 0.6
-HUMAN_GAP_SECONDS = 2.4
 
 
 # --------------------------------------------------------------------------- dataset specs
@@ -198,17 +202,12 @@ METAWORLD_SPEC = DatasetSpec(
 )
 
 _DATASETS: dict[str, DatasetSpec] = {"metaworld": METAWORLD_SPEC}
-_MIXTURES: dict[str, list[tuple[str, float]]] = {}
 
 
 def register_dataset(spec: Any) -> None:
     """Makes ``spec`` available by name (``config.data.dataset`` / mixtures)."""
     spec = as_spec(spec)
     _DATASETS[spec.name] = spec
-
-
-def register_mixture(name: str, entries: Sequence[tuple[str, float]]) -> None:
-    _MIXTURES[name] = [(str(n), float(w)) for n, w in entries]
 
 
 def as_spec(spec: Any) -> DatasetSpec:
@@ -248,11 +247,7 @@ def as_spec(spec: Any) -> DatasetSpec:
     return DatasetSpec(**values)
 
 
-def _from_module(module_name: str, getter: str, tables: Sequence[str], name: str) -> Any:
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
+def _from_module(module: Any, getter: str, tables: Sequence[str], name: str) -> Any:
     fn = getattr(module, getter, None)
     if callable(fn):
         try:
@@ -271,29 +266,18 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     ``DATASETS`` / ``OXE_DATASETS`` table)."""
     if name in _DATASETS:
         return _DATASETS[name]
-    found = _from_module("jaxvla.data.oxe", "get_dataset_spec", ("DATASETS", "OXE_DATASETS"), name)
-    if found is None and name in _DATASETS:  # registered while importing
-        return _DATASETS[name]
+    found = _from_module(oxe, "get_dataset_spec", ("DATASETS", "OXE_DATASETS"), name)
     if found is None:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(_DATASETS)} (and jaxvla.data.oxe's)")
     return as_spec(found)
 
 
 def get_mixture(name: str) -> list[tuple[Any, float]]:
-    """A registered mixture, else ``jaxvla.data.mixtures.resolve_mixture(name)`` (mixture names,
-    dataset names / aliases, ``"a:1,b:0.5"``), else this module's own parsing of ``"a:1,b:0.5"``
-    -> [(dataset name or spec, weight)]."""
-    if name in _MIXTURES:
-        return list(_MIXTURES[name])
-    try:
-        from jaxvla.data import mixtures as oxe_mixtures
-    except ImportError:
-        oxe_mixtures = None
-    resolve = getattr(oxe_mixtures, "resolve_mixture", None)
-    if resolve is not None and not all(
-        part.split(":")[0].strip() in _DATASETS for part in name.split(",") if part.strip()
-    ):
-        return [(spec, float(weight)) for spec, weight in resolve(name)]
+    """``jaxvla.data.mixtures.resolve_mixture(name)`` (mixture names, dataset names / aliases,
+    ``"a:1,b:0.5"``) unless every dataset named is registered here, then this module's own parsing
+    of ``"a:1,b:0.5"`` -> [(dataset name or spec, weight)]."""
+    if not all(part.split(":")[0].strip() in _DATASETS for part in name.split(",") if part.strip()):
+        return [(spec, float(weight)) for spec, weight in oxe_mixtures.resolve_mixture(name)]
     if ":" in name or "," in name:
         entries = []
         for part in name.split(","):
@@ -303,15 +287,12 @@ def get_mixture(name: str) -> list[tuple[Any, float]]:
             dataset, _, weight = part.partition(":")
             entries.append((dataset.strip(), float(weight) if weight else 1.0))
         return entries
-    if name in _MIXTURES:
-        return list(_MIXTURES[name])
-    found = _from_module("jaxvla.data.mixtures", "get_mixture", ("MIXTURES", "OXE_MIXTURES"), name)
-    if found is None and name in _MIXTURES:
-        return list(_MIXTURES[name])
+    found = _from_module(oxe_mixtures, "get_mixture", ("MIXTURES", "OXE_MIXTURES"), name)
     if found is None:
         if name in _DATASETS:
             return [(name, 1.0)]
-        raise KeyError(f"unknown mixture {name!r}; registered: {sorted(_MIXTURES)} (and jaxvla.data.mixtures')")
+        raise KeyError(f"unknown mixture {name!r}; datasets registered here: {sorted(_DATASETS)} (and "
+                       "jaxvla.data.mixtures')")
     return [(str(n), float(w)) for n, w in (found.items() if isinstance(found, Mapping) else found)]
 
 
@@ -406,7 +387,8 @@ def _version_key(version: str) -> tuple:
 
 def dataset_gap(spec: DatasetSpec, gap_seconds: float = 0.0, gap_frames: int = 0) -> int:
     """H for ``spec``: ``gap_frames`` > 0, else the spec's ``gap_frames``, else
-    round(seconds x control_hz) with seconds = ``gap_seconds`` or 0.6 (robot) / 2.4 (human)."""
+    ``gaps.frame_gap(control_hz, seconds)`` with seconds = ``gap_seconds`` or 0.6 (robot) / 2.4
+    (human)."""
     if gap_frames and int(gap_frames) > 0:
         return int(gap_frames)
     if spec.gap_frames:
@@ -417,7 +399,7 @@ def dataset_gap(spec: DatasetSpec, gap_seconds: float = 0.0, gap_frames: int = 0
             f"dataset {spec.name!r}: no control_hz / fps in its spec, so the frame gap cannot be derived "
             "from seconds; set the spec's gap_frames or config.data.gap_frames"
         )
-    return tt.gap_for_dataset(spec.control_hz, seconds)
+    return frame_gap(spec.control_hz, seconds)
 
 
 # --------------------------------------------------------------------------- trajectories
@@ -782,8 +764,6 @@ def make_batches(
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from jaxvla.data.dataset import _default_process
-
     process_index, process_count = _default_process(process_index, process_count)
     deterministic = bool(get("deterministic")) or not train
     cameras = [c.strip() for c in str(get("cameras")).split(",") if c.strip()]
@@ -821,8 +801,6 @@ def make_batches(
     latent_labels, latent_join_stats = None, {}
     label_dir = str(get("latent_labels") or "")
     if label_dir:
-        from jaxvla.data import latent_labels as latent_lib
-
         missing_labels = str(get("latent_labels_missing") or "error")
         if missing_labels not in ("error", "skip"):
             raise ValueError(
@@ -935,11 +913,6 @@ def make_batches(
     )
 
 
-def numpy_iterator(data_config: Any, **kwargs) -> Iterator[dict]:
-    """``iter(make_batches(data_config, **kwargs))``."""
-    return iter(make_batches(data_config, **kwargs))
-
-
 def _samples(
     traj: TrajDataset,
     spec: DatasetSpec,
@@ -1046,8 +1019,6 @@ def _samples(
 
 def _check_nonempty(stream: TrajDataset, spec: DatasetSpec, traj: TrajDataset, sample: str, gap: int, get) -> None:
     """Raises ValueError naming the dataset when ``stream`` yields no sample at all."""
-    from jaxvla.data.dataset import translate_error
-
     try:
         for _ in stream.dataset.take(1):
             return

@@ -63,14 +63,11 @@ N > max_len (use it on a trajectory or on the samples of one trajectory to cap t
 ``drop_actions(traj)`` -- the action-free view: ``action`` zeros, ``has_action`` (and
 ``action_pad_mask`` when present) False.
 
-``gap_for_dataset(hz, seconds)`` -- H = max(1, round(seconds * hz)) (python).
-
 Seeds are stateless tf seeds: int tensors of shape [2].
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import tensorflow as tf
@@ -78,16 +75,6 @@ import tensorflow as tf
 Traj = dict[str, Any]
 
 ACTION_KEYS = ("action", "has_action")
-
-
-def gap_for_dataset(hz: float, seconds: float) -> int:
-    """Frame gap H = max(1, round(seconds * hz)) for a dataset recorded at ``hz`` (control
-    frequency for robot data, frames per second for video). Rounds half up."""
-    if hz is None or not math.isfinite(float(hz)) or float(hz) <= 0:
-        raise ValueError(f"control frequency / fps must be a positive number, got {hz!r}")
-    if seconds is None or not math.isfinite(float(seconds)) or float(seconds) <= 0:
-        raise ValueError(f"gap seconds must be a positive number, got {seconds!r}")
-    return max(1, int(math.floor(float(seconds) * float(hz) + 0.5)))
 
 
 def traj_length(traj: Traj) -> tf.Tensor:

@@ -14,7 +14,7 @@ The frame index within a trajectory (``observation/timestep``) counts *resampled
 labels written for one ``target_fps`` only match trajectories read at that rate (record it in the
 labeller's ``meta``).
 
-LAPA's frame gap for human video is about 2.4 s (``HUMAN_VIDEO_GAP_SECONDS``); its SSv2 latent
+LAPA's frame gap for human video is about 2.4 s (``gaps.HUMAN_GAP_SECONDS``); its SSv2 latent
 action quantizer pairs frames ``SSV2_FRAME_OFFSET = 30`` apart on videos stored at
 ``SSV2_FPS = 12`` (30 / 12 = 2.5 s). ``human_video_frame_gap(fps)`` turns the gap into frames.
 
@@ -43,11 +43,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from jaxvla.data.gaps import HUMAN_GAP_SECONDS, frame_gap
 from jaxvla.data.schema import IMAGE_CAMERAS
 
 log = logging.getLogger(__name__)
 
-HUMAN_VIDEO_GAP_SECONDS = 2.4
 SSV2_FPS = 12.0
 SSV2_FRAME_OFFSET = 30
 DEFAULT_ACTION_DIM = 7
@@ -58,11 +58,10 @@ class VideoDecodeError(ValueError):
     """A video file that cannot be opened or decoded; the message names the file."""
 
 
-def human_video_frame_gap(fps: float, seconds: float = HUMAN_VIDEO_GAP_SECONDS) -> int:
-    """The frame offset between the two frames of a human-video pair at ``fps`` (at least 1)."""
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    return max(1, int(round(seconds * fps)))
+def human_video_frame_gap(fps: float, seconds: float = HUMAN_GAP_SECONDS) -> int:
+    """The frame offset between the two frames of a human-video pair at ``fps`` (at least 1):
+    ``gaps.frame_gap(fps, seconds)``."""
+    return frame_gap(fps, seconds)
 
 
 def _as_fraction(value: float, name: str) -> Fraction:

@@ -26,8 +26,8 @@ HF's RoPE uses the same rotate-half layout as the backbone: no permutation of q/
 Only the text table and head exist in a HF checkpoint. The converter returns exactly those
 parameters; the other modality tables/heads (``embed_image``, ``head_latent``, ...) are left out,
 and the trainer's ``init_from`` surgery initialises them fresh (``hf_to_params`` therefore takes a
-config whose non-text vocabularies are ignored). Validation: every expected tensor must be
-present with its exact shape, else one ValueError lists every problem, each naming the tensor with
+config whose non-text vocabularies are ignored). Validation (``jaxvla.io.tensor_check``): every
+expected tensor must be present with its exact shape and a floating dtype, else one ValueError lists every problem, each naming the tensor with
 the expected and found shapes. Extra tensors: rotary ``inv_freq`` buffers (and ``lm_head.weight``
 of a tied model when it equals ``embed_tokens``) are ignored silently; any other extra tensor
 raises ValueError too (``strict=False`` turns that into a warning), since an unknown tensor
@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxvla.io.tensor_check import checked_tensor, is_floating, raise_problems
 from jaxvla.io.weights import flatten_dict, unflatten_dict
 from jaxvla.models.llama import LlamaConfig
 
@@ -58,7 +59,7 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.inv_freq$")
 
 def _float32(value: Any, name: str, source: str) -> np.ndarray:
     array = np.asarray(value)
-    if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")):
+    if not is_floating(array.dtype):
         raise ValueError(f"{source}: tensor '{name}' has dtype {array.dtype}; expected floating point")
     return array.astype(np.float32)
 
@@ -256,15 +257,11 @@ def _layer_table(config: LlamaConfig, i: int) -> list[tuple[str, str, tuple, tup
 
 
 def _raise(problems: list[str], what: str, config: LlamaConfig) -> None:
-    if problems:
-        shown = problems[:20]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(
-            f"{what} does not match the expected LLaMA layout ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(shown) + more
-            + f"\n(config: dim={config.dim}, layers={config.num_layers}, heads={config.num_heads}, "
-              f"kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, mlp_dim={config.mlp_dim}, "
-              f"vocab={config.text_vocab}, tie_embeddings={config.tie_embeddings})")
+    raise_problems(
+        problems, f"{what} does not match the expected LLaMA layout",
+        f"config: dim={config.dim}, layers={config.num_layers}, heads={config.num_heads}, "
+        f"kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, mlp_dim={config.mlp_dim}, "
+        f"vocab={config.text_vocab}, tie_embeddings={config.tie_embeddings}")
 
 
 def hf_to_params(state_dict: Mapping[str, Any], config: LlamaConfig, *, strict: bool = True) -> dict:
@@ -282,14 +279,7 @@ def hf_to_params(state_dict: Mapping[str, Any], config: LlamaConfig, *, strict: 
 
     def get(name: str, shape: tuple) -> np.ndarray | None:
         used.add(name)
-        if name not in sd:
-            problems.append(f"missing tensor '{name}' (expected shape {shape})")
-            return None
-        value = np.asarray(sd[name])
-        if value.shape != shape:
-            problems.append(f"tensor '{name}': expected shape {shape}, found {value.shape}")
-            return None
-        return _float32(value, name, "HF state dict")
+        return checked_tensor(sd, name, shape, problems)
 
     params: dict[str, Any] = {}
     embed = get("model.embed_tokens.weight", (v, d))
@@ -342,14 +332,7 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
     problems: list[str] = []
 
     def get(path: str, shape: tuple) -> np.ndarray | None:
-        if path not in flat:
-            problems.append(f"missing parameter '{path}' (expected shape {shape})")
-            return None
-        value = np.asarray(flat[path], np.float32)
-        if value.shape != shape:
-            problems.append(f"parameter '{path}': expected shape {shape}, found {value.shape}")
-            return None
-        return value
+        return checked_tensor(flat, path, shape, problems, kind="parameter")
 
     d, v, n = config.dim, config.text_vocab, config.num_layers
     sd: dict[str, np.ndarray | None] = {

@@ -20,7 +20,9 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from jaxvla.io.tensor_check import checked_tensor, raise_problems
 from jaxvla.io.weights import flatten_dict, load_param_tree, unflatten_dict
+from jaxvla.models.vqgan import vqgan_variant
 
 
 class _Tensor(NamedTuple):
@@ -35,8 +37,6 @@ _LAYOUT_FIELDS = ("in_channels", "hidden_channels", "channel_mult", "num_res_blo
 
 def _config(variant: str | Mapping[str, Any]) -> dict:
     """A variant name or VQGAN kwargs -> the fields the layout needs (others are ignored)."""
-    from jaxvla.models.vqgan import vqgan_variant
-
     if isinstance(variant, str):
         variant = vqgan_variant(variant)
     defaults = vqgan_variant("lwm")
@@ -141,30 +141,14 @@ def _rename(
     for tensor in table:
         src, dst = (tensor.lwm, tensor.ours) if to_ours else (tensor.ours, tensor.lwm)
         expected_paths.add(src)
-        if src not in flat:
-            problems.append(f"missing {source} tensor '{src}' (expected shape {tensor.shape})")
-            continue
-        value = np.asarray(flat[src])
-        if value.shape != tensor.shape:
-            problems.append(
-                f"{source} tensor '{src}': expected shape {tensor.shape}, found {value.shape}"
-            )
-            continue
-        if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
-            problems.append(f"{source} tensor '{src}': expected floating point, found {value.dtype}")
-            continue
-        out[dst] = value.astype(np.float32)
+        value = checked_tensor(flat, src, tensor.shape, problems, kind=f"{source} tensor")
+        if value is not None:
+            out[dst] = value
     unexpected = sorted(set(flat) - expected_paths)
     for path in unexpected:
         problems.append(f"unexpected {source} tensor '{path}' (shape {np.shape(flat[path])})")
-    if problems:
-        shown = problems[:20]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(
-            f"{source} VQGAN tree does not match the expected layout "
-            f"({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more
-            + f"\n(checked against the {layout}; is that the config the weights were trained with?)"
-        )
+    raise_problems(problems, f"{source} VQGAN tree does not match the expected layout",
+                   f"checked against the {layout}; is that the config the weights were trained with?")
     return unflatten_dict(out)
 
 
@@ -261,7 +245,7 @@ def _lwm_llama_layer_table(config) -> list[tuple[str, str, tuple, str]]:
     ]
 
 
-def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool = True) -> dict:
+def lwm_llama_to_params(tree: Mapping[str, Any], config) -> dict:
     """LWM's (EasyLM-layout) LLaMA parameter tree -> ``jaxvla.models.llama.Llama`` params
     (float32 numpy) for ``config`` (a ``LlamaConfig``; ``scan_layers`` picks the output layout).
 
@@ -286,10 +270,9 @@ def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool =
     default ``param_scan_axis``); that form is accepted too.
 
     RoPE: EasyLM/LWM rotate q/k as complex numbers over interleaved pairs ``(2i, 2i+1)``
-    (``apply_rotary_emb`` reshapes to ``[..., Dh/2, 2]``); the backbone uses rotate-half. Unless
-    ``permute_rope=False``, each head's ``wq``/``wk`` output columns are permuted with
-    :func:`rope_interleaved_to_half` (the inverse of the permutation HF's
-    ``convert_llama_weights_to_hf`` applies to Meta's checkpoints).
+    (``apply_rotary_emb`` reshapes to ``[..., Dh/2, 2]``); the backbone uses rotate-half. Each head's
+    ``wq``/``wk`` output columns are permuted with :func:`rope_interleaved_to_half` (the inverse of
+    the permutation HF's ``convert_llama_weights_to_hf`` applies to Meta's checkpoints).
 
     ``embed_image``/``head_image`` are filled when ``config.image_vocab > 0`` and required then;
     when ``config.image_vocab == 0`` any vision tensors are ignored. Latent/action tables are not in
@@ -309,14 +292,7 @@ def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool =
 
     def get(path: str, shape: tuple) -> np.ndarray | None:
         used.add(path)
-        if path not in flat:
-            problems.append(f"missing LWM tensor '{path}' (expected shape {shape})")
-            return None
-        value = np.asarray(flat[path])
-        if value.shape != tuple(shape):
-            problems.append(f"LWM tensor '{path}': expected shape {tuple(shape)}, found {value.shape}")
-            return None
-        return value.astype(np.float32)
+        return checked_tensor(flat, path, shape, problems, kind="LWM tensor")
 
     out: dict[str, np.ndarray | None] = {
         "embed_text/embedding": get("transformer/wte/embedding", (config.text_vocab, d)),
@@ -340,7 +316,7 @@ def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool =
     def convert(value: np.ndarray, kind: str, lead: tuple) -> np.ndarray:
         if kind in ("qk", "v"):
             value = value.reshape(*lead, d, -1, dh)
-            return rope_interleaved_to_half(value) if (kind == "qk" and permute_rope) else value
+            return rope_interleaved_to_half(value) if kind == "qk" else value
         if kind == "o":
             return value.reshape(*lead, h, dh, d)
         return value
@@ -362,14 +338,9 @@ def lwm_llama_to_params(tree: Mapping[str, Any], config, *, permute_rope: bool =
             per_layer.append(layer)
     for path in sorted(set(flat) - used):
         problems.append(f"unexpected LWM tensor '{path}' (shape {np.shape(flat[path])})")
-    if problems:
-        shown = problems[:20]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(
-            f"LWM LLaMA tree does not match the expected layout ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(shown) + more
-            + f"\n(config: dim={d}, layers={n}, heads={h}, kv_heads={kv}, head_dim={dh}, mlp_dim={config.mlp_dim}, "
-              f"text_vocab={config.text_vocab}, image_vocab={config.image_vocab})")
+    raise_problems(problems, "LWM LLaMA tree does not match the expected layout",
+                   f"config: dim={d}, layers={n}, heads={h}, kv_heads={kv}, head_dim={dh}, mlp_dim={config.mlp_dim}, "
+                   f"text_vocab={config.text_vocab}, image_vocab={config.image_vocab}")
     if per_layer is not None:
         if config.scan_layers:
             layers = {key: np.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}

@@ -114,15 +114,6 @@ def _bin_slots(batch) -> jax.Array:
     return positions.reshape(positions.shape[0], -1, positions.shape[-1])
 
 
-def predicted_bins(params, batch, *, backbone) -> jax.Array:
-    """Teacher-forced argmax bins at ``action_positions`` (logits at ``p - 1``), shaped like
-    ``action_positions`` (``[B, T]`` or packed ``[R, d, T]``, T = K * A time-major)."""
-    logits = action_token_logits(params, batch, backbone=backbone)
-    slots = _bin_slots(batch)
-    picked = jnp.take_along_axis(logits, slots.reshape(slots.shape[0], -1, 1) - 1, axis=1)  # [R, E*T, V]
-    return jnp.argmax(picked, axis=-1).astype(jnp.int32).reshape(batch["action_positions"].shape)
-
-
 def predict_bins_greedy(params, batch, *, backbone) -> jax.Array:
     """Bins decoded greedily one token at a time without a cache (each predicted bin written into
     the sequence before the next is read): what a policy does, without teacher forcing, and the
