@@ -1,13 +1,14 @@
 """``make demo``: the whole method on the embedded default, on a fresh machine, in under 20 minutes
 on 2 CPU cores.
 
-Renders the Meta-World MT10 expert dataset when it is missing, then trains, each stage in its
+Renders the Meta-World MT10 expert datasets when they are missing, then trains, each stage in its
 own directory under ``--run_dir`` with the small configs (``jaxvla.experiment.PROTOCOLS["demo"]``):
 image tokenizer -> ViPRA LAQ -> latent labels for the action-free video pool (MT10 x 4 expert
-videos) -> latent pretraining (ViPRA objective) -> flow-matching finetuning on 2 other
-demonstrations per task (the step chosen on a held-out one) -> evaluation in Meta-World (MT10, 1
-fixed placement per task). Prints the success table and writes ``REPORT.md`` listing the plots
-(loss curves, reconstructions, latent-action semantics, success bars, rollout GIFs).
+videos) -> latent pretraining (ViPRA objective, frame history o_{t-7}) -> flow-matching finetuning
+on 5 other demonstrations per task, with frame history and the 4-dim state prompt (the step chosen
+on a held-out one) -> evaluation in Meta-World (MT10, 2 fixed placements per task). Prints the
+success table and writes ``REPORT.md`` listing the plots (loss curves, reconstructions,
+latent-action semantics, success bars, rollout GIFs).
 
     python scripts/demo.py [--run_dir=runs/demo] [--data_root=runs/data] [--eval_episodes=1]
 
@@ -29,7 +30,7 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("run_dir", "runs/demo", "Where every stage's workdir and the report go.")
 flags.DEFINE_string("data_root", "runs/data", "Where the Meta-World dataset is (generated when missing).")
-flags.DEFINE_integer("eval_episodes", 0, "Evaluation placements per MT10 task (0: the demo protocol's, 1).")
+flags.DEFINE_integer("eval_episodes", 0, "Evaluation placements per MT10 task (0: the demo protocol's, 2).")
 flags.DEFINE_integer("steps", 0, "Training steps of every stage (0: the demo protocol's).")
 FLAGS = flags.FLAGS
 
