@@ -49,7 +49,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jaxvla import laq_quality, trainer
+from jaxvla.checkpoint import resolve_checkpoint
+from jaxvla.config import apply_overrides, load_config
+from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
 from jaxvla.io.files import write_json
+from jaxvla.latent_actions import label_dataset, load_laq
 from jaxvla.tracking import save_figure
 
 log = logging.getLogger("jaxvla")
@@ -268,7 +273,7 @@ class Experiment:
     def seed_streams(self) -> dict[str, set[int]]:
         """Environment seeds of the pool, the demonstrations (train and held-out) and the evaluation
         placements; disjoint by construction, checked here."""
-        from jaxvla.evaluation import EVAL_SEED_BASE
+        # Meta-World (and MuJoCo) load only where a simulator's tasks or episodes are needed.
         from jaxvla.sim.metaworld_env import episode_seed, task_names
 
         p = self.protocol
@@ -290,7 +295,6 @@ class Experiment:
 
     def plan(self) -> dict[str, Any]:
         """Everything the protocol would run, with estimated hours; trains nothing."""
-        from jaxvla.evaluation import EVAL_SEED_BASE
         from jaxvla.sim.metaworld_env import task_names
 
         p = self.protocol
@@ -359,7 +363,6 @@ class Experiment:
         return os.path.join(self.run_dir, name)
 
     def _has_checkpoint(self, name: str) -> bool:
-        from jaxvla.checkpoint import resolve_checkpoint
 
         try:
             resolve_checkpoint(self._path(name))
@@ -382,12 +385,10 @@ class Experiment:
         return record
 
     def stage_config(self, name: str, config_spec: str, overrides: dict):
-        from jaxvla.config import apply_overrides, load_config
 
         return apply_overrides(load_config(os.path.join(REPO, config_spec)), overrides)
 
     def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",), **extra) -> dict:
-        from jaxvla.trainer import train
 
         config = self.stage_config(name, config_spec, overrides)
         done = self._done(name)
@@ -398,7 +399,7 @@ class Experiment:
         # A checkpoint with fewer steps is resumed and trained on to config.num_steps.
         log.info("%s: training %s for %d steps in %s", name, config_spec, config.num_steps, self._path(name))
         start = time.time()
-        result = train(config, self._path(name))
+        result = trainer.train(config, self._path(name))
         wall = time.time() - start
         metrics = {k: float(v) for k, v in result.metrics.items()}
         curve = loss_curve(os.path.join(self._path(name), "loss.png"), result.history, f"{name}: {config_spec}",
@@ -476,8 +477,6 @@ class Experiment:
         """Probe the LAQ on the pool's held-out episodes (jaxvla.laq_quality: position R^2, gain over
         task + phase, code usage, with episode-bootstrap intervals) and apply its config's gate; the
         report and the verdict go into the stage record."""
-        from jaxvla import laq_quality
-        from jaxvla.latent_actions import load_laq
 
         start = time.time()
         laq = load_laq(self._path(name))
@@ -503,7 +502,6 @@ class Experiment:
 
     def label_data_config(self, laq_config):
         """The labeller's data config: the LAQ's, pointed at the pool's action-free view."""
-        from jaxvla.config import apply_overrides
 
         return apply_overrides(laq_config, self.pool_overrides()).data
 
@@ -515,7 +513,6 @@ class Experiment:
         if done is not None and done.get("laq_steps") == laq_steps:
             self.stages[name] = done
             return done
-        from jaxvla.latent_actions import label_dataset, load_laq
 
         start = time.time()
         laq = load_laq(self._path(f"laq_{kind}_{self.pool_tag}"))
@@ -611,8 +608,6 @@ class Experiment:
         if done is not None and done.get("settings") == settings:
             self.stages[name] = done
             return done
-        from jaxvla.checkpoint import resolve_checkpoint
-        from jaxvla.evaluation import evaluate
 
         start = time.time()
         selected, _ = resolve_checkpoint(self._path(finetune), record["selected_step"])
