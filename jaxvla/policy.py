@@ -175,6 +175,8 @@ class Policy:
 
         tokenizer_dir = tokenizer_checkpoint or str(assets["tokenizer_checkpoint"])
         if not os.path.exists(tokenizer_dir):
+            if tokenizer_checkpoint:
+                raise FileNotFoundError(f"{checkpoint}: tokenizer_checkpoint={tokenizer_dir} does not exist")
             raise FileNotFoundError(
                 f"{checkpoint}: the image tokenizer checkpoint recorded in its assets ({tokenizer_dir}) does not "
                 f"exist; pass tokenizer_checkpoint= (or --tokenizer_checkpoint) pointing at it")

@@ -391,3 +391,37 @@ def test_serve_real_policy_on_loopback(policies, metaworld_dataset):
             assert client.health()["requests"] == 4
     finally:
         server.stop()
+
+
+def test_moved_image_tokenizer_is_named_by_the_caller(policies, finetuned, tiny_tokenizer, metaworld_dataset, tmp_path,
+                                                      monkeypatch):
+    """A policy whose image tokenizer is no longer where finetuning recorded it (another machine):
+    ``tokenizer_checkpoint=`` (``--tokenizer_checkpoint`` of the server and of scripts/evaluate.py)
+    loads the copy, which acts exactly as the original; a path that does not exist is refused
+    naming it, and the server's CLI hands its flag to the policy."""
+    import shutil
+
+    from jaxvla.policy import Policy
+    from jaxvla.serving import cli
+
+    moved = tmp_path / "elsewhere" / "tokenizer"
+    shutil.copytree(tiny_tokenizer, moved)
+    policy = Policy.from_checkpoint(finetuned["bins_small"][0], tokenizer_checkpoint=str(moved))
+    assert policy.frames.checkpoint == str(moved)
+    frames, instructions = _frames(metaworld_dataset)
+    np.testing.assert_array_equal(policy.act({"image": frames[0]}, instructions[0]),
+                                  policies["bins"].act({"image": frames[0]}, instructions[0]))
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Policy.from_checkpoint(finetuned["bins_small"][0], tokenizer_checkpoint=missing)
+
+    seen = {}
+
+    def record(path, **kwargs):
+        seen.update(kwargs, path=path)
+        raise KeyboardInterrupt  # stop before compiling and serving
+
+    monkeypatch.setattr(Policy, "from_checkpoint", staticmethod(record))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--checkpoint=/ckpt", f"--tokenizer_checkpoint={moved}", "--compilation_cache=off"])
+    assert seen["path"] == "/ckpt" and seen["tokenizer_checkpoint"] == str(moved)

@@ -18,6 +18,12 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve a jaxvla policy checkpoint over websockets.")
     parser.add_argument("--checkpoint", required=True, help="policy checkpoint directory")
+    parser.add_argument(
+        "--tokenizer_checkpoint",
+        default=None,
+        help="the image tokenizer's checkpoint, when it is no longer where finetuning recorded it (e.g. a "
+        "policy copied to another machine)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("compilation cache: %s", compilation_cache.enable(args.compilation_cache) or "off")
 
     logger.info("Loading policy from %s", args.checkpoint)
-    policy = Policy.from_checkpoint(args.checkpoint, text_cache_size=args.text_cache_size)
+    policy = Policy.from_checkpoint(args.checkpoint, text_cache_size=args.text_cache_size,
+                                    tokenizer_checkpoint=args.tokenizer_checkpoint)
     # Compile before the first client connects, so its first request is as fast as the rest.
     start = time.perf_counter()
     warmup = {key: np.zeros(shape, dtype) for key, (shape, dtype) in policy.observation_spec().items()}
