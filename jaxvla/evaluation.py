@@ -330,8 +330,8 @@ class EnvSlots:
         self.episodes[slot] = {"success": False, "steps": 0, "frames": [obs["image"]] if record else None,
                                "history": history}
         out = {"image": obs["image"], "state": obs["state"], "instruction": env.instruction}
-        if self.history is not None:
-            out["prev_image"] = obs["image"]  # t = 0 < k: the first frame
+        if history is not None:
+            out["prev_image"] = history.previous()  # t = 0 < k: the first frame
         return out
 
     def step(self, slot: int, actions: np.ndarray) -> dict[str, Any]:

@@ -49,15 +49,16 @@ class FrameHistory:
 
     def push(self, frame: np.ndarray | None, step: int | None = None) -> None:
         """Control step ``step``'s frame (default: the step after the last one), in order; ``None``
-        for a frame that was not rendered because :meth:`needs` said no. Frames no later
-        :meth:`previous` can read are dropped (references are kept, not copies)."""
+        for a frame that was not rendered because :meth:`needs` said no. Only frames :meth:`needs`
+        keeps are stored, and those no later :meth:`previous` can read are dropped (references
+        are kept, not copies)."""
         step = self.steps if step is None else int(step)
         if step < self.steps:
             raise ValueError(f"FrameHistory.push: step {step} after step {self.steps - 1}; frames come in order")
         if frame is None:
             if self.needs(step):
                 raise ValueError(f"FrameHistory.push: frame {step} is read by a later replan, so it must be given")
-        else:
+        elif self.needs(step):
             self._frames[step] = np.asarray(frame)
         self.steps = step + 1
         oldest_read = max(step - self.stride, 0)

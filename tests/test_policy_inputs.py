@@ -214,6 +214,10 @@ def test_frame_history_keeps_what_replans_read():
                 assert sparse.previous()[0, 0, 0] == max(t - k, 0)
         with pytest.raises(ValueError, match="must be given"):
             FrameHistory(k, replan_every=n).push(None, 0)
+        given_all = FrameHistory(k, replan_every=n)  # ActionChunker hands it every frame
+        for t in range(30):
+            given_all.push(frames[t], t)
+            assert set(given_all._frames) <= {s for s in range(t + 1) if given_all.needs(s)}
     with pytest.raises(ValueError, match="frames come in order"):
         history.push(frames[0], 3)
 
