@@ -24,6 +24,9 @@ CORE = [
     # dependencies (requirements/text-tokenizer.in: its numpy<2.4 bound conflicts with jax's numpy).
     "tqdm>=4.66",
     "tensorboardX>=2.6",
+    # The viewer of the runs' tb/ event files (tensorboardX writes them): `make demo` ends by
+    # printing `tensorboard --logdir ...`, which must work in the environment it built.
+    "tensorboard>=2.16",
     "pillow>=10",
     # Bar plots and loss curves of the evaluation, the comparison and the demo report (Agg backend).
     "matplotlib>=3.8",
@@ -57,7 +60,11 @@ setup(
     name="jaxvla",
     version="0.1.0",
     description="Vision-Language-Action pretraining from action-free video (LAPA / ViPRA) in JAX",
-    packages=find_packages(include=["jaxvla", "jaxvla.*"]),
+    # The stage configs stay in the top-level configs/ (the README's commands name them there) and
+    # ship as the package jaxvla.configs, so `--config=pretrain.py:vipra_small` finds them from any
+    # directory once jaxvla is installed (jaxvla.config.resolve_config_path).
+    packages=find_packages(include=["jaxvla", "jaxvla.*"]) + ["jaxvla.configs"],
+    package_dir={"jaxvla.configs": "configs"},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -59,6 +59,10 @@ def get_config(variant: str = "lapa_small"):
             codebook_size=0,
             num_frames=0,
             residual=True,
+            # vipra: transition k's latent is P(e_{k+1}) - P(e_k) (the reference's encode_deltas flag,
+            # off in ViPRA's released config and at the paper sizes; on at the small ones: at the day budget it lifts the held-out
+            # position R^2 of the codes from 0.03 to 0.32, README stage 1); lapa always subtracts.
+            encode_deltas=vipra and small,
             # Transformer blocks per nn.scan iteration (jaxvla.models.transformer.scan_unroll): 1 a loop
             # over one compiled block, 0 every block inlined. The parameters stay stacked on the `layers`
             # axis whatever it is, so checkpoints load either way. Small sizes: 0, their depth-2 stacks
@@ -74,6 +78,10 @@ def get_config(variant: str = "lapa_small"):
             flow_start=(750 if small else 60_000) if vipra else 0,
             flow_warmup=(250 if small else 10_000) if vipra else 0,
             flow_samples=4 if small else 0,  # clips of the batch in the flow term (0: all)
+            # Reconstruction weighted by 1 + motion_weight * |x_{t+1} - x_t| per pixel (our addition,
+            # jaxvla/losses/laq.py); 0: the papers' plain mean. vipra keeps 50, the setting of the
+            # measured encode_deltas run; alone it changed neither LAQ's probe (README stage 1).
+            motion_weight=50.0 if (vipra and small) else 0.0,
             # NSVQ dead-code replacement: LAPA's schedule (10..100/10, 100..1000/100, 1000..5000/500).
             replace_threshold=0.015 if vipra else 0.1,
             replace_stop_after=120_000 if vipra else 0,  # 0: never stop (the schedule ends at 5000)

@@ -28,6 +28,13 @@ import numpy as np
 
 from jaxvla import config as cfg_lib
 from jaxvla import sharding
+from jaxvla.data import sequences as seq
+from jaxvla.frozen import TextPrompts
+from jaxvla.io.files import write_json
+from jaxvla.losses.pretrain import check_target_caps
+from jaxvla.planning import scan_unrolled_flops
+from jaxvla.sim.instructions import instruction
+from jaxvla.stages import build_stage, pretrain
 from jaxvla.trainer import setup_train_step
 
 log = logging.getLogger("jaxvla")
@@ -63,7 +70,7 @@ def task_weights(tasks: list[str], data_dir: str) -> np.ndarray:
     uniform when that file is absent. Sums to 1."""
     weights = np.ones(len(tasks))
     if data_dir and os.path.isdir(data_dir):
-        from jaxvla.data.metaworld_rlds import dataset_version_dir
+        from jaxvla.data.metaworld_rlds import dataset_version_dir  # Meta-World (MuJoCo)
 
         path = os.path.join(dataset_version_dir(data_dir), "metadata.json")
         if os.path.isfile(path):
@@ -87,9 +94,7 @@ class MetaWorldPrompts:
 
     @classmethod
     def load(cls, task_spec: str = "mt10", data_dir: str = "", tokenizer_path: str = "") -> "MetaWorldPrompts":
-        from jaxvla.sim.instructions import instruction
-        from jaxvla.sim.metaworld_env import task_names
-        from jaxvla.stages.vla import TextPrompts
+        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
 
         tasks = task_names(task_spec or "mt10")
         text = TextPrompts(tokenizer_path)
@@ -106,8 +111,6 @@ def realistic_examples(model_config, vocab, prompts: MetaWorldPrompts, rng: np.r
     ``model_config.objective``'s layout with real prompts (sampled, or ``prompt_ids``), real markers
     and random ids: ``max_targets.image`` codes a frame, ``synthetic_latent_shape`` latent codes
     (lapa / vipra), 4 action bins (actionvla: Meta-World's 4 action dimensions)."""
-    from jaxvla.data import sequences as seq
-
     mc = model_config
     frame = int(mc.max_targets["image"])
     prompt_ids = prompts.sample(rng, count) if prompt_ids is None else prompt_ids
@@ -149,9 +152,6 @@ def realistic_backbone_stage(config):
     """(stage, layout) of pretraining on :func:`realistic_examples` (see the module docstring):
     the synthetic stage's backbone and loss with real-length examples; ``layout``: the
     ``PackingLayout`` (None unpacked). Global batch ``s`` depends on (seed, s) only."""
-    from jaxvla.losses.pretrain import check_target_caps
-    from jaxvla.stages import pretrain
-
     mc = config.model
     vocab = pretrain.synthetic_vocab(mc.size)
     prompts = MetaWorldPrompts.load(config.data.get("metaworld_tasks", "mt10"), config.data.get("data_dir", ""),
@@ -179,8 +179,6 @@ def synthetic_frames_stage(config, stage):
     """The LAQ ``stage`` with its batches replaced by random uint8 frames of its own shape
     (``frames [B, num_frames, image_size, image_size, 3]``, ``step [B]``): the step's compute does
     not depend on the pixels, so a machine without the dataset times the same step."""
-    import dataclasses as dc
-
     if config.stage != "laq":
         raise ValueError(f"synthetic frames: only the LAQ stage reads frame batches, not {config.stage!r}")
     frames, size = int(stage.assets["num_frames"]), int(stage.assets["image_size"])
@@ -194,7 +192,7 @@ def synthetic_frames_stage(config, stage):
                    "step": np.full((rows,), step, np.int32)}
             step += 1
 
-    return dc.replace(stage, batches=batches)
+    return dataclasses.replace(stage, batches=batches)
 
 
 def uses_realistic_batches(config) -> bool:
@@ -215,8 +213,6 @@ def time_train_step(config, steps: int = 10, *, count_unrolled: bool = False, re
     ``nn.scan`` unrolled (``StepTiming.unrolled_flops_per_step``; see
     ``jaxvla.planning.scan_unrolled_flops``). ``synthetic_frames``: the LAQ on random frames
     (:func:`synthetic_frames_stage`), no dataset read."""
-    from jaxvla.planning import scan_unrolled_flops
-
     if steps < 1:
         raise ValueError(f"steps={steps}: expected >= 1 timed step")
     devices = jax.devices()
@@ -226,8 +222,6 @@ def time_train_step(config, steps: int = 10, *, count_unrolled: bool = False, re
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         stage = realistic_backbone_stage(config)[0] if realistic and uses_realistic_batches(config) else None
         if synthetic_frames:
-            from jaxvla.stages import build_stage
-
             stage = synthetic_frames_stage(config, build_stage(config))
         setup = setup_train_step(config, mesh, rules, stage=stage)
         state = setup.factory.create(config.seed)
@@ -314,8 +308,6 @@ def matmul_peak(mesh, size: int, dtype, repeats: int = 5) -> float:
 def write_results(path: str, results: dict) -> None:
     """``results`` as a JSON object at ``path`` (atomically: ``jaxvla.io.files.write_json``);
     non-finite floats are written as null so the file stays strict JSON."""
-    from jaxvla.io.files import write_json
-
     def clean(value):
         if isinstance(value, dict):
             return {str(k): clean(v) for k, v in value.items()}

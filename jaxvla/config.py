@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import re
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections.config_flags import config_flags as _ml_config_flags
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -80,16 +83,121 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+class ConfigNotFoundError(ConfigError, FileNotFoundError):
+    """A ``--config`` spec that is neither a file nor one of the packaged configs; the message lists
+    the packaged ones. A ValueError (absl turns it into one flag error) and a FileNotFoundError."""
+
+
+# The stage configs ship inside the package as ``jaxvla.configs``: setup.py maps the repository's
+# top-level configs/ directory onto it, so a wheel, a ``pip install .`` and an editable install all
+# carry them, and configs/ stays where the README's commands name it.
+CONFIGS_PACKAGE = "jaxvla.configs"
+
+
+def packaged_configs_dir() -> str | None:
+    """The directory of the stage configs shipped with jaxvla, or None when there is none.
+
+    The installed ``jaxvla.configs`` package when there is one (a wheel or ``pip install .``: it is
+    ``site-packages/jaxvla/configs``; an editable install maps it back to the checkout's configs/),
+    else the configs/ directory next to the ``jaxvla`` package of a source checkout (imported from
+    the checkout without installing it)."""
+    try:
+        spec = importlib.util.find_spec(CONFIGS_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if os.path.isdir(location):
+            return location
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    if os.path.isfile(os.path.join(checkout, "__init__.py")):
+        return checkout
+    return None
+
+
+def packaged_config_names() -> list[str]:
+    """The file names of the packaged stage configs (``finetune.py``, ``laq.py``, ...), sorted."""
+    directory = packaged_configs_dir()
+    if directory is None:
+        return []
+    return sorted(n for n in os.listdir(directory) if n.endswith(".py") and not n.startswith("_"))
+
+
+def resolve_config_path(path: str) -> str:
+    """The config file a ``--config`` path names: the path as given when it is a file (relative to
+    the working directory, or absolute), else the packaged config of that name.
+
+    A bare name (``pretrain.py``, or ``pretrain``) and the repository-relative ``configs/pretrain.py``
+    both fall back to the packaged ``pretrain.py``, so the README's commands work from any directory
+    and after ``pip install .``. Anything else that is not a file raises ConfigNotFoundError naming
+    the path, the working directory and the packaged configs."""
+    if os.path.isfile(path):
+        return path
+    head, name = os.path.split(os.path.normpath(path)) if path else ("", "")
+    if name and head in ("", "configs") and not name.startswith("_"):
+        name = name if name.endswith(".py") else name + ".py"
+        directory = packaged_configs_dir()
+        if directory is not None and os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    available = ", ".join(packaged_config_names()) or "none found"
+    raise ConfigNotFoundError(
+        f"config {path!r} not found: it is not a file (working directory {os.getcwd()}) and not one of "
+        f"jaxvla's packaged configs ({available}); pass a packaged config by name "
+        f"(--config=pretrain.py:vipra_small) or the path of your own config file"
+    )
+
+
+def packaged_config_spec(spec: str) -> str:
+    """``"configs/<stage>.py[:variant]"`` or ``"<stage>.py[:variant]"`` -> the packaged config's
+    file (with the variant), whatever the working directory holds: for library code that means
+    jaxvla's own configs (``jaxvla.experiment``). ConfigNotFoundError for another name."""
+    path, colon, variant = spec.partition(":")
+    name = os.path.basename(path)
+    name = name if name.endswith(".py") else name + ".py"
+    directory = packaged_configs_dir()
+    if directory is None or name not in packaged_config_names():
+        raise ConfigNotFoundError(f"{spec!r} is not one of jaxvla's packaged configs "
+                                  f"({', '.join(packaged_config_names()) or 'none found'})")
+    return os.path.join(directory, name) + colon + variant
+
+
+def resolve_config_spec(spec: str) -> str:
+    """``"PATH[:variant]"`` with PATH resolved by ``resolve_config_path`` (the variant kept)."""
+    path, colon, variant = spec.partition(":")
+    return resolve_config_path(path) + colon + variant
+
+
+class ResolvingConfigFileParser(_ml_config_flags.ConfigFileFlagParser):
+    """ml_collections' config-file flag parser with the path resolved by ``resolve_config_spec``
+    first (a ConfigNotFoundError is a ValueError, so absl reports it as one flag error)."""
+
+    def parse(self, path):
+        return super().parse(resolve_config_spec(path) if isinstance(path, str) else path)
+
+
+def DEFINE_config_file(name: str = "config", default: str | None = None,  # noqa: N802 (absl's naming)
+                       help_string: str = "A stage config: configs/<stage>.py[:variant], or a packaged "
+                       "one by name (<stage>.py[:variant]).", flag_values=None, lock_config: bool = True,
+                       **kwargs):
+    """``ml_collections.config_flags.DEFINE_config_file`` whose value is resolved by
+    ``resolve_config_path`` first: ``--config=pretrain.py:vipra_small`` finds the packaged config from
+    any directory, a path works as before, and an unknown one fails as one flag error listing the
+    packaged configs. ``--config.a.b=v`` overrides work unchanged."""
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    holder = _ml_config_flags.DEFINE_config_file(
+        name, None if default is None else resolve_config_spec(default), help_string,
+        flag_values=flag_values, lock_config=lock_config, **kwargs)
+    flag_values[name].parser = ResolvingConfigFileParser(name=name, lock_config=lock_config)
+    return holder
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """A stage config from ``"configs/<stage>.py[:variant]"``, as ``--config=`` would load it.
+    """A stage config from ``"configs/<stage>.py[:variant]"`` (or a packaged one by name,
+    ``"<stage>.py[:variant]"``: ``resolve_config_path``), as ``--config=`` would load it.
 
     For scripts and tests that build configs in Python rather than on the command line.
     """
-    import importlib.util
-
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path} (from {spec!r})")
+    path = resolve_config_path(path)
     module_spec = importlib.util.spec_from_file_location(f"jaxvla_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -168,6 +276,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     compiles: ``validate`` calls it, and ``python -m jaxvla.train`` runs it right after parsing the
     flags, before TensorFlow or the trainer are imported.
     """
+    # Local: this module loads without JAX (stage configs and flag parsing import it); these pull it in.
     from jaxvla.models.transformer import REMAT_POLICIES
     from jaxvla.optim import OPTIMIZERS, SCHEDULES
 
@@ -209,7 +318,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
     Raises ConfigError (a ValueError) naming the key and the numbers.
     """
-    from jaxvla.sharding import resolve_mesh_shape
+    from jaxvla.sharding import resolve_mesh_shape  # JAX (see check_values)
 
     check_values(config)
     try:

@@ -44,11 +44,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import multiprocessing as mp
 import os
 import time
+import traceback
+from collections import Counter, deque
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from jaxvla.frame_history import FrameHistory
 from jaxvla.io.files import atomic_path, write_json
@@ -259,8 +264,6 @@ def _unbatched_rollouts(settings: EvalSettings, jobs: Sequence[tuple[str, int, i
         finally:
             _close_worker()
     else:
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")  # jax and MuJoCo must not be forked
         with ctx.Pool(workers, initializer=_init_worker) as pool:
             for row in pool.imap_unordered(_run_job, runs):
@@ -410,8 +413,6 @@ class EnvSlots:
 def _env_worker(conn, settings: EvalSettings, image_size: int, keep: int, history=None) -> None:
     """A spawned environment process: runs ``EnvSlots.handle`` on every command list it receives
     (None ends it) and sends back ``("ok", results)`` or ``("error", traceback)``."""
-    import traceback
-
     _init_worker()
     slots = EnvSlots(settings, image_size, keep, history)
     try:
@@ -446,8 +447,6 @@ class EnvPool:
         if self.workers == 1:
             self._local = EnvSlots(settings, image_size, keep, history)
             return
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")  # MuJoCo's renderer must not be forked
         try:
             for _ in range(self.workers):
@@ -524,8 +523,6 @@ class _Schedule:
     same episodes; this one only decides how few environments are built."""
 
     def __init__(self, jobs: Sequence[tuple[str, int, int]], slots: int):
-        from collections import deque
-
         self.queued: dict[str, Any] = {}
         for task, index, seed in jobs:
             self.queued.setdefault(task, deque()).append((int(index), int(seed)))
@@ -565,8 +562,6 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
     outcome, if any, is replayed when the task's last episode ends. Returns the episode rows (with
     ``actions``; ``slot``: where it ran), the calls ``(seconds, rows)`` and the seconds of the
     compiling first call (made on the first round's inputs, outside the figures)."""
-    from collections import Counter
-
     from jaxvla.policy import seed_keys, split_keys
 
     execute = int(settings.execute or policy.execute_steps)
@@ -664,8 +659,6 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
     """Every ``(task, index)`` episode, in task / index order, and the calls' timing
     ``{calls, batch_size, first_call_seconds}`` (batched; ``calls`` None when unbatched).
     ``batch_envs``: episodes at once (None: ``default_batch_envs``; 0: unbatched)."""
-    from tqdm import tqdm
-
     jobs = episode_jobs(settings, tasks, episodes)
     bar = tqdm(total=len(jobs), desc="rollouts", unit="ep", disable=not progress)
     successes = []
@@ -703,8 +696,6 @@ def rollouts(settings: EvalSettings, tasks: Sequence[str], episodes: int, worker
 
 def write_gif(path: str, frames: np.ndarray, fps: int = 20, scale: int = 2) -> str:
     """uint8 ``[T, S, S, 3]`` -> an animated GIF (nearest-neighbour upscaled), written atomically."""
-    from PIL import Image
-
     images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

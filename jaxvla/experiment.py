@@ -51,10 +51,11 @@ from typing import Any
 
 from jaxvla import laq_quality, trainer
 from jaxvla.checkpoint import resolve_checkpoint
-from jaxvla.config import apply_overrides, load_config
+from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to_json
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
+from jaxvla.frozen import load_laq
 from jaxvla.io.files import write_json
-from jaxvla.latent_actions import label_dataset, load_laq
+from jaxvla.latent_actions import label_dataset
 from jaxvla.tracking import save_figure
 
 log = logging.getLogger("jaxvla")
@@ -186,6 +187,49 @@ PROTOCOLS = {
 # batched evaluation: 20 episodes in 43 s).
 STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune": 0.65}
 EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
+
+
+# What a finished stage must share with the configuration asking for it before it is reused: the
+# whole model, the optimiser and batch size, and the data keys that decide what a sample is.
+STAGE_IDENTITY = ("model", "optimizer", "batch_size", "data.sample", "data.image_size", "data.gap_frames",
+                  "data.gap_seconds", "data.clip_length", "data.clip_stride", "data.chunk_size", "data.history",
+                  "data.history_stride")
+
+
+def stale_keys(saved: dict, wanted: dict, identity: Sequence[str] = STAGE_IDENTITY) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, wanted value) for every leaf under ``identity`` where two config
+    dicts differ; a key missing on one side counts as different."""
+
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            out = {}
+            for key, value in tree.items():
+                out.update(leaves(value, f"{prefix}.{key}"))
+            return out
+        return {prefix: tree}
+
+    def lookup(tree: dict, dotted: str) -> Any:
+        for part in dotted.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return _MISSING
+            tree = tree[part]
+        return tree
+
+    differ = []
+    for key in identity:
+        a, b = leaves(lookup(saved, key), key), leaves(lookup(wanted, key), key)
+        for leaf in sorted(set(a) | set(b)):
+            if a.get(leaf, _MISSING) != b.get(leaf, _MISSING):
+                differ.append((leaf, a.get(leaf, _MISSING), b.get(leaf, _MISSING)))
+    return differ
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_MISSING = _Missing()
 
 
 def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("loss",)) -> str | None:
@@ -386,12 +430,31 @@ class Experiment:
 
     def stage_config(self, name: str, config_spec: str, overrides: dict):
 
-        return apply_overrides(load_config(os.path.join(REPO, config_spec)), overrides)
+        # jaxvla's own configs (jaxvla.configs), wherever jaxvla is installed and whatever the cwd.
+        return apply_overrides(load_config(packaged_config_spec(config_spec)), overrides)
+
+    def _check_not_stale(self, name: str, config) -> None:
+        """Refuses to reuse (or resume) a finished stage trained with another model, data sample or
+        optimiser than ``config`` says (e.g. a default changed since): it would be loaded silently.
+        Compares the stage's saved ``config.json`` (written by the trainer) on ``STAGE_IDENTITY``."""
+        saved_path = os.path.join(self._path(name), "config.json")
+        if not os.path.exists(saved_path):
+            return
+        with open(saved_path) as f:
+            saved = json.load(f)
+        differ = stale_keys(saved, json.loads(to_json(config)))
+        if differ:
+            shown = "; ".join(f"{k}: trained {a!r}, now {b!r}" for k, a, b in differ[:6])
+            raise ValueError(f"{self._path(name)} was trained with another configuration than {name} now has "
+                             f"({shown}{'; ...' if len(differ) > 6 else ''}); remove that directory to train "
+                             "it again, or choose another run_dir")
 
     def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",), **extra) -> dict:
 
         config = self.stage_config(name, config_spec, overrides)
         done = self._done(name)
+        if done is not None:
+            self._check_not_stale(name, config)
         if done is not None and done.get("steps") == int(config.num_steps):
             log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
             self.stages[name] = done

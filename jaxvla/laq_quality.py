@@ -57,6 +57,10 @@ import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
+
+# TensorFlow (the dataset readers), JAX and the LAQ load inside the functions that run the LAQ over data:
+# the predictors, report and gate need only numpy.
 
 log = logging.getLogger("jaxvla")
 
@@ -478,7 +482,7 @@ def iter_episodes(data_config: Any, split: str, *, image_size: int | None = None
 
 def _load(laq):
     if isinstance(laq, str):
-        from jaxvla.latent_actions import load_laq
+        from jaxvla.frozen import load_laq
 
         return load_laq(laq)
     return laq
@@ -520,7 +524,6 @@ def collect(laq, data_config: Any, split: str, *, batch_size: int = 64, window_s
     (windows, reconstruction sums {"recon_se", "copy_se", "values"}, filled when ``reconstruction``)."""
     import jax
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     from jaxvla.losses.tokenizer import images_to_float
 

@@ -1,6 +1,7 @@
-"""Using a trained LAQ: load it, encode frames with it, label whole datasets with latent actions.
+"""Labelling whole datasets with latent actions from a trained LAQ (the frozen LAQ itself,
+``LoadedLAQ`` / ``load_laq``, lives in ``jaxvla.frozen``).
 
-    laq = load_laq("runs/laq")                      # latest checkpoint of a stage-1 workdir
+    laq = jaxvla.frozen.load_laq("runs/laq")                      # latest checkpoint of a stage-1 workdir
     codes = laq.encode(frames)                      # uint8 [B, T, S, S, 3] -> int32 [B, T-1, M]
     label_dataset(laq, data_config, out_dir)        # what scripts/label_latent_actions.py runs
 
@@ -13,91 +14,22 @@ config (``latent_labels.config_hash``), and ``meta`` records the checkpoint and 
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from jaxvla.data import latent_labels as ll
+from jaxvla.data import video as video_lib
+from jaxvla.data.gaps import HUMAN_GAP_SECONDS, frame_gap
+from jaxvla.frozen import LoadedLAQ
 
 log = logging.getLogger("jaxvla")
-
-
-@dataclasses.dataclass
-class LoadedLAQ:
-    """A restored LAQ: ``model`` (Flax module), ``params`` (numpy tree), ``config`` (ConfigDict of
-    the run), ``step``, ``checkpoint`` (the step directory), ``config_hash``."""
-
-    model: Any
-    params: Any
-    config: Any
-    step: int
-    checkpoint: str
-    config_hash: str
-
-    @property
-    def frame_offsets(self) -> np.ndarray:
-        """Frame offsets of one window from its start: lapa ``[0, H]``, vipra ``[0, s, ..., L*s]``.
-        lapa's H is the Meta-World / dataset gap of the LAQ's data config (``dataset_gap``)."""
-        data = self.config.data
-        if self.model.variant == "vipra":
-            return np.arange(self.model.num_frames) * int(data.clip_stride or 1)
-        from jaxvla.data.pipeline import dataset_gap, get_dataset_spec
-
-        spec = get_dataset_spec(data.dataset) if not data.get("mixture") else None
-        if spec is None:
-            if not data.gap_frames:
-                raise ValueError(
-                    "the LAQ was trained on a mixture without config.data.gap_frames: pass the gap explicitly"
-                )
-            return np.asarray([0, int(data.gap_frames)])
-        return np.asarray([0, dataset_gap(spec, data.gap_seconds, data.gap_frames)])
-
-    def encode_fn(self, mesh: jax.sharding.Mesh | None = None):
-        """A jitted ``frames uint8 [B, T, S, S, 3] -> codes int32 [B, T-1, M]``; with ``mesh`` the
-        batch is split over all its devices (B must divide by their number)."""
-        from jaxvla.losses.tokenizer import images_to_float
-
-        model = self.model
-
-        def encode(params, frames):
-            return model.apply({"params": params}, images_to_float(frames), method=model.encode)["indices"]
-
-        if mesh is None:
-            params = jax.device_put(self.params)
-            fn = jax.jit(encode)
-            return lambda frames: fn(params, frames)
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        replicated = NamedSharding(mesh, PartitionSpec())
-        batch = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-        params = jax.device_put(self.params, replicated)
-        fn = jax.jit(encode, in_shardings=(replicated, batch), out_shardings=batch)
-        return lambda frames: fn(params, jax.device_put(frames, batch))
-
-    def encode(self, frames: np.ndarray) -> np.ndarray:
-        """Codes of ``frames`` uint8 ``[B, T, S, S, 3]`` -> int32 ``[B, T-1, M]`` (one device)."""
-        if not hasattr(self, "_encode"):
-            self._encode = self.encode_fn()
-        return np.asarray(self._encode(frames))
-
-
-def load_laq(checkpoint: str, use_ema: bool = False) -> LoadedLAQ:
-    """Restores an LAQ from a stage-1 workdir or step directory (``checkpoint.load_checkpoint``)."""
-    from jaxvla import checkpoint as ckpt
-    from jaxvla.config import from_dict
-    from jaxvla.data.latent_labels import config_hash
-    from jaxvla.stages.laq import build_model
-
-    state, config_dict, _, step = ckpt.load_checkpoint(checkpoint)
-    if config_dict.get("stage") != "laq":
-        raise ValueError(f"{checkpoint}: a {config_dict.get('stage')!r} checkpoint, expected an LAQ (stage 'laq')")
-    config = from_dict(config_dict)
-    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    step_dir, _ = ckpt.resolve_checkpoint(checkpoint, step=int(step))  # the step load_checkpoint verified
-    return LoadedLAQ(build_model(config), params, config, int(step), str(step_dir), config_hash(config_dict))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,8 +103,6 @@ def label_dataset(
     held-out evaluation reads the val split's labels); each gets its own parts
     (``part-<split>-<i>``) in the one directory. Returns ``out_dir``.
     """
-    from jaxvla.data import latent_labels as ll
-
     process_index, process_count = jax.process_index(), jax.process_count()
     out_dir = os.fspath(out_dir).rstrip("/\\")
     if ll.is_complete(out_dir):
@@ -198,10 +128,6 @@ def _label_split(laq: LoadedLAQ, data_config: Any, part_dir: str, split: str, *,
                  resume: bool, overwrite: bool, shard_size: int, progress: bool, process_index: int,
                  process_count: int) -> None:
     """One split's share of this process, into ``part_dir``."""
-    from tqdm import tqdm
-
-    from jaxvla.data import latent_labels as ll
-
     offsets = laq.frame_offsets
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -240,11 +166,7 @@ def _label_split(laq: LoadedLAQ, data_config: Any, part_dir: str, split: str, *,
 
 
 def _finish(out_dir: str, process_index: int, process_count: int, splits: list[str] | None = None) -> str:
-    from jaxvla.data import latent_labels as ll
-
     if process_count > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"latent labels {out_dir}")
     if process_index == 0:
         if splits is None or len(splits) == 1:
@@ -253,3 +175,208 @@ def _finish(out_dir: str, process_index: int, process_count: int, splits: list[s
             names = [f"part-{name}-{i:05d}" for name in splits for i in range(process_count)]
         ll.merge_label_parts(out_dir, [os.path.join(out_dir, name) for name in names])
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Labelling a folder of clips (scripts/label_latent_actions.py --video_dir).
+
+
+def _laq_clip_stride_seconds(laq: Any) -> float:
+    """The spacing in seconds of the LAQ's training clips: ``clip_stride`` frames of its dataset's
+    rate (single-dataset LAQ configs whose dataset has a ``control_hz``)."""
+    data = laq.config.data
+    stride = int(data.get("clip_stride") or 1)
+    hz = None
+    if not data.get("mixture") and data.get("dataset"):
+        from jaxvla.data.pipeline import get_dataset_spec  # TensorFlow
+
+        try:
+            hz = get_dataset_spec(data.dataset).control_hz
+        except KeyError:
+            hz = None
+    if not hz:
+        raise ValueError(
+            "cannot tell the LAQ's clip spacing in seconds (its config.data names no single dataset with a "
+            "frame rate); pass clip_stride_seconds (--clip_stride_seconds)"
+        )
+    return stride / float(hz)
+
+
+def video_window_offsets(variant: str, num_frames: int, fps: float, *, gap_seconds: float | None = None,
+                         clip_stride_seconds: float | None = None) -> np.ndarray:
+    """Frame offsets of one LAQ window in a clip at ``fps``: lapa ``[0, H]`` with H =
+    ``gaps.frame_gap(fps, gap_seconds)`` (default 2.4 s, LAPA's human-video gap); vipra
+    ``[0, s, ..., (num_frames - 1) s]`` with s = ``frame_gap(fps, clip_stride_seconds)``."""
+    if variant == "vipra":
+        if not clip_stride_seconds:
+            raise ValueError("vipra windows need clip_stride_seconds")
+        return np.arange(int(num_frames)) * frame_gap(fps, clip_stride_seconds)
+    return np.asarray([0, frame_gap(fps, gap_seconds or HUMAN_GAP_SECONDS)])
+
+
+def label_video_folder(
+    laq: LoadedLAQ,
+    video_dir: str,
+    out_dir: str,
+    *,
+    instructions: str | None = None,
+    fps: float | None = None,
+    gap_seconds: float | None = None,
+    clip_stride_seconds: float | None = None,
+    crop: str = "center",
+    extensions: Any = None,
+    recursive: bool = False,
+    dataset_name: str = "video_folder",
+    split: str = "train",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Labels every clip of ``video_dir`` (``jaxvla.data.video.VideoFolderReader``: any container
+    and codec FFmpeg decodes, display rotation applied, ``crop`` to square at the LAQ's image size)
+    with ``laq`` into the latent label directory ``out_dir``; returns the summary (also logged).
+
+    ``fps`` resamples every clip to that rate (default ``video.VIDEO_FOLDER_FPS``, the rate the
+    pipeline's ``video_folder`` entry reads, so the labels join onto it); 0 / None keeps each clip's
+    own rate. The window is given in seconds and converted with each clip's rate: lapa pairs
+    ``gap_seconds`` apart (default 2.4 s), vipra clips of the LAQ's frame count ``clip_stride_seconds``
+    apart (default: the spacing of the LAQ's own training clips). Traj keys are
+    ``<dataset_name>/<split>/<clip id>``, as the ``video_folder`` entry (or ``register_video_folder``
+    with that name) produces. Labelled ids without a file and undecodable clips are skipped;
+    clips too short for one window are recorded with no labelled frame (so the pipeline's join
+    finds them) and counted as skipped. The labels' ``meta`` records the source folder, the
+    instructions file, fps, gap / stride in seconds and frames, crop and the part's summary.
+    Several processes each label their share (``part-<i>``), as ``label_dataset``.
+    """
+    process_index, process_count = jax.process_index(), jax.process_count()
+    out_dir = os.fspath(out_dir).rstrip("/\\")
+    if "," in str(split):
+        raise ValueError(f"label_video_folder: one split name, got {split!r} (a folder of clips has one split)")
+    model = laq.model
+    fps = float(fps) if fps else None
+    if model.variant == "vipra":
+        clip_stride_seconds = float(clip_stride_seconds) if clip_stride_seconds else _laq_clip_stride_seconds(laq)
+        gap_seconds = None
+    else:
+        gap_seconds = float(gap_seconds) if gap_seconds else HUMAN_GAP_SECONDS
+        clip_stride_seconds = None
+
+    def offsets_at(rate: float) -> np.ndarray:
+        return video_window_offsets(model.variant, getattr(model, "num_frames", 2), rate, gap_seconds=gap_seconds,
+                                    clip_stride_seconds=clip_stride_seconds)
+
+    reader = video_lib.VideoFolderReader(
+        video_dir, instructions, split, target_fps=fps, image_size=int(model.image_size), crop=crop,
+        dataset_name=dataset_name, extensions=extensions, recursive=recursive, missing_videos="skip",
+        ignore_errors=True, process_index=process_index, process_count=process_count,
+    )
+    if ll.is_complete(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds finished latent labels; pass --overwrite to replace them")
+        if process_index == 0:
+            os.remove(os.path.join(out_dir, ll.INFO_FILE))
+    os.makedirs(out_dir, exist_ok=True)
+    part_dir = os.path.join(out_dir, f"part-{process_index:05d}")
+
+    meta = {
+        "checkpoint": laq.checkpoint, "step": laq.step, "split": split, "variant": model.variant,
+        "source": "video_folder", "video_dir": os.path.abspath(video_dir),
+        "instructions": None if instructions is None else os.path.abspath(instructions),
+        "dataset_name": dataset_name, "fps": fps, "crop": crop, "image_size": int(model.image_size),
+        "extensions": list(reader.extensions), "recursive": bool(recursive),
+        "gap_seconds": gap_seconds, "clip_stride_seconds": clip_stride_seconds,
+        # One window for every clip when they are resampled to one rate; per clip otherwise.
+        "frame_offsets": offsets_at(fps).tolist() if fps else None,
+    }
+    if fps is None:
+        log.warning("labelling every clip at its own frame rate: windows differ in frames between clips, so "
+                    "meta.frame_offsets is null (pretraining from these labels needs one rate: pass --fps)")
+    code_shape = (model.num_transitions, model.code_tokens)
+    summary: dict[str, Any] = {"video_dir": meta["video_dir"], "clips": len(reader.video_ids) + len(reader.missing_ids),
+                               "labelled": 0, "skipped": 0, "reasons": {}, "skipped_clips": [], "labelled_clips": {}}
+
+    def skip(video_id: str, reason: str, detail: str) -> None:
+        summary["skipped"] += 1
+        summary["reasons"][reason] = summary["reasons"].get(reason, 0) + 1
+        summary["skipped_clips"].append({"id": video_id, "path": reader.video_path(video_id), "reason": reason,
+                                         "detail": detail})
+        log.warning("skipping %s (%s): %s", reader.video_path(video_id), reason, detail)
+
+    for video_id in reader.missing_ids:
+        skip(video_id, "missing", "listed in the instructions file, no video file")
+
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    batch_size = -(-int(batch_size) // len(devices)) * len(devices)
+    encode = laq.encode_fn(mesh)
+    if resume and ll.is_complete(part_dir):
+        log.info("%s: this process's part is already complete", part_dir)
+        summary["resumed"] = len(reader.video_ids)
+        return _finish_video(out_dir, process_index, process_count, summary)
+    writer = ll.LatentLabelWriter(part_dir, laq.config_hash, code_shape, model.codebook_size, meta,
+                                  resume=resume, overwrite=overwrite, shard_size=shard_size)
+    done = writer.done_keys()
+    todo = [i for i in reader.video_ids if reader.traj_key(i) not in done]
+    summary["resumed"] = len(reader.video_ids) - len(todo)
+
+    def decode(video_id: str):
+        try:
+            return video_id, reader.decode(video_id), None
+        except (video_lib.VideoDecodeError, FileNotFoundError) as error:
+            return video_id, None, error
+
+    bar = tqdm(desc=f"labelling {os.path.basename(os.path.abspath(video_dir))} ({model.variant})", unit="clip",
+               total=len(todo), disable=not (progress and process_index == 0))
+    try:
+        with writer:
+            for video_id, decoded, error in video_lib.map_ahead(decode, todo, max(1, int(num_workers))):
+                bar.update(1)
+                if error is not None:
+                    skip(video_id, "undecodable", str(error))
+                    continue
+                frames, rate = decoded
+                offsets = offsets_at(rate)
+                key = reader.traj_key(video_id)
+                starts = window_starts(len(frames), offsets)
+                if not len(starts):
+                    writer.add(key, starts, np.zeros((0, *code_shape), np.int32))
+                    skip(video_id, "too short",
+                         f"{len(frames)} frames at {rate:g} fps, a window needs {int(offsets[-1]) + 1}")
+                    continue
+                codes = np.zeros((len(starts), *code_shape), np.int32)
+                for begin in range(0, len(starts), batch_size):
+                    index = starts[begin : begin + batch_size, None] + offsets[None, :]
+                    padded = np.zeros((batch_size, len(offsets), *frames.shape[1:]), np.uint8)
+                    padded[: len(index)] = frames[index]  # one compiled shape for every batch
+                    codes[begin : begin + len(index)] = np.asarray(encode(padded))[: len(index)]
+                writer.add(key, starts, codes)
+                summary["labelled"] += 1
+                summary["labelled_clips"][key] = {"fps": float(rate), "frames": int(len(frames)),
+                                                  "frame_offsets": offsets.tolist(), "labelled_frames": int(len(starts))}
+            writer.meta["summary"] = {k: summary[k] for k in ("clips", "labelled", "skipped", "reasons")}
+    finally:
+        bar.close()
+    return _finish_video(out_dir, process_index, process_count, summary)
+
+
+def _finish_video(out_dir: str, process_index: int, process_count: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """Merges the parts (``_finish``), writes this process's ``video_summary-<i>.json`` next to them
+    and logs the summary line."""
+    path = os.path.join(out_dir, f"video_summary-{process_index:05d}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    _finish(out_dir, process_index, process_count)
+    log.info("%s", video_summary_line(summary))
+    return summary
+
+
+def video_summary_line(summary: dict[str, Any]) -> str:
+    """"N labelled, M skipped (k undecodable, j too short, ...) of C clips in DIR"."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary["reasons"].items()))
+    resumed = f", {summary['resumed']} labelled before (resumed)" if summary.get("resumed") else ""
+    return (f"{summary['labelled']} labelled, {summary['skipped']} skipped{f' ({reasons})' if reasons else ''}"
+            f"{resumed} of {summary['clips']} clips in {summary['video_dir']}")

@@ -44,6 +44,8 @@ import numpy as np
 
 from jaxvla import config as cfg_lib
 from jaxvla import sharding
+from jaxvla.data.sequences import ACTION
+from jaxvla.models.llama import MODALITIES, llama_config
 from jaxvla.trainer import setup_train_step
 
 
@@ -134,14 +136,10 @@ def is_backbone(config) -> bool:
 
 
 def _num_layers(config) -> int:
-    from jaxvla.models.llama import llama_config
-
     return int(config.model.num_layers or llama_config(config.model.size).num_layers)
 
 
 def _attention_scores_bytes(config, mesh_shape: dict[str, int]) -> int:
-    from jaxvla.models.llama import llama_config
-
     heads = int(config.model.num_heads or llama_config(config.model.size).num_heads)
     batch_per_device = config.batch_size // config.optimizer.grad_accum_steps // (mesh_shape["data"] * mesh_shape["fsdp"])
     return batch_per_device * heads * int(config.model.seq_len) ** 2 * 4
@@ -256,9 +254,6 @@ def real_token_flops(llama, batch: Mapping[str, np.ndarray], slot_params: int = 
     bidirectional = np.asarray(batch["bidirectional_ids"])
     weighted = np.asarray(batch["loss_weight"]) > 0
     target_modality = np.asarray(batch["target_modality"])
-    from jaxvla.data.sequences import ACTION
-    from jaxvla.models.llama import MODALITIES
-
     action = np.asarray(batch["modality"]) == ACTION if slot_params else None
 
     heads = [(MODALITIES.index(m), m) for m in llama.present]

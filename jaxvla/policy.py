@@ -8,8 +8,11 @@ robot's units.
     chunker.reset()
     action = chunker.step({"image": frame}, "press the button")  # float32 [A]
 
-What the checkpoint's assets give (``jaxvla.stages.finetune``): the head (``flow`` / ``bins``),
-the frozen image tokenizer's checkpoint, the text tokenizer, the sequence layout and vocabulary
+What the checkpoint's assets give (``jaxvla.stages.finetune`` writes them; the policy reads the
+frozen pieces from ``jaxvla.frozen`` and imports no training code): the head (``flow`` / ``bins``),
+the frozen image tokenizer's checkpoint (a copy bundled in the workdir, ``assets/tokenizer``, found
+relative to the checkpoint so a copied workdir serves; ``tokenizer_checkpoint=`` overrides it,
+``jaxvla.frozen.resolve_image_tokenizer``), the text tokenizer, the sequence layout and vocabulary
 sizes, per-dataset action statistics and normalisation mask (flow), and the bin centres (bins).
 
 * ``flow``: the prefix (prompt + image tokens) is prefilled once into a KV cache, then
@@ -57,10 +60,16 @@ import time
 from typing import Any, Mapping, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxvla import checkpoint as ckpt
+from jaxvla.config import from_dict
+from jaxvla.data import stats as stats_lib
+from jaxvla.data.sequences import Vocab, batch_sequences, build_bins, build_flow
 from jaxvla.frame_history import FrameHistory
+from jaxvla.frozen import (DEFAULT_TEXT_CACHE_SIZE, LATENT_CODES, FinetuneModels, FrameTokenizer, TextPrompts,
+                           resolve_image_tokenizer)
+from jaxvla.losses import finetune as losses
 
 log = logging.getLogger("jaxvla")
 
@@ -96,8 +105,6 @@ def prompt_token_budget(head: str, seq_len: int, markers, vocab, tokens_per_fram
     """How many prompt ids (bos and template included) fit in one ``seq_len`` sequence of ``head``:
     ``seq_len`` minus the image, marker and action tokens (measured by building an empty prompt's;
     bins: ``chunk`` x ``action_dim`` bin tokens)."""
-    from jaxvla.data.sequences import build_bins, build_flow
-
     empty, image = np.zeros(0, np.int32), np.zeros(tokens_per_frame, np.int32)
     previous = image if history_frames else None  # the history frame and its eof
     if head == "flow":
@@ -120,10 +127,6 @@ class Policy:
                  dataset: str | None = None, execute_steps: int | None = None, seed: int = 0,
                  tokenizer_checkpoint: str | None = None, flow_steps: int | None = None,
                  text_cache_size: int | None = None):
-        from jaxvla.data.sequences import Vocab
-        from jaxvla.stages.finetune import LATENT_CODES, Models
-        from jaxvla.stages.vla import DEFAULT_TEXT_CACHE_SIZE, FrameTokenizer, TextPrompts
-
         self.checkpoint = checkpoint
         self.step = int(step)
         self.head = str(assets["head"])
@@ -154,7 +157,7 @@ class Policy:
                              f"assets hold no action statistics for {self.dataset!r}")
         if self.head == "bins":
             self._bin_centres = np.asarray(assets["bin_centres"], np.float32)  # [A, V]
-        # Prefix inputs (jaxvla.stages.finetune; checkpoints without these assets have neither):
+        # Prefix inputs (written by jaxvla.stages.finetune; checkpoints without these assets have neither):
         # the history frame o_{t-k} before o_t, and the discretized proprio dims in the prompt.
         self.history_frames = _scalar(assets.get("history_frames", 0))
         self.history_stride = _scalar(assets.get("history_stride", 1)) if self.history_frames else 0
@@ -173,13 +176,9 @@ class Policy:
                 raise ValueError(f"{checkpoint}: state_edges {self._state_edges.shape} / state_size {self.state_size} "
                                  f"do not match state_dims {list(self.state_dims)}")
 
-        tokenizer_dir = tokenizer_checkpoint or str(assets["tokenizer_checkpoint"])
-        if not os.path.exists(tokenizer_dir):
-            if tokenizer_checkpoint:
-                raise FileNotFoundError(f"{checkpoint}: tokenizer_checkpoint={tokenizer_dir} does not exist")
-            raise FileNotFoundError(
-                f"{checkpoint}: the image tokenizer checkpoint recorded in its assets ({tokenizer_dir}) does not "
-                f"exist; pass tokenizer_checkpoint= (or --tokenizer_checkpoint) pointing at it")
+        # tokenizer_checkpoint= > the bundle in the checkpoint's workdir > the path finetuning recorded.
+        tokenizer_dir = resolve_image_tokenizer(checkpoint, self.step if checkpoint else None, assets,
+                                                tokenizer_checkpoint)
         self.frames = FrameTokenizer.from_checkpoint(tokenizer_dir)
         self.image_size = int(self.frames.image_size)
         if self.image_size != _scalar(assets["image_size"]):
@@ -199,7 +198,7 @@ class Policy:
                                                  action_dim=self.action_dim, history_frames=self.history_frames)
         self.prompts.set_budget(self.prompt_budget, f"the checkpoint's seq_len {self.seq_len} minus "
                                 f"{self.seq_len - self.prompt_budget} image, marker and action tokens")
-        models = Models(config, self.vocab, self.action_dim)
+        models = FinetuneModels(config, self.vocab, self.action_dim)
         self.params = jax.device_put(params)
         self._rng = jax.random.PRNGKey(seed)
         self._infer, self._infer_rows = self._make_infer(models)
@@ -212,9 +211,6 @@ class Policy:
         ``kwargs``: ``dataset`` (whose statistics map actions back; default the first),
         ``execute_steps``, ``seed``, ``tokenizer_checkpoint``, ``flow_steps``, ``text_cache_size``
         (instructions whose prompt ids are kept; default 1024)."""
-        from jaxvla import checkpoint as ckpt
-        from jaxvla.config import from_dict
-
         state, config_dict, assets, step = ckpt.load_checkpoint(path)
         if config_dict.get("stage") != "finetune":
             raise ValueError(f"{path}: a {config_dict.get('stage')!r} checkpoint; a policy needs a finetuning "
@@ -231,8 +227,6 @@ class Policy:
 
     def _make_infer(self, models):
         """(batch key, per-row keys) inference functions ``(params, seq, rng or keys [B, 2])``."""
-        from jaxvla.losses import finetune as losses
-
         if self.head == "flow":
             sample = functools.partial(losses.sample_action_chunk, **models.flow_modules, num_steps=self.flow_steps)
 
@@ -326,18 +320,14 @@ class Policy:
         """Observation states float ``[B, state_size]`` -> the prompt's int32 bins ``[B, D]``: the
         ``state_dims`` entries discretized with the checkpoint's ``state_edges`` (256 bins over the
         finetuning data's q01..q99, clipped), exactly as finetuning did."""
-        from jaxvla.data.stats import discretize_state
-
         states = np.asarray(states, np.float32)
-        return discretize_state(states[:, list(self.state_dims)], self._state_edges)
+        return stats_lib.discretize_state(states[:, list(self.state_dims)], self._state_edges)
 
     def sequences(self, images: np.ndarray, instructions: Sequence[str], prev_images: np.ndarray | None = None,
                   states: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The backbone's inputs ``[B, L]`` (and ``action_positions``) for B frames ``[B, S, S, 3]``
         (uint8), with the previous frames ``prev_images`` ``[B, S, S, 3]`` (history policies) and
         the observation states ``states`` float32 ``[B, state_size]`` (state prompts)."""
-        from jaxvla.data.sequences import batch_sequences, build_bins, build_flow
-
         if self.history_frames:
             tokens = self.frames.tokens(np.stack([prev_images, images], axis=1))  # [B, 2, N]: o_{t-k}, o_t
             codes, previous = tokens[:, 1], tokens[:, 0]
@@ -417,8 +407,6 @@ class Policy:
         """Model outputs -> actions ``[B, K, A]`` float32: flow ``[B, K, A]`` normalised ->
         unnormalised; bins ``[B, K * A]`` ints (time-major, as ``predict_bins_cached`` returns them)
         -> ``[B, K, A]`` bin centres."""
-        from jaxvla.data import stats as stats_lib
-
         if self.head == "bins":
             bins = np.clip(out.astype(np.int64), 0, self._bin_centres.shape[1] - 1)
             bins = bins.reshape(len(bins), self.chunk, self.action_dim)  # [B, K, A]

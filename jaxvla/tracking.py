@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from jaxvla.io.files import atomic_path
+
 log = logging.getLogger("jaxvla")
 
 
@@ -39,8 +41,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def save_figure(fig, path: str) -> str:
     """Writes a matplotlib figure as PNG atomically and closes it; returns ``path``."""
     import matplotlib.pyplot as plt
-
-    from jaxvla.io.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

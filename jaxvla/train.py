@@ -4,6 +4,10 @@
 
 Run the same command on every host of a TPU pod (or under SLURM / with JAX_COORDINATOR_ADDRESS):
 the trainer joins the processes, builds the mesh and each process reads its share of the data.
+
+What the stage reads and is missing is made first (``jaxvla.trainer.train_prerequisites``): the
+embedded Meta-World dataset is rendered, earlier stages' checkpoints (e.g. pretraining's image
+tokenizer and LAQ) are trained in their workdirs, each saying so.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from jaxvla import compilation_cache  # noqa: E402
 from jaxvla import config as cfg_lib  # noqa: E402
+from jaxvla.trainer import train, train_prerequisites  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/<stage>.py[:variant] file.", lock_config=True)
+cfg_lib.DEFINE_config_file("config")
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go (resumes if present).")
 flags.DEFINE_string("compilation_cache", None, "Persistent XLA compilation cache directory, or 'off' "
                     f"(default: ${compilation_cache.ENV_VAR}, else ~/.cache/jaxvla/xla).")
@@ -86,9 +90,8 @@ def main(argv):
         pass
     cache_dir = compilation_cache.enable(FLAGS.compilation_cache)
     logging.getLogger("jaxvla").info("compilation cache: %s", cache_dir or "off")
-    from jaxvla.trainer import train
-
     try:
+        train_prerequisites(FLAGS.config)
         result = train(FLAGS.config, FLAGS.workdir)
     except cfg_lib.ConfigError as e:  # mesh / batch against the devices: still before compile
         _fail(str(e))

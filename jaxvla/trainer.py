@@ -13,6 +13,11 @@
    periodic eval and checkpoints; stops cleanly on SIGTERM (saves, returns) and loudly on a
    non-finite loss, gradient norm or parameters (names the step; a checkpoint whose parameters
    give a non-finite loss is moved aside, the last good checkpoint stays).
+
+``train_prerequisites(config)`` makes what the stage declares it reads and is missing (the
+embedded Meta-World dataset, earlier stages' checkpoints, each after its own prerequisites):
+``python -m jaxvla.train`` runs it before ``train``. ``train`` itself never does: a stage's build
+only checks them (``jaxvla.stages.require``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from tqdm.auto import tqdm
 from jaxvla import checkpoint as ckpt_lib
 from jaxvla import config as cfg_lib
 from jaxvla import optim, sharding, tracking
-from jaxvla.stages import Stage, build_stage
+from jaxvla.stages import Checkpoint, Stage, build_stage, prerequisites
 
 log = logging.getLogger("jaxvla")
 
@@ -352,8 +357,36 @@ def _visualize(stage: Stage, params, batch_iter: Iterator, mesh, visualize_fn, w
     return writer.images(step, images)
 
 
+def train_prerequisites(config) -> None:
+    """Makes what ``config.stage`` declares it reads (``jaxvla.stages.prerequisites``) and is
+    missing, in the declared order: renders the embedded Meta-World dataset
+    (``MetaWorldData.make``); trains an earlier stage's checkpoint (``Checkpoint``: its own
+    prerequisites first, then ``train`` in its workdir; logged as "<what>: no checkpoint in DIR:
+    training SPEC there first (N steps; overrides)"). Present ones are left alone.
+
+    With several processes every process calls it (the trainer is multi-process; paths are
+    shared; only process 0 renders, the others wait at a barrier).
+    """
+    needs = prerequisites(config)
+    if all(need.present() for need in needs):
+        return
+    sharding.maybe_initialize_distributed()  # before anything asks for the process index
+    for need in needs:
+        if need.present():
+            continue
+        if isinstance(need, Checkpoint):
+            sub = need.config()
+            log.info("%s", need.describe_training(int(sub.num_steps)))
+            train_prerequisites(sub)
+            train(sub, need.workdir)
+        else:
+            need.make()
+
+
 def train(config, workdir: str, stage: Stage | None = None, devices=None) -> TrainResult:
-    """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint).
+    """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint). Its stage's
+    prerequisites must be there (``train_prerequisites`` makes them; the build raises
+    ``jaxvla.stages.MissingPrerequisiteError`` naming what is missing).
 
     ``stage`` replaces the registered stage (programmatic use); ``devices`` restricts the mesh to
     a subset of ``jax.devices()`` (e.g. one device of eight in tests).
@@ -377,7 +410,7 @@ def train(config, workdir: str, stage: Stage | None = None, devices=None) -> Tra
 
 def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
     setup = setup_train_step(config, mesh, rules, stage)
-    stage, factory, schedule, train_step = setup.stage, setup.factory, setup.schedule, setup.step
+    stage, factory, train_step = setup.stage, setup.factory, setup.step
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
     log.info("stage %s: %s parameters", config.stage, f"{n_params:,}")
 
@@ -393,7 +426,9 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
         _, state, _, saved_assets = restored
         log.info("resuming from step %d: found a checkpoint in %s", latest, checkpointer.directory)
         assets = {**saved_assets, **assets}
-    else:
+    if stage.workdir_assets is not None:  # e.g. finetuning's bundled image tokenizer
+        assets.update(stage.workdir_assets(workdir))
+    if restored is None:
         state = factory.create(config.seed)
         if config.init_from:
             state = state.replace(params=_init_from(config, state.params))

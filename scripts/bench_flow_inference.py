@@ -34,6 +34,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from jaxvla import compilation_cache  # noqa: E402
+from jaxvla.benchmark import write_results  # noqa: E402
+from jaxvla.data.sequences import Vocab, batch_sequences, build_flow, example_length  # noqa: E402
+from jaxvla.frozen import LATENT_CODES, TEXT_VOCAB, FinetuneModels, TextPrompts  # noqa: E402
+from jaxvla.losses import finetune as losses  # noqa: E402
+from jaxvla.sim.instructions import instruction  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "finetune.py") + ":flow_small",
@@ -65,8 +72,6 @@ def _time_interleaved(fns, *args, repeats: int) -> tuple[list[float], list[np.nd
 
 def flow_sequence(prompt, image, markers, vocab, chunk: int, max_len: int | None) -> dict:
     """``build_flow``'s sequence, of exactly its real length when ``max_len`` is None."""
-    from jaxvla.data.sequences import build_flow, example_length
-
     if max_len is None:
         # Built once at a generous length to measure it, then at exactly that length.
         max_len = example_length(build_flow(prompt, image, markers, vocab, 1 << 16, chunk=chunk))
@@ -75,14 +80,6 @@ def flow_sequence(prompt, image, markers, vocab, chunk: int, max_len: int | None
 
 def main(argv):
     del argv
-    from jaxvla import compilation_cache
-    from jaxvla.benchmark import write_results
-    from jaxvla.data.sequences import Vocab, batch_sequences
-    from jaxvla.losses import finetune as losses
-    from jaxvla.sim.instructions import instruction
-    from jaxvla.stages.finetune import LATENT_CODES, TEXT_VOCAB, Models
-    from jaxvla.stages.vla import TextPrompts
-
     compilation_cache.enable()  # like every jaxvla entry point; timing is unaffected
     config = FLAGS.config
     if config.model.head != "flow":
@@ -93,7 +90,7 @@ def main(argv):
         raise app.UsageError(f"--task: {e}") from None
     chunk, action_dim, seq_len = int(config.model.chunk), 4, int(config.model.seq_len)
     vocab = Vocab(text_size=TEXT_VOCAB, image_codes=FLAGS.image_codes, latent_codes=LATENT_CODES)
-    models = Models(config, vocab, action_dim)
+    models = FinetuneModels(config, vocab, action_dim)
 
     text = TextPrompts(config.model.get("text_tokenizer", ""))
     prompt = np.asarray(text(sentence))

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint:
         print("error: give --checkpoint (or --gap_scan)", file=sys.stderr)
         return 2
-    from jaxvla.latent_actions import load_laq
+    from jaxvla.frozen import load_laq
 
     try:
         laq = load_laq(args.checkpoint)

@@ -35,7 +35,8 @@ flags.DEFINE_integer("batch_envs", -1, "Episodes at once, one policy call for al
 flags.DEFINE_integer("execute", 0, "Actions executed per policy call (0: the checkpoint's execute_steps).")
 flags.DEFINE_string("camera", "corner", "Camera preset; must match the training data's.")
 flags.DEFINE_string("out_dir", "", "Where results go (default <checkpoint>/eval).")
-flags.DEFINE_string("tokenizer_checkpoint", "", "The image tokenizer, if it moved since finetuning.")
+flags.DEFINE_string("tokenizer_checkpoint", "", "The image tokenizer's checkpoint, overriding the one bundled in the "
+                    "finetuning workdir (assets/tokenizer) and the path finetuning recorded (as the server's flag).")
 FLAGS = flags.FLAGS
 
 

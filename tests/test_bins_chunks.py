@@ -231,7 +231,7 @@ def test_stage_packer_bins_14_action_chunks_with_padding():
     from jaxvla.data import stats as stats_lib
     from jaxvla.losses.actions import bin_centres
     from jaxvla.stages.finetune import SequencePacker, layout_for, longest_example
-    from jaxvla.stages.vla import TextPrompts
+    from jaxvla.frozen import TextPrompts
 
     config = get_config("bins_small")
     chunk = int(config.model.chunk)

@@ -277,3 +277,38 @@ def test_failed_laq_gate_stops_before_labelling(tmp_path, monkeypatch):
     lenient.check_gate("lapa")  # logged, not raised
     verdict["passed"] = True
     exp.check_gate("vipra")
+
+
+def test_finished_stage_trained_with_another_config_is_refused(tmp_path, monkeypatch):
+    import jaxvla.trainer
+    from jaxvla.config import to_json
+    from jaxvla.experiment import PROTOCOLS, Experiment, stale_keys
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["demo"], data_root=str(tmp_path / "data"))
+    name = "laq_vipra_pool4"
+    config = exp.stage_config(name, "configs/laq.py:vipra_small", exp.laq_overrides("vipra"))
+    saved = json.loads(to_json(config))
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "stage.json", "w") as f:
+        json.dump({"stage": name, "wall_seconds": 5.0, "metrics": {}, "steps": int(config.num_steps),
+                   "gate": {"steps": int(config.num_steps)}}, f)
+    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(jaxvla.trainer, "train", lambda config, workdir: pytest.fail("must not train"))
+    # The same configuration (and a run-only key such as log_every changed): reused.
+    saved["log_every"] = 999
+    with open(tmp_path / name / "config.json", "w") as f:
+        json.dump(saved, f)
+    assert exp.laq("vipra")["wall_seconds"] == 5.0
+    # Trained before encode_deltas was on, with another learning rate: refused, naming both.
+    saved["model"]["encode_deltas"] = False
+    saved["optimizer"]["learning_rate"] = 0.5
+    with open(tmp_path / name / "config.json", "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError, match=r"model.encode_deltas: trained False, now True.*"
+                                         r"optimizer.learning_rate: trained 0.5"):
+        exp.laq("vipra")
+    # The comparison itself, on hand-made trees: nested leaves, absent keys, untouched other keys.
+    differ = stale_keys({"model": {"a": 1, "b": {"c": 2}}, "data": {"sample": "pairs"}, "seed": 1},
+                        {"model": {"a": 1, "b": {"c": 3}, "d": 4}, "data": {"sample": "pairs"}, "seed": 2})
+    assert [(k, a, b) for k, a, b in differ if k != "model.d"] == [("model.b.c", 2, 3)]
+    assert [k for k, _, _ in differ] == ["model.b.c", "model.d"]

@@ -67,7 +67,7 @@ def flow_stage(tiny_tokenizer, metaworld_dataset, stats_dir):
 
 def test_cached_sampler_matches_recompute(flow_stage):
     from jaxvla.losses import finetune as losses
-    from jaxvla.stages.finetune import Models
+    from jaxvla.frozen import FinetuneModels
 
     config, stage = flow_stage
     batch = next(stage.batches(0))
@@ -81,7 +81,7 @@ def test_cached_sampler_matches_recompute(flow_stage):
     params = _unbox(stage.init_variables(jax.random.PRNGKey(0)))["params"]
     assert set(params) == {"backbone", "action_encoder", "velocity_head"}
     assert "embed_latent" not in params["backbone"] and "head_latent" not in params["backbone"]
-    models = Models(config, stage_vocab(stage), 4)
+    models = FinetuneModels(config, stage_vocab(stage), 4)
     kw = dict(**models.flow_modules, num_steps=4)
     rng = jax.random.PRNGKey(1)
     cached = jax.jit(functools.partial(losses.sample_action_chunk, **kw))(params, batch, rng)
@@ -148,12 +148,12 @@ def test_few_steps_through_trainer(variant, finetuned, tiny_tokenizer):
 
 def test_flow_learns(flow_stage, tiny_tokenizer, metaworld_dataset, stats_dir, tmp_path):
     from jaxvla.losses import finetune as losses
-    from jaxvla.stages.finetune import Models
+    from jaxvla.frozen import FinetuneModels
 
     config = tiny_finetune_config("flow_small", tiny_tokenizer, metaworld_dataset["out"], stats_dir,
                                   num_steps=100, batch_size=8, log_every=10)
     _, stage = flow_stage
-    models = Models(config, stage_vocab(stage), 4)
+    models = FinetuneModels(config, stage_vocab(stage), 4)
     eval_fn = jax.jit(functools.partial(losses.flow_eval_metrics, **models.flow_modules, num_steps=10))
     batch = next(stage.batches(0))
     start = eval_fn(_unbox(stage.init_variables(jax.random.PRNGKey(config.seed)))["params"], batch,
@@ -172,7 +172,7 @@ def test_init_from_pretrain_checkpoint_drops_latent(tiny_tokenizer, metaworld_da
     from jaxvla.data.sequences import Vocab
     from jaxvla.models.llama import Llama
     from jaxvla.stages import Stage, register_stage
-    from jaxvla.stages.vla import backbone_config
+    from jaxvla.frozen import backbone_config
 
     def fake_pretrain(config):
         vocab = Vocab(text_size=32000, image_codes=64, latent_codes=8, action_bins=256)

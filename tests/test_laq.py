@@ -308,6 +308,47 @@ def test_loss_values_and_flow_term():
     assert float(metrics_early["psnr"]) == pytest.approx(float(metrics_early["psnr_copy"]), abs=1e-3)
 
 
+def test_vipra_encode_deltas_subtracts_consecutive_projections():
+    plain = LAQ(variant="vipra", num_frames=4, **TINY)
+    deltas = LAQ(variant="vipra", num_frames=4, encode_deltas=True, **TINY)
+    params = init(plain)  # the flag adds no parameter: one tree serves both
+    frames = random_frames(plain, 2, seed=3)
+    projected = np.asarray(plain.apply({"params": params}, frames, method=plain.encode)["latents"])  # P(e_1..e_3)
+    difference = np.asarray(deltas.apply({"params": params}, frames, method=deltas.encode)["latents"])
+    np.testing.assert_allclose(difference[:, 1:], projected[:, 1:] - projected[:, :-1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(difference[:, 0], projected[:, 0], atol=1e-3)  # minus P(e_0), which is not zero
+
+
+@pytest.mark.parametrize("recon_loss", ["l1", "mse"])
+def test_motion_weighted_reconstruction(recon_loss):
+    model = LAQ(variant="vipra", num_frames=3, **TINY)
+    params = init(model)
+    # A trained-looking pixel head (the untrained residual head predicts the copy exactly).
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.05 if "pixel_head" in jax.tree_util.keystr(path) else a, params)
+    frames = np.zeros((2, 3, 32, 32, 3), np.uint8) + 100
+    frames[:, 1, 8:16, 8:16] = 250  # a moving square: 8x8 pixels change, the rest is static
+    frames[:, 2, 12:20, 12:20] = 250
+    rng = jax.random.PRNGKey(0)
+    weight = 9.0
+    loss, metrics = laq_loss(params, {"frames": frames}, rng, model=model, recon_loss=recon_loss, motion_weight=weight)
+    plain, plain_metrics = laq_loss(params, {"frames": frames}, rng, model=model, recon_loss=recon_loss)
+    # Independent computation in NumPy from the model's own reconstruction.
+    x = frames.astype(np.float64) / 127.5 - 1.0
+    recon = np.asarray(model.apply({"params": params}, jnp.asarray(x, jnp.float32), train=True, rng=rng)["recon"])
+    error = np.abs(recon - x[:, 1:]) if recon_loss == "l1" else np.square(recon - x[:, 1:])
+    w = 1.0 + weight * np.abs(x[:, 1:] - x[:, :-1]).mean(-1, keepdims=True)
+    expected = (error * w).sum() / (w.sum() * 3)
+    assert float(metrics["recon_loss"]) == pytest.approx(expected, rel=1e-4)
+    assert float(plain_metrics["recon_loss"]) == pytest.approx(error.mean(), rel=1e-4)
+    # The moving pixels weigh 1 + 9 * 1.18 = 11.6x the static ones.
+    assert float(metrics["recon_loss"]) != pytest.approx(float(plain_metrics["recon_loss"]), rel=1e-2)
+    copy_error = np.abs(x[:, :-1] - x[:, 1:]) if recon_loss == "l1" else np.square(x[:, :-1] - x[:, 1:])
+    assert float(metrics["recon_loss_copy"]) == pytest.approx((copy_error * w).sum() / (w.sum() * 3), rel=1e-4)
+    with pytest.raises(ValueError, match="motion_weight must be >= 0"):
+        laq_loss(params, {"frames": frames}, rng, model=model, motion_weight=-1.0)
+
+
 def test_flow_ramp():
     values = [float(flow_ramp(s, 100, 50)) for s in (0, 100, 125, 150, 1000)]
     assert values == [0.0, 0.0, 0.5, 1.0, 1.0]
@@ -373,7 +414,8 @@ def test_stage_refuses_mismatched_data(metaworld_dataset):
 def test_labels_are_deterministic_aligned_and_joinable(trained_lapa, metaworld_dataset, tmp_path):
     from jaxvla.data.latent_labels import join_latent_labels, load_latent_labels
     from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset
-    from jaxvla.latent_actions import decoded_trajectories, label_dataset, load_laq
+    from jaxvla.frozen import load_laq
+    from jaxvla.latent_actions import decoded_trajectories, label_dataset
 
     laq = load_laq(trained_lapa.workdir)
     assert laq.step == 300 and list(laq.frame_offsets) == [0, 8]
@@ -412,7 +454,8 @@ def test_labels_are_deterministic_aligned_and_joinable(trained_lapa, metaworld_d
 
 def test_labeller_resumes_a_finished_part(trained_lapa, tmp_path):
     from jaxvla.data.latent_labels import INFO_FILE, load_latent_labels
-    from jaxvla.latent_actions import label_dataset, load_laq
+    from jaxvla.frozen import load_laq
+    from jaxvla.latent_actions import label_dataset
 
     laq = load_laq(trained_lapa.workdir)
     out = tmp_path / "labels"

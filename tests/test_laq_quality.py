@@ -230,14 +230,13 @@ def test_probe_of_an_untrained_vipra_laq_at_both_levels(metaworld_dataset):
     import jax.numpy as jnp
 
     from jaxvla.config import apply_overrides, load_config
-    from jaxvla.latent_actions import LoadedLAQ
-    from jaxvla.stages.laq import build_model
+    from jaxvla.frozen import LoadedLAQ, laq_model
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = apply_overrides(load_config(os.path.join(repo, "configs/laq.py:vipra_small")), {
         "model.dim": 32, "model.num_heads": 1, "model.head_dim": 32, "model.encoder_depth": 1,
         "model.decoder_depth": 1, "data.data_dir": str(metaworld_dataset["out"]), "data.clip_stride": 4})
-    model = build_model(config)
+    model = laq_model(config)
     frames = jnp.zeros((1, model.num_frames, model.image_size, model.image_size, 3))
     variables = model.init({"params": jax.random.PRNGKey(0)}, frames)
     params = jax.tree.map(lambda a: a.unbox() if hasattr(a, "unbox") else a, variables,

@@ -363,7 +363,7 @@ def test_finetune_real_layout_with_metaworld_prompts(head):
     from jaxvla.losses.actions import bin_centres
     from jaxvla.sim.instructions import instruction
     from jaxvla.stages.finetune import SequencePacker, layout_for, longest_example
-    from jaxvla.stages.vla import TextPrompts
+    from jaxvla.frozen import TextPrompts
 
     config = finetune_config(f"{head}_small")
     chunk, vocab, prompts = int(config.model.chunk), S.Vocab(image_codes=512, latent_codes=8), TextPrompts()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,18 @@ import pytest
 from jaxvla.checkpoint import load_checkpoint
 from jaxvla.serving.client import Client, ServerError
 from jaxvla.serving.server import PolicyServer
+
+
+def test_inference_imports_no_training_code():
+    """jaxvla.policy (and the frozen encoders it reads) import nothing from jaxvla.stages or the
+    trainer: inference runs without the training code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, jaxvla.policy, jaxvla.frozen, jaxvla.latent_actions; "
+            "print(sorted(m for m in sys.modules if m.startswith(('jaxvla.stages', 'jaxvla.trainer'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +54,7 @@ def test_flow_policy_round_trip(policies, finetuned, metaworld_dataset):
     KV cache or the library's sampler) and unnormalised with the saved statistics; one
     compilation; reseeding reproduces the chunk."""
     from jaxvla.losses.finetune import predict_velocity
-    from jaxvla.stages.finetune import Models
+    from jaxvla.frozen import FinetuneModels
 
     policy = policies["flow"]
     frames, instructions = _frames(metaworld_dataset)
@@ -65,7 +79,7 @@ def test_flow_policy_round_trip(policies, finetuned, metaworld_dataset):
     state, config_dict, assets, _ = load_checkpoint(finetuned["flow_small"][0])
     from jaxvla.config import from_dict
 
-    models = Models(from_dict(config_dict), policy.vocab, 4)
+    models = FinetuneModels(from_dict(config_dict), policy.vocab, 4)
     seq = policy.sequences(frames[:1], instructions[:1])
     velocity = jax.jit(functools.partial(predict_velocity, **models.flow_modules))
     _, rng = jax.random.split(jax.random.PRNGKey(5))
@@ -118,7 +132,7 @@ def test_per_row_keys_make_rows_independent(policies, metaworld_dataset):
 
 def test_bins_policy_decodes_bin_centres(policies, finetuned, metaworld_dataset):
     from jaxvla.losses.finetune import predict_bins_cached, predict_bins_greedy
-    from jaxvla.stages.finetune import Models
+    from jaxvla.frozen import FinetuneModels
     from jaxvla.config import from_dict
 
     policy = policies["bins"]
@@ -132,7 +146,7 @@ def test_bins_policy_decodes_bin_centres(policies, finetuned, metaworld_dataset)
         assert np.abs(centres[d][None, :] - actions[:, d, None]).min(axis=1).max() < 1e-6
 
     # The KV-cached greedy decoder picks the same 14 x 4 bins as re-running the sequence per token.
-    models = Models(from_dict(config_dict), policy.vocab, 4)
+    models = FinetuneModels(from_dict(config_dict), policy.vocab, 4)
     seq = policy.sequences(frames, instructions)
     assert seq["action_positions"].shape == (2, 14 * 4)
     cached = np.asarray(jax.jit(functools.partial(predict_bins_cached, backbone=models.backbone))(policy.params, seq))
@@ -170,7 +184,7 @@ def test_bins_policy_of_a_single_action_checkpoint(policies, finetuned, metaworl
     from jaxvla.config import apply_overrides, from_dict
     from jaxvla.losses.finetune import predict_bins_greedy
     from jaxvla.policy import ActionChunker, Policy
-    from jaxvla.stages.finetune import Models
+    from jaxvla.frozen import FinetuneModels
 
     state, config_dict, assets, step = load_checkpoint(finetuned["bins_small"][0])
     config = apply_overrides(from_dict(config_dict), {"model.chunk": 1})
@@ -182,7 +196,7 @@ def test_bins_policy_of_a_single_action_checkpoint(policies, finetuned, metaworl
     assert actions.shape == (1, 1, 4)
     seq = policy.sequences(frames, instructions)
     assert seq["tokens"].shape == (1, 117) and seq["action_positions"].shape == (1, 4)
-    models = Models(config, policy.vocab, 4)
+    models = FinetuneModels(config, policy.vocab, 4)
     greedy = np.asarray(jax.jit(functools.partial(predict_bins_greedy, backbone=models.backbone))(policy.params, seq))
     centres = np.asarray(assets["bin_centres"])
     np.testing.assert_array_equal(actions[:, 0], centres[np.arange(4), greedy])
@@ -425,3 +439,89 @@ def test_moved_image_tokenizer_is_named_by_the_caller(policies, finetuned, tiny_
     with pytest.raises(KeyboardInterrupt):
         cli.main(["--checkpoint=/ckpt", f"--tokenizer_checkpoint={moved}", "--compilation_cache=off"])
     assert seen["path"] == "/ckpt" and seen["tokenizer_checkpoint"] == str(moved)
+
+
+def test_copied_checkpoint_serves_without_the_original_tokenizer(policies, finetuned, tiny_tokenizer,
+                                                                 metaworld_dataset, tmp_path):
+    """Checkpoints that travel: finetuning bundles its image tokenizer into ``<workdir>/assets/tokenizer``
+    and records it relative to the checkpoint, so a workdir copied elsewhere, with the original
+    tokenizer gone, loads and serves exactly the original's actions; a bundle that was changed is
+    refused (digests), and one that is missing is an error naming the paths tried and the flag."""
+    import shutil
+
+    from jaxvla.checkpoint import CorruptCheckpointError
+    from jaxvla.policy import Policy
+
+    frames, instructions = _frames(metaworld_dataset)
+    key = np.asarray([7, 11], np.uint32)
+    expected = {head: policies[head].act({"image": frames[0]}, instructions[0], key=key) for head in ("flow", "bins")}
+    copies = {}
+    for head in ("flow", "bins"):
+        workdir = finetuned[f"{head}_small"][0]
+        _, _, assets, _ = load_checkpoint(workdir)
+        assert assets["tokenizer_relative"].startswith("../../assets/tokenizer/checkpoints/")
+        copies[head] = str(tmp_path / "elsewhere" / head)
+        shutil.copytree(workdir, copies[head])
+    away = tiny_tokenizer + ".moved-away"
+    os.rename(tiny_tokenizer, away)  # the original tokenizer is gone (restored for the other tests)
+    try:
+        for head in ("flow", "bins"):
+            policy = Policy.from_checkpoint(copies[head])
+            assert policy.frames.checkpoint.startswith(os.path.join(copies[head], "assets", "tokenizer"))
+            np.testing.assert_array_equal(policy.act({"image": frames[0]}, instructions[0], key=key), expected[head])
+        server = PolicyServer(policy, port=0).start()  # the bins copy, served
+        try:
+            with Client(port=server.port) as client:
+                np.testing.assert_array_equal(client.act({"image": frames[0]}, instructions[0]), expected["bins"])
+        finally:
+            server.stop()
+        # A step directory of the copy finds the bundle too.
+        step_dir = os.path.join(copies["bins"], "checkpoints", str(policy.step))
+        np.testing.assert_array_equal(
+            Policy.from_checkpoint(step_dir).act({"image": frames[0]}, instructions[0]), expected["bins"])
+
+        bundle = os.path.join(copies["bins"], "assets", "tokenizer")
+        manifest = os.path.join(policy.frames.checkpoint, "jaxvla_digests.json")
+        with open(manifest, "a") as f:
+            f.write(" ")  # the bundle's manifest no longer matches the one the checkpoint recorded
+        with pytest.raises(CorruptCheckpointError, match="bundled image tokenizer was replaced or changed"):
+            Policy.from_checkpoint(copies["bins"])
+        shutil.rmtree(bundle)
+        with pytest.raises(FileNotFoundError, match=r"tried .*assets/tokenizer/checkpoints/.* \(bundled") as error:
+            Policy.from_checkpoint(copies["bins"])
+        assert tiny_tokenizer in str(error.value) and "--tokenizer_checkpoint" in str(error.value)
+        # The override still wins over everything.
+        policy = Policy.from_checkpoint(copies["bins"], tokenizer_checkpoint=away)
+        np.testing.assert_array_equal(policy.act({"image": frames[0]}, instructions[0]), expected["bins"])
+    finally:
+        os.rename(away, tiny_tokenizer)
+
+
+def test_tokenizer_bundle_on_resume(finetuned, tiny_tokenizer, tmp_path):
+    """A resumed finetuning run keeps the bundle it made (same assets, nothing rewritten), rewrites
+    a damaged one (setting the bad step aside), and refuses one made from another tokenizer."""
+    import shutil
+
+    from jaxvla.checkpoint import find_checkpoint
+    from jaxvla.frozen import bundle_image_tokenizer
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finetuned["bins_small"][0], workdir)
+    _, _, assets, _ = load_checkpoint(workdir)
+    checkpoints = os.path.join(workdir, "assets", "tokenizer", "checkpoints")
+    before = {name: os.stat(os.path.join(checkpoints, name)).st_mtime_ns for name in os.listdir(checkpoints)}
+    again = bundle_image_tokenizer(tiny_tokenizer, workdir)
+    assert again == {k: assets[k] for k in again}
+    assert {name: os.stat(os.path.join(checkpoints, name)).st_mtime_ns for name in os.listdir(checkpoints)} == before
+
+    other = os.path.join(finetuned["flow_small"][0], "assets", "tokenizer")  # another tokenizer checkpoint
+    with pytest.raises(ValueError, match="bundles the image tokenizer .* but this run reads"):
+        bundle_image_tokenizer(other, workdir)
+
+    (step,) = [name for name in before if name.isdigit()]
+    with open(os.path.join(checkpoints, step, "config", "metadata"), "a") as f:
+        f.write(" ")  # damaged: fails its digests
+    rewritten = bundle_image_tokenizer(tiny_tokenizer, workdir)
+    assert rewritten["tokenizer_relative"] == assets["tokenizer_relative"]
+    find_checkpoint(os.path.join(checkpoints, step))  # verifies
+    assert any(name.startswith(f"unverified-{step}-") for name in os.listdir(checkpoints))

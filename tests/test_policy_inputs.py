@@ -65,7 +65,7 @@ def test_state_prompt_text_and_ids():
     """The documented format: LAPA's question, then " State: <bins>." before " ASSISTANT:"; the
     ids are the tokenizer's own encoding of exactly that string; the budget error says so."""
     from jaxvla.data import text
-    from jaxvla.stages.vla import TextPrompts
+    from jaxvla.frozen import TextPrompts
 
     expected = ("You are a helpful assistant. USER: What action should the robot take to open the drawer? "
                 "State: 12 200 45 3. ASSISTANT:")
@@ -287,7 +287,8 @@ def test_finetune_batches_equal_policy_sequences(tiny_tokenizer, metaworld_datas
     from jaxvla.data.sequences import IMAGE, TEXT
     from jaxvla.data.stats import state_bin_edges
     from jaxvla.policy import SEQUENCE_INPUTS, Policy
-    from jaxvla.stages import vla
+    from jaxvla.frozen import FrameTokenizer, TextPrompts
+    from jaxvla.stages import data_with_history
     from jaxvla.stages.finetune import build
 
     config = history_state_config(tiny_tokenizer, metaworld_dataset["out"], finetune_stats_dir)
@@ -302,7 +303,7 @@ def test_finetune_batches_equal_policy_sequences(tiny_tokenizer, metaworld_datas
     assert int(assets["seq_len"]) == 55 + 3 + 64 + 1 + 64 + 1 + 3 + 14
 
     batch = next(stage.batches(0))
-    raw = next(iter(make_batches(vla.data_with_history(config.data, 1, K), batch_size=4, train=True,
+    raw = next(iter(make_batches(data_with_history(config.data, 1, K), batch_size=4, train=True,
                                  seed=config.seed)))  # the same first pipeline batch
     images, timestep = raw["observation"]["image_primary"], raw["observation"]["timestep"]
     assert images.shape == (4, 2, 64, 64, 3)
@@ -311,8 +312,8 @@ def test_finetune_batches_equal_policy_sequences(tiny_tokenizer, metaworld_datas
     lo, hi = np.asarray(proprio_stats["q01"], np.float64)[:4], np.asarray(proprio_stats["q99"], np.float64)[:4]
     want_bins = np.clip(np.floor((states[:, :4] - lo) / (hi - lo) * 256), 0, 255).astype(int)
 
-    codes = vla.FrameTokenizer.from_checkpoint(tiny_tokenizer).tokens(images)  # [4, 2, 64]
-    prompts = vla.TextPrompts()
+    codes = FrameTokenizer.from_checkpoint(tiny_tokenizer).tokens(images)  # [4, 2, 64]
+    prompts = TextPrompts()
     for row in range(4):
         tokens, modality = batch["tokens"][row], batch["modality"][row]
         is_image = np.flatnonzero(modality == IMAGE)

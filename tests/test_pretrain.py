@@ -68,18 +68,72 @@ def test_gathered_loss_equals_full_logits_reference():
         check_target_caps(batch, {m: 2 for m in MODALITY_NAMES}, "config.model.max_targets")
 
 
-def test_missing_prerequisite_is_trained_first_and_said(tmp_path, monkeypatch, caplog):
+def test_missing_prerequisites_are_made_first_and_said(tmp_path, monkeypatch, caplog):
+    """What ``python -m jaxvla.train`` runs before training (``trainer.train_prerequisites``): the
+    stage's declared prerequisites in order, the data rendered, each missing checkpoint's own
+    prerequisites before it is trained in its workdir, and the log says so."""
     from jaxvla import trainer
-    from jaxvla.stages import vla
+    from jaxvla.data import embedded
 
-    calls = []
-    monkeypatch.setattr(trainer, "train", lambda config, workdir: calls.append((config, workdir)))
+    events = []  # neither renders nor trains: every prerequisite stays missing
+    monkeypatch.setattr(embedded, "ensure_metaworld_dataset", lambda *args: events.append(("render",) + args))
+    monkeypatch.setattr(trainer, "train", lambda config, workdir: events.append(("train", config, workdir)))
+    data, tok, laq = str(tmp_path / "data"), str(tmp_path / "tok"), str(tmp_path / "laq")
+    config = apply_overrides(load_config(os.path.join(REPO, "configs/pretrain.py:vipra_small")), {
+        "data.data_dir": data, "model.tokenizer_checkpoint": tok, "model.laq_checkpoint": laq,
+        "model.tokenizer_steps": 7, "model.laq_steps": 5})
     with caplog.at_level(logging.INFO, logger="jaxvla"):
-        out = vla.ensure_checkpoint(str(tmp_path / "tok"), "configs/tokenizer.py:small", {"num_steps": 7}, "image tokenizer")
-    assert out == str(tmp_path / "tok") and len(calls) == 1
-    config, workdir = calls[0]
-    assert config.stage == "tokenizer" and config.num_steps == 7 and workdir == str(tmp_path / "tok")
-    assert "image tokenizer: no checkpoint in" in caplog.text and "training configs/tokenizer.py:small there first" in caplog.text
+        trainer.train_prerequisites(config)
+    rendered = ("render", data, "mt10", 5, 64, 0)
+    assert [e[0] if e[0] == "train" else e for e in events] == [rendered, rendered, "train", rendered, "train"]
+    (_, tok_config, tok_dir), (_, laq_config, laq_dir) = [e for e in events if e[0] == "train"]
+    assert tok_dir == tok and tok_config.stage == "tokenizer" and tok_config.num_steps == 7
+    assert tok_config.data.source == "metaworld" and tok_config.data.data_dir == data
+    assert laq_dir == laq and laq_config.stage == "laq" and laq_config.num_steps == 5
+    assert laq_config.model.size == "vipra_small" and laq_config.data.data_dir == data
+    assert ("image tokenizer: no checkpoint in " + tok + ": training configs/tokenizer.py:small there first (7 steps; "
+            in caplog.text)
+    assert "LAQ: no checkpoint in " + laq + ": training configs/laq.py:vipra_small there first (5 steps; " in caplog.text
+
+
+def test_build_with_missing_prerequisites_names_them_and_trains_nothing(tmp_path, monkeypatch):
+    """A stage build only reads: a missing checkpoint or dataset is an error naming each one and
+    the command that makes it; nothing is trained or rendered."""
+    from jaxvla import trainer
+    from jaxvla.data import embedded
+    from jaxvla.stages import MissingPrerequisiteError, build_stage
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a stage build trained or rendered")
+
+    monkeypatch.setattr(trainer, "train", forbidden)
+    monkeypatch.setattr(embedded, "ensure_metaworld_dataset", forbidden)
+    data, tok, laq = str(tmp_path / "data"), str(tmp_path / "tok"), str(tmp_path / "laq")
+    config = apply_overrides(load_config(os.path.join(REPO, "configs/pretrain.py:vipra_small")), {
+        "data.data_dir": data, "model.tokenizer_checkpoint": tok, "model.laq_checkpoint": laq})
+    with pytest.raises(MissingPrerequisiteError) as error:
+        build_stage(config)
+    message = str(error.value)
+    assert "python -m jaxvla.train` with this config makes missing prerequisites first" in message
+    assert f"the embedded Meta-World dataset: no Meta-World dataset in {data}; make it with: python " \
+           f"scripts/make_metaworld_dataset.py --tasks=mt10 --episodes_per_task=5 --image_size=64 --out={data} " \
+           "--seed=0" in message
+    assert (f"image tokenizer: no checkpoint in {tok}; make it with: python -m jaxvla.train "
+            f"--config=configs/tokenizer.py:small --workdir={tok} --config.num_steps=300 "
+            f"--config.data.source=metaworld --config.data.data_dir={data}") in message
+    assert (f"LAQ: no checkpoint in {laq}; make it with: python -m jaxvla.train --config=configs/laq.py:vipra_small "
+            f"--workdir={laq} --config.num_steps=300 --config.data.data_dir={data}") in message
+    # Finetuning and the image tokenizer alike; a synthetic pretraining reads nothing.
+    finetune = apply_overrides(load_config(os.path.join(REPO, "configs/finetune.py:flow_small")), {
+        "data.data_dir": data, "data.generate_metaworld": False, "model.tokenizer_checkpoint": tok})
+    with pytest.raises(MissingPrerequisiteError, match=f"image tokenizer: no checkpoint in {tok}"):
+        build_stage(finetune)
+    tokenizer = apply_overrides(load_config(os.path.join(REPO, "configs/tokenizer.py:small")), {"data.data_dir": data})
+    with pytest.raises(MissingPrerequisiteError, match="scripts/make_metaworld_dataset.py --tasks=mt10"):
+        build_stage(tokenizer)
+    from jaxvla.stages import prerequisites
+
+    assert prerequisites(apply_overrides(config, {"model.latent_source": "synthetic"})) == []
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -132,7 +186,8 @@ def test_vipra_pretraining_on_the_fly_latents_learns(prerequisites, tmp_path):
 
 
 def test_pretraining_from_labeller_output(prerequisites, tmp_path):
-    from jaxvla.latent_actions import label_dataset, load_laq
+    from jaxvla.frozen import load_laq
+    from jaxvla.latent_actions import label_dataset
 
     laq = load_laq(prerequisites["laq"])
     # Both splits in one directory: the held-out evaluation reads the val split's labels.
@@ -187,8 +242,9 @@ def test_history_frame_before_o_t(prerequisites, tmp_path, objective):
     from jaxvla.data import sequences as seq
     from jaxvla.data.pipeline import make_batches
     from jaxvla.data.stats import bin_actions
-    from jaxvla.latent_actions import load_laq
-    from jaxvla.stages import build_stage, pretrain, vla
+    from jaxvla.frozen import load_laq
+    from jaxvla.frozen import FrameTokenizer
+    from jaxvla.stages import build_stage, pretrain
 
     config = tiny_pretrain_config(prerequisites, **{
         "model.objective": objective, "model.history_frames": 1, "model.history_stride": 7, "model.pack": False,
@@ -206,7 +262,7 @@ def test_history_frame_before_o_t(prerequisites, tmp_path, objective):
     np.testing.assert_array_equal(timestep[:, 0], np.maximum(timestep[:, 1] - 7, 0))
     if objective == "vipra":
         np.testing.assert_array_equal(timestep[:, 1:], timestep[:, 1:2] + np.array([0, 4, 8]))
-    frames = vla.FrameTokenizer.from_checkpoint(prerequisites["tokenizer"])
+    frames = FrameTokenizer.from_checkpoint(prerequisites["tokenizer"])
     index = [0, 1, -1] if objective == "vipra" else [0, 1]  # tokenized as the stage does: one call
     codes = frames.tokens(images[:, index])  # [4, 3 or 2, N]
     latents = laq.encode(images[:, 1:]) if objective == "vipra" else None  # [4, H, M]: the window from o_t

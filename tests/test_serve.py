@@ -616,7 +616,7 @@ def text_tokenizer():
 def make_prompts(text_tokenizer, monkeypatch):
     """TextPrompts sharing one loaded tokenizer (each instance has its own cache)."""
     from jaxvla.data import text
-    from jaxvla.stages.vla import TextPrompts
+    from jaxvla.frozen import TextPrompts
 
     monkeypatch.setattr(text, "load_text_tokenizer", lambda path=None: text_tokenizer)
     return TextPrompts

@@ -10,7 +10,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxvla.config import apply_overrides, load_config
 from jaxvla.losses.tokenizer import code_statistics, make_code_restarts

@@ -8,7 +8,6 @@ the loss with NaN).
 
 from __future__ import annotations
 
-import os
 import time
 
 import flax.linen as nn

@@ -71,6 +71,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxvla.data.frame_transforms import BAD_IMAGE_MARKER, ImageFormatError
 from jaxvla.data.schema import (
     IMAGE_CAMERAS,
     MissingFeatureError,
@@ -870,8 +871,6 @@ class _ErrorTranslatingIterator:
 def translate_error(error: Exception) -> None:
     """Re-raises a tf error carrying one of our markers as ``CorruptDataError`` (corrupt records)
     or ``ImageFormatError`` (bad decoded image); returns for any other error."""
-    from jaxvla.data.frame_transforms import BAD_IMAGE_MARKER, ImageFormatError
-
     text = str(error)
     for marker, kind in ((_CORRUPT_MARKER, CorruptDataError), (BAD_IMAGE_MARKER, ImageFormatError)):
         if marker in text:

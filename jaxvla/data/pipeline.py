@@ -20,8 +20,9 @@ Stages of ``make_batches`` (per dataset of the mixture, then mixed):
    ``drop_actions``, zero-padding of action / proprio to the mixture's largest dims, dropping
    the cameras not asked for, optional goal relabelling, then the sample transform of
    ``config.data.sample`` (``traj_transforms``), an optional cap of samples per trajectory,
-   ``flatten`` (with ``latent_labels``: then samples whose start frame has no label are dropped)
-   and ``repeat``.
+   ``flatten`` (``flatten_samples``: zero-size keys such as the ``proprio [T, 0]`` of datasets
+   without proprioception bypass TensorFlow's ``unbatch``, which crashes on them; with
+   ``latent_labels``: then samples whose start frame has no label are dropped) and ``repeat``.
 3. Mixing (``TrajDataset.sample_from_datasets``, probability proportional to the weights), a
    sample shuffle buffer (encoded images, so it is cheap), decode + resize (+ seeded augmentation
    when training), ``batch(drop_remainder=True)``, prefetch, numpy.
@@ -56,8 +57,9 @@ dropped.
 Config keys read (``config.data.*``; ``default_data_config()`` has them all with defaults):
 
     data_dir              TFDS data_dir holding the datasets (or one dataset's version dir)
-    dataset               single dataset name (``metaworld``, or any registered spec) when
-                          ``mixture`` is empty
+    dataset               single dataset name (``metaworld``, ``video_folder``: the folder of
+                          clips at ``data_dir``, see ``jaxvla.data.video``; or any registered
+                          spec) when ``mixture`` is empty
     mixture               mixture name (``jaxvla.data.mixtures``), or "name:weight,name:weight"
     split, eval_split     "" -> the spec's train / val split
     sample                frames | pairs | clips | chunks
@@ -125,6 +127,7 @@ from jaxvla.data import mixtures as oxe_mixtures
 from jaxvla.data import oxe
 from jaxvla.data import stats as stats_lib
 from jaxvla.data import traj_transforms as tt
+from jaxvla.data import video as video_lib
 from jaxvla.data.dataset import (
     AUTOTUNE,
     METAWORLD_CONTROL_HZ,
@@ -170,7 +173,8 @@ class DatasetSpec:
       ``few_demos_per_task`` ("episode_metadata/..." keys read the raw layout).
     trajectories_fn: for non-RLDS sources (e.g. human video): ``(split=, train=, seed=,
       process_index=, process_count=) -> TrajDataset`` of schema trajectories; replaces the
-      RLDS reader.
+      RLDS reader. A function that takes ``data_dir=`` also gets ``config.data.data_dir``
+      (``video.VideoFolderSource``: the ``video_folder`` entry reads that folder).
     """
 
     name: str
@@ -201,7 +205,20 @@ METAWORLD_SPEC = DatasetSpec(
     few_demo_order_key="episode_metadata/episode_id",
 )
 
-_DATASETS: dict[str, DatasetSpec] = {"metaworld": METAWORLD_SPEC}
+# Any folder of clips, named by config.data.data_dir (jaxvla.data.video: 12 fps, center-cropped
+# square frames, the folder's labels.json as instructions when present); register_video_folder
+# adds folders under names of their own (other rates, crops, labels, or several in a mixture).
+VIDEO_FOLDER_SPEC = DatasetSpec(
+    name="video_folder",
+    control_hz=video_lib.VIDEO_FOLDER_FPS,
+    kind="human",
+    val_split="train",
+    gripper_dims=(),
+    fingerprint=repr(video_lib.VideoFolderSource()),
+    trajectories_fn=video_lib.VideoFolderSource(),
+)
+
+_DATASETS: dict[str, DatasetSpec] = {"metaworld": METAWORLD_SPEC, "video_folder": VIDEO_FOLDER_SPEC}
 
 
 def register_dataset(spec: Any) -> None:
@@ -434,7 +451,8 @@ def dataset_statistics(
     spec = as_spec(spec)
     split = split or spec.train_split
     if spec.trajectories_fn is not None:
-        trajectories = spec.trajectories_fn(split=split, train=False, seed=0, process_index=0, process_count=1)
+        trajectories = _call_trajectories_fn(spec, data_dir, split=split, train=False, seed=0, process_index=0,
+                                             process_count=1)
         if isinstance(trajectories, tf.data.Dataset):
             trajectories = TrajDataset.from_tf(trajectories, spec.name)
         cache_key = None
@@ -491,8 +509,9 @@ def make_trajectory_dataset(
     if not split:
         split = spec.train_split if train else spec.val_split
     if spec.trajectories_fn is not None:
-        ds = spec.trajectories_fn(
-            split=split, train=train, seed=seed, process_index=process_index, process_count=process_count
+        ds = _call_trajectories_fn(
+            spec, data_dir, split=split, train=train, seed=seed, process_index=process_index,
+            process_count=process_count,
         )
         if isinstance(ds, tf.data.Dataset):
             ds = TrajDataset.from_tf(ds, spec.name, deterministic=deterministic, seed=seed)
@@ -515,6 +534,21 @@ def make_trajectory_dataset(
         traj_indices=indices,
         num_parallel_calls=num_parallel_calls,
     )
+
+
+def _call_trajectories_fn(spec: DatasetSpec, data_dir: Any, **kwargs: Any):
+    """``spec.trajectories_fn(**kwargs)``, plus ``data_dir=`` (``config.data.data_dir``) when the
+    function takes it (e.g. the ``video_folder`` entry, whose folder it is)."""
+    import inspect
+
+    fn = spec.trajectories_fn
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "data_dir" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        kwargs["data_dir"] = data_dir
+    return fn(**kwargs)
 
 
 def _few_demo_indices(spec: DatasetSpec, builder_dir: str, split: str, num: int, standardize) -> list[int] | None:
@@ -1008,13 +1042,65 @@ def _samples(
     if max_samples > 0:
         ds = ds.traj_map_seeded(lambda t, s: tt.subsample(t, max_samples, s))
     ds = ds.traj_map(lambda t: {**t, "_image_shape": tf.tile(image_shape[None], [tf.shape(t["traj_key"])[0], 1])})
-    ds = ds.flatten()
+    ds = flatten_samples(ds)
     if sample == "chunks":
         ds = ds.filter(lambda s: s["action_pad_mask"][0])
     if "has_latent" in ds.element_spec:
         # Labels exist only for frames with a full LAQ window ahead; has_latent is the start frame's.
         ds = ds.filter(lambda s: s["has_latent"])
     return ds
+
+
+def _zero_size_paths(spec: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], tf.TensorSpec]]:
+    """(key path, TensorSpec) of every tensor whose per-row shape (all but the leading dim) is
+    fully known and holds no element, e.g. ``observation/proprio`` [N, 0] or [N, 2, 0]."""
+    if isinstance(spec, Mapping):
+        return [found for key in sorted(spec) for found in _zero_size_paths(spec[key], (*path, key))]
+    shape = getattr(spec, "shape", None)
+    if shape is None or shape.rank is None or shape.rank < 2:
+        return []
+    row = shape[1:]
+    return [(path, spec)] if row.is_fully_defined() and row.num_elements() == 0 else []
+
+
+def _without_paths(tree: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+    out = dict(tree)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        del node[path[-1]]
+    return out
+
+
+def _with_zeros(tree: Mapping[str, Any], found: Sequence[tuple[tuple[str, ...], tf.TensorSpec]]) -> dict[str, Any]:
+    out = dict(tree)
+    for path, spec in found:
+        node = out
+        for key in path[:-1]:
+            node[key] = dict(node.get(key, {}))
+            node = node[key]
+        node[path[-1]] = tf.zeros(spec.shape[1:], spec.dtype)
+    return out
+
+
+def flatten_samples(ds: TrajDataset) -> TrajDataset:
+    """``ds.flatten()`` (one element per row) without passing zero-size tensors through ``unbatch``.
+
+    TensorFlow 2.21's ``Dataset.unbatch`` crashes the process (SIGSEGV, exit 139) on an element
+    holding a tensor with a zero-size dimension after the leading one. Every sample of a mixture
+    without proprioception has one: ``observation/proprio`` is [T, 0] (human video, the Open-X
+    datasets with ``proprio_encoding="none"``) and stays zero-wide when no dataset of the mixture
+    has any (a mixture with Meta-World pads it to 39 and hides the bug). Such keys are removed
+    before the unbatch and put back after it as zeros of their per-row static shape: they hold no
+    values, so the samples are unchanged."""
+    found = _zero_size_paths(ds.element_spec)
+    if not found:
+        return ds.flatten()
+    paths = [path for path, _ in found]
+    flat = ds.traj_map(lambda t: _without_paths(t, paths)).flatten()
+    return flat.traj_map(lambda s: _with_zeros(s, found))
 
 
 def _check_nonempty(stream: TrajDataset, spec: DatasetSpec, traj: TrajDataset, sample: str, gap: int, get) -> None:

@@ -28,11 +28,29 @@ Something-Something-v2 layout::
 ``template`` and ``placeholders`` are accepted and unused; an entry without ``label`` (the SSv2
 test list) gets an empty instruction. Several processes each take a disjoint share of the ids:
 ids are sorted (numerically when all are digits) and process ``i`` of ``n`` takes ``ids[i::n]``.
+
+Any folder of clips (``VideoFolderReader``): every file with a video extension
+(``VIDEO_EXTENSIONS``: .mp4, .webm, .mkv, .avi, .mov, ...; the container and codec are whatever the
+local FFmpeg decodes, e.g. H.264, HEVC, VP8/VP9, MPEG-4) is one clip whose id is its path
+relative to the folder without the extension; a labels file (the SSv2 list above, or a JSON object
+``{id: instruction}``) is optional. Frames are turned upright by the stream's display rotation
+(the display matrix side data, or the legacy ``rotate`` tag; mirroring is not applied) and then
+center-cropped (``crop="center"``, default), black-padded (``"pad"``) or left as they are
+(``"none"``) to the aspect ratio of the output size (square without one), so the pipeline's square
+resize never squashes them.
+
+As a dataset (``video_folder_spec`` / ``register_video_folder``, and the built-in pipeline entry
+``video_folder`` that reads the folder named by ``config.data.data_dir``): kind "human", frames
+resampled to ``fps`` (12 by default, SSv2's rate), which is the spec's ``control_hz``, so
+``config.data.gap_seconds`` (0: 2.4 s) becomes frames. Video trajectories have no proprioception:
+``observation/proprio`` is [T, 0] (``pipeline.flatten_samples`` keeps that zero-width key away
+from TensorFlow 2.21's ``unbatch``, which segfaults on it).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import logging
@@ -42,6 +60,7 @@ from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from jaxvla.data.gaps import HUMAN_GAP_SECONDS, frame_gap
 from jaxvla.data.schema import IMAGE_CAMERAS
@@ -52,6 +71,13 @@ SSV2_FPS = 12.0
 SSV2_FRAME_OFFSET = 30
 DEFAULT_ACTION_DIM = 7
 _ENCODINGS = ("jpeg", "png")
+# File extensions read as video (lower case); the container is probed from the content.
+VIDEO_EXTENSIONS = (".webm", ".mp4", ".m4v", ".mkv", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".ogv",
+                    ".wmv")
+CROP_MODES = ("center", "pad", "none")
+VIDEO_FOLDER_FPS = SSV2_FPS  # frame rate of the video_folder dataset entry (LAPA's human-video rate)
+VIDEO_FOLDER_IMAGE_SIZE = 256  # side of the square frames it stores (the pipeline resizes them again)
+VIDEO_FOLDER_LABELS = "labels.json"  # the labels file a video_folder entry reads when present
 
 
 class VideoDecodeError(ValueError):
@@ -84,12 +110,70 @@ def _size_hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _to_rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    height, width = size
-    interpolation = "AREA" if height <= frame.height and width <= frame.width else "BICUBIC"
-    return frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation).to_ndarray()
+def _display_quarter_turns(frame, stream) -> int:
+    """Counter-clockwise quarter turns (0-3) that put a decoded frame upright: the frame's display
+    matrix side data (``VideoFrame.rotation``, counter-clockwise degrees), else the stream's legacy
+    ``rotate`` tag (clockwise degrees). Angles round to the nearest quarter turn."""
+    degrees = 0.0
+    try:
+        degrees = float(frame.rotation or 0)
+    except (AttributeError, TypeError, ValueError):
+        degrees = 0.0
+    if not degrees:
+        tag = (stream.metadata or {}).get("rotate")
+        try:
+            degrees = -float(tag) if tag else 0.0
+        except ValueError:
+            degrees = 0.0
+    return int(round(degrees / 90.0)) % 4
+
+
+def _fit_aspect(image: np.ndarray, aspect: float, crop: str) -> np.ndarray:
+    """Center-crops (``"center"``) or black-pads (``"pad"``) ``image`` [H, W, 3] to width / height
+    = ``aspect``; ``"none"`` returns it unchanged."""
+    if crop == "none":
+        return image
+    height, width = image.shape[:2]
+    if crop == "center":
+        if width > height * aspect:
+            new = max(1, int(round(height * aspect)))
+            left = (width - new) // 2
+            return image[:, left : left + new]
+        new = max(1, int(round(width / aspect)))
+        top = (height - new) // 2
+        return image[top : top + new]
+    if width > height * aspect:
+        new_h, new_w = int(round(width / aspect)), width
+    else:
+        new_h, new_w = height, int(round(height * aspect))
+    if (new_h, new_w) == (height, width):
+        return image
+    out = np.zeros((new_h, new_w, image.shape[2]), image.dtype)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    out[top : top + height, left : left + width] = image
+    return out
+
+
+def _to_rgb(frame, size: tuple[int, int] | None, crop: str = "none", quarter_turns: int = 0) -> np.ndarray:
+    """A decoded frame -> uint8 [H, W, 3]: turned upright, cropped / padded to the aspect of
+    ``size`` (square without a size), resized to ``size``."""
+    if not quarter_turns and (crop == "none" or size is None and frame.width == frame.height
+                              or size is not None and frame.width * size[0] == frame.height * size[1]):
+        if size is None:
+            return frame.to_ndarray(format="rgb24")
+        height, width = size
+        interpolation = "AREA" if height <= frame.height and width <= frame.width else "BICUBIC"
+        return frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation).to_ndarray()
+    image = frame.to_ndarray(format="rgb24")
+    if quarter_turns:
+        image = np.rot90(image, quarter_turns)
+    image = _fit_aspect(image, 1.0 if size is None else size[1] / size[0], crop)
+    if size is not None and image.shape[:2] != tuple(size):
+        height, width = size
+        downscale = height <= image.shape[0] and width <= image.shape[1]
+        method = Image.Resampling.BOX if downscale else Image.Resampling.BICUBIC
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), method))
+    return np.ascontiguousarray(image)
 
 
 def read_video(
@@ -97,6 +181,8 @@ def read_video(
     target_fps: float | None = None,
     max_frames: int | None = None,
     size: int | Sequence[int] | None = None,
+    crop: str = "none",
+    autorotate: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Decodes a video file -> (frames uint8 [T, H, W, 3], fps).
 
@@ -104,6 +190,10 @@ def read_video(
     frame; see the module docstring) and the returned fps is ``target_fps``; without it every frame
     is kept and the fps is the stream's average rate. ``max_frames`` stops decoding once that many
     output frames exist. ``size`` (int or (height, width)) resizes while converting to RGB.
+    ``autorotate`` turns frames upright by the stream's display rotation (a clip recorded with a
+    90-degree rotation flag comes out in its display orientation); ``crop`` ("center" | "pad" |
+    "none") then crops or pads them to the aspect ratio of ``size`` (square without a size) before
+    resizing, instead of squashing.
 
     Raises FileNotFoundError for a missing file and ``VideoDecodeError`` (a ValueError) naming the
     file for one that cannot be opened, has no video stream, or yields no frame. A truncated file
@@ -118,8 +208,11 @@ def read_video(
     if max_frames is not None and max_frames <= 0:
         raise ValueError(f"max_frames must be positive, got {max_frames}")
     size_hw = _size_hw(size)
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
 
     frames: list[np.ndarray] = []
+    turns = None  # quarter turns to display orientation, from the first decoded frame
     try:
         with av.open(path, mode="r") as container:
             if not container.streams.video:
@@ -141,20 +234,22 @@ def read_video(
                 else:
                     t = Fraction(index)
                 index += 1
+                if turns is None:
+                    turns = _display_quarter_turns(frame, stream) if autorotate else 0
                 if t0 is None:
                     t0 = t
                 t -= t0
                 if previous is not None and t <= previous[0]:
                     continue  # a repeated or out-of-order timestamp: keep the first
                 if target is None:
-                    frames.append(_to_rgb(frame, size_hw))
+                    frames.append(_to_rgb(frame, size_hw, crop, turns))
                 else:
                     while Fraction(k) / target <= t:
                         wanted = Fraction(k) / target
                         chosen = frame
                         if previous is not None and wanted - previous[0] <= t - wanted:
                             chosen = previous[1]
-                        frames.append(_to_rgb(chosen, size_hw))
+                        frames.append(_to_rgb(chosen, size_hw, crop, turns))
                         k += 1
                         if max_frames is not None and len(frames) >= max_frames:
                             break
@@ -178,8 +273,6 @@ def read_video(
 
 def encode_frames(frames: np.ndarray, encode: str = "jpeg", quality: int = 95) -> np.ndarray:
     """uint8 [T, H, W, 3] -> object array [T] of encoded image bytes (Pillow)."""
-    from PIL import Image
-
     if encode not in _ENCODINGS:
         raise ValueError(f"encode must be one of {_ENCODINGS}, got {encode!r}")
     out = np.empty(len(frames), dtype=object)
@@ -244,8 +337,20 @@ def _id_sort_key(video_id: str) -> tuple:
     return (0, int(video_id), video_id) if video_id.isdigit() else (1, 0, video_id)
 
 
+def _check_id(video_id: str, where: str) -> str:
+    video_id = str(video_id).strip()
+    parts = video_id.replace("\\", "/").split("/")
+    if not video_id or os.path.isabs(video_id) or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{where} has an invalid id {video_id!r}")
+    return video_id
+
+
 def load_ssv2_labels(labels_json: str | os.PathLike) -> dict[str, str]:
-    """SSv2 labels file -> {video id: label}. Raises naming the file and the bad entry."""
+    """Labels file -> {video id: label}. Raises naming the file and the bad entry.
+
+    The SSv2 layout (a JSON list of ``{"id", "label", ...}`` objects; ``label`` optional) or a
+    JSON object ``{id: label}``. Ids are clip paths relative to the video folder, without the
+    extension (``"78687"``, ``"kitchen/pour_01"``)."""
     labels_json = os.fspath(labels_json)
     if not os.path.isfile(labels_json):
         raise FileNotFoundError(f"labels file not found: {labels_json}")
@@ -254,15 +359,18 @@ def load_ssv2_labels(labels_json: str | os.PathLike) -> dict[str, str]:
             entries = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{labels_json}: not valid JSON ({error})") from error
+    if isinstance(entries, dict):
+        entries = [{"id": key, "label": value} for key, value in entries.items()]
     if not isinstance(entries, list):
-        raise ValueError(f"{labels_json}: expected a JSON list of {{'id', 'label'}} objects, got {type(entries).__name__}")
+        raise ValueError(
+            f"{labels_json}: expected a JSON list of {{'id', 'label'}} objects or an {{id: label}} object, "
+            f"got {type(entries).__name__}"
+        )
     labels: dict[str, str] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry:
             raise ValueError(f"{labels_json}: entry {i} has no 'id': {entry!r:.200}")
-        video_id = str(entry["id"]).strip()
-        if not video_id or os.sep in video_id or video_id in (".", ".."):
-            raise ValueError(f"{labels_json}: entry {i} has an invalid id {entry['id']!r}")
+        video_id = _check_id(entry["id"], f"{labels_json}: entry {i}")
         label = entry.get("label", "")
         if not isinstance(label, str):
             raise ValueError(f"{labels_json}: entry {i} (id {video_id}) has a non-string label {label!r:.200}")
@@ -272,16 +380,76 @@ def load_ssv2_labels(labels_json: str | os.PathLike) -> dict[str, str]:
     return labels
 
 
-class SomethingSomethingReader:
-    """Standardised trajectories from a folder of SSv2-style videos.
+def _extensions(extensions: str | Sequence[str] | None) -> tuple[str, ...]:
+    if extensions is None:
+        return VIDEO_EXTENSIONS
+    if isinstance(extensions, str):
+        extensions = [e for e in extensions.replace(",", " ").split() if e]
+    out = tuple(("" if e.startswith(".") else ".") + e.lower() for e in extensions)
+    if not out:
+        raise ValueError("extensions is empty; name at least one (e.g. '.mp4')")
+    return out
 
-    ``SomethingSomethingReader(video_dir, labels_json, split_name)`` checks the folder and the labels
-    file at once, takes this process's share of the ids and (with ``missing_videos="error"``, the
-    default) fails naming every id whose ``<id><video_ext>`` is absent; ``"skip"`` drops and counts
-    them instead. Iterating decodes one video per trajectory, in sorted-id order (``num_workers``
-    decode ahead in threads; PyAV and Pillow release the GIL). An undecodable video raises
-    ``VideoDecodeError`` naming the file, or with ``ignore_errors=True`` is skipped and counted, as
-    are videos shorter than ``min_frames``. ``stats`` holds the counts of the last pass.
+
+def find_videos(video_dir: str | os.PathLike, extensions: str | Sequence[str] | None = None,
+                recursive: bool = False) -> dict[str, str]:
+    """{clip id: path} of the video files in ``video_dir`` (extension case-insensitive; hidden
+    files skipped): the id is the path relative to the folder, ``/``-separated, without the
+    extension. Two files with one id (``a.mp4`` and ``a.webm``) are an error naming both."""
+    root = os.fspath(video_dir)
+    wanted = _extensions(extensions)
+    found: dict[str, str] = {}
+    walker = os.walk(root) if recursive else [(root, [], sorted(os.listdir(root)))]
+    for directory, subdirs, files in walker:
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            path = os.path.join(directory, name)
+            if name.startswith(".") or ext.lower() not in wanted or not os.path.isfile(path):
+                continue
+            relative = os.path.relpath(os.path.join(directory, stem), root).replace(os.sep, "/")
+            if relative in found:
+                raise ValueError(f"{root}: two videos for clip id {relative!r}: {found[relative]} and {path}")
+            found[relative] = path
+    return found
+
+
+def map_ahead(fn, items: Sequence[Any], num_workers: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, ``num_workers`` threads computing ahead."""
+    if num_workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="video-decode") as pool:
+        window: collections.deque = collections.deque()
+        try:
+            for item in items:
+                window.append(pool.submit(fn, item))
+                if len(window) >= 2 * num_workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+
+class VideoFolderReader:
+    """Standardised trajectories from a folder of clips (any container / codec FFmpeg decodes).
+
+    ``VideoFolderReader(video_dir, labels=None, split_name)`` lists the clips at once
+    (``find_videos``: every file with one of ``extensions``, default ``VIDEO_EXTENSIONS``; with
+    ``recursive`` also in subfolders), takes this process's share of the ids and, with a labels
+    file (``load_ssv2_labels``), reads only the labelled ids: with ``missing_videos="error"`` (the
+    default) a labelled id without a file is an error naming it, ``"skip"`` drops and counts it.
+    Without labels every clip is read with an empty instruction.
+
+    Iterating decodes one clip per trajectory (``decode``: resampled to ``target_fps`` or at the
+    clip's own rate, turned upright, cropped / padded per ``crop`` and resized to ``image_size``),
+    in sorted-id order (``num_workers`` decode ahead in threads; PyAV and Pillow release the GIL).
+    An undecodable clip raises ``VideoDecodeError`` naming the file, or with ``ignore_errors=True``
+    is skipped and counted, as are clips shorter than ``min_frames``. ``stats`` holds the counts of
+    the last pass (``skipped``: ``{"id", "path", "reason"}`` per skipped clip).
     ``shuffle_seed`` visits the share in a new seeded order on every pass (``pass_order``) instead of
     sorted order: a cheap substitute for a large trajectory shuffle buffer.
     """
@@ -289,16 +457,20 @@ class SomethingSomethingReader:
     def __init__(
         self,
         video_dir: str | os.PathLike,
-        labels_json: str | os.PathLike,
+        labels: str | os.PathLike | None = None,
         split_name: str = "train",
-        target_fps: float | None = SSV2_FPS,
+        target_fps: float | None = None,
         image_size: int | Sequence[int] | None = None,
         encode: str = "jpeg",
         *,
+        crop: str = "center",
+        autorotate: bool = True,
         jpeg_quality: int = 95,
         action_dim: int = DEFAULT_ACTION_DIM,
-        dataset_name: str = "ssv2",
-        video_ext: str = ".webm",
+        dataset_name: str = "video_folder",
+        extensions: str | Sequence[str] | None = None,
+        video_ext: str | None = None,
+        recursive: bool = False,
         max_frames: int | None = None,
         min_frames: int = 1,
         missing_videos: str = "error",
@@ -309,13 +481,19 @@ class SomethingSomethingReader:
         shuffle_seed: int | None = None,
     ):
         self.video_dir = os.fspath(video_dir)
-        self.labels_json = os.fspath(labels_json)
+        self.labels_json = None if labels is None else os.fspath(labels)
         if not os.path.isdir(self.video_dir):
             raise FileNotFoundError(f"video directory not found: {self.video_dir}")
         if encode not in _ENCODINGS:
             raise ValueError(f"encode must be one of {_ENCODINGS}, got {encode!r}")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
         if missing_videos not in ("error", "skip"):
             raise ValueError(f"missing_videos must be 'error' or 'skip', got {missing_videos!r}")
+        if process_index is None or process_count is None:
+            from jaxvla.data.dataset import _default_process  # TensorFlow
+
+            process_index, process_count = _default_process(process_index, process_count)
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
         if target_fps is not None:
@@ -326,10 +504,13 @@ class SomethingSomethingReader:
         self.target_fps = target_fps
         self.image_size = _size_hw(image_size)
         self.encode = encode
+        self.crop = crop
+        self.autorotate = autorotate
         self.jpeg_quality = jpeg_quality
         self.action_dim = action_dim
         self.dataset_name = dataset_name
-        self.video_ext = video_ext if video_ext.startswith(".") else "." + video_ext
+        self.extensions = _extensions(video_ext if video_ext is not None else extensions)
+        self.recursive = recursive
         self.max_frames = max_frames
         self.min_frames = min_frames
         self.ignore_errors = ignore_errors
@@ -339,19 +520,28 @@ class SomethingSomethingReader:
         self.shuffle_seed = shuffle_seed
         self._passes = 0
 
-        self.labels = load_ssv2_labels(self.labels_json)
-        if not self.labels:
-            raise ValueError(f"{self.labels_json}: no entries")
+        self.paths = find_videos(self.video_dir, self.extensions, recursive)
+        if self.labels_json is not None:
+            self.labels = load_ssv2_labels(self.labels_json)
+            if not self.labels:
+                raise ValueError(f"{self.labels_json}: no entries")
+        else:
+            if not self.paths:
+                raise ValueError(
+                    f"no video files in {self.video_dir} (extensions {', '.join(self.extensions)}"
+                    f"{'' if recursive else '; subfolders not searched'})"
+                )
+            self.labels = {video_id: "" for video_id in self.paths}
         all_ids = sorted(self.labels, key=_id_sort_key)
         share = all_ids[process_index::process_count]
-        present = {entry.name for entry in os.scandir(self.video_dir) if entry.is_file()}
-        self.missing_ids = [i for i in share if i + self.video_ext not in present]
+        self.missing_ids = [i for i in share if i not in self.paths]
         if self.missing_ids and missing_videos == "error":
-            shown = ", ".join(os.path.join(self.video_dir, i + self.video_ext) for i in self.missing_ids[:5])
+            shown = ", ".join(self.video_path(i) for i in self.missing_ids[:5])
             more = f" (and {len(self.missing_ids) - 5} more)" if len(self.missing_ids) > 5 else ""
             raise FileNotFoundError(
                 f"{self.labels_json}: {len(self.missing_ids)} of {len(share)} labelled videos missing "
-                f"from {self.video_dir}: {shown}{more}; pass missing_videos='skip' to skip them"
+                f"from {self.video_dir}: {shown}{more} (looked for {', '.join(self.extensions)}); pass "
+                "missing_videos='skip' to skip them"
             )
         if self.missing_ids:
             log.warning("%s: skipping %d labelled ids without a video in %s", self.labels_json, len(self.missing_ids), self.video_dir)
@@ -359,8 +549,9 @@ class SomethingSomethingReader:
         self.video_ids = [i for i in share if i not in missing]
         if not self.video_ids:
             raise ValueError(
-                f"no videos to read: {self.labels_json} lists {len(all_ids)} ids, process {process_index} of "
-                f"{process_count} has {len(share)}, {len(self.missing_ids)} of them missing from {self.video_dir}"
+                f"no videos to read: {self.labels_json or self.video_dir} lists {len(all_ids)} ids, process "
+                f"{process_index} of {process_count} has {len(share)}, {len(self.missing_ids)} of them missing from "
+                f"{self.video_dir}"
             )
         self.stats = self._fresh_stats()
 
@@ -371,6 +562,7 @@ class SomethingSomethingReader:
             "decode_errors": 0,
             "too_short": 0,
             "failed_files": [],
+            "skipped": [],
         }
 
     def __len__(self) -> int:
@@ -378,22 +570,29 @@ class SomethingSomethingReader:
         return len(self.video_ids)
 
     def video_path(self, video_id: str) -> str:
-        return os.path.join(self.video_dir, video_id + self.video_ext)
+        """The clip's file (for an id without one: the path with the first extension)."""
+        return self.paths.get(video_id) or os.path.join(self.video_dir, video_id + self.extensions[0])
 
     def traj_key(self, video_id: str) -> str:
         return f"{self.dataset_name}/{self.split_name}/{video_id}"
 
+    def decode(self, video_id: str) -> tuple[np.ndarray, float]:
+        """One clip -> (frames uint8 [T, H, W, 3], fps): ``read_video`` with this reader's settings
+        (fps is ``target_fps``, or the clip's own average rate without one)."""
+        return read_video(self.video_path(video_id), self.target_fps, self.max_frames, self.image_size,
+                          crop=self.crop, autorotate=self.autorotate)
+
     def trajectory(self, video_id: str) -> dict[str, Any]:
         """Decodes one video -> its standardised trajectory (raises on failure)."""
-        frames, _ = read_video(self.video_path(video_id), self.target_fps, self.max_frames, self.image_size)
+        frames, _ = self.decode(video_id)
         encoded = encode_frames(frames, self.encode, self.jpeg_quality)
         return video_trajectory(encoded, self.labels[video_id], self.traj_key(video_id), self.dataset_name, self.action_dim)
 
-    def _try(self, video_id: str) -> tuple[str, Any]:
+    def _try(self, video_id: str) -> tuple[str, str, Any]:
         try:
-            return "ok", self.trajectory(video_id)
+            return video_id, "ok", self.trajectory(video_id)
         except (VideoDecodeError, FileNotFoundError) as error:
-            return "error", error
+            return video_id, "error", error
 
     def pass_order(self, index: int) -> list[str]:
         """The video ids of pass ``index`` over this share: sorted, or with ``shuffle_seed`` a
@@ -407,39 +606,23 @@ class SomethingSomethingReader:
         self.stats = stats = self._fresh_stats()
         order = self.pass_order(self._passes)
         self._passes += 1
-        if self.num_workers == 1:
-            results = (self._try(i) for i in order)
-            yield from self._collect(results, stats)
-            return
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="video-decode") as pool:
-            window = collections.deque()
-            ids = iter(order)
-
-            def results():
-                for video_id in ids:
-                    window.append(pool.submit(self._try, video_id))
-                    if len(window) >= 2 * self.num_workers:
-                        yield window.popleft().result()
-                while window:
-                    yield window.popleft().result()
-
-            try:
-                yield from self._collect(results(), stats)
-            finally:
-                for future in window:
-                    future.cancel()
+        yield from self._collect(map_ahead(self._try, order, self.num_workers), stats)
 
     def _collect(self, results, stats) -> Iterator[dict[str, Any]]:
-        for status, value in results:
+        for video_id, status, value in results:
             if status == "error":
                 if not self.ignore_errors:
                     raise value
                 stats["decode_errors"] += 1
                 stats["failed_files"].append(str(value))
+                stats["skipped"].append({"id": video_id, "path": self.video_path(video_id),
+                                         "reason": f"undecodable: {value}"})
                 log.warning("skipping undecodable video: %s", value)
                 continue
             if len(value["traj_key"]) < self.min_frames:
                 stats["too_short"] += 1
+                stats["skipped"].append({"id": video_id, "path": self.video_path(video_id),
+                                         "reason": f"too short: {len(value['traj_key'])} < {self.min_frames} frames"})
                 continue
             stats["yielded"] += 1
             yield value
@@ -459,6 +642,26 @@ class SomethingSomethingReader:
         return tf.data.Dataset.from_generator(self.__iter__, output_signature=self.output_signature())
 
 
+class SomethingSomethingReader(VideoFolderReader):
+    """``VideoFolderReader`` with SSv2's defaults: a labels file (required), 12 fps, dataset name
+    ``ssv2``. ``video_ext`` (None: any of ``VIDEO_EXTENSIONS``) restricts the extension."""
+
+    def __init__(
+        self,
+        video_dir: str | os.PathLike,
+        labels_json: str | os.PathLike,
+        split_name: str = "train",
+        target_fps: float | None = SSV2_FPS,
+        image_size: int | Sequence[int] | None = None,
+        encode: str = "jpeg",
+        *,
+        dataset_name: str = "ssv2",
+        **kwargs: Any,
+    ):
+        super().__init__(video_dir, labels_json, split_name, target_fps, image_size, encode,
+                         dataset_name=dataset_name, **kwargs)
+
+
 def video_trajectory_dataset(
     video_dir: str | os.PathLike,
     labels_json: str | os.PathLike,
@@ -472,10 +675,97 @@ def video_trajectory_dataset(
     Built with ``tf.data.Dataset.from_generator`` and an explicit output signature (see
     ``trajectory_signature``); ``num_workers`` threads decode videos ahead, in order, so the
     element order is the sorted-id order of this process's share. ``reader_kwargs`` go to
-    ``SomethingSomethingReader`` (target_fps, image_size, encode, process_index, process_count,
-    ignore_errors, missing_videos, shuffle_seed, ...). Each pass over the dataset decodes the videos
-    again (in a new order with ``shuffle_seed``). To read the skip counts, build the reader yourself
-    and use ``reader.as_dataset()`` and ``reader.stats``.
+    ``SomethingSomethingReader`` (target_fps, image_size, encode, crop, process_index,
+    process_count, ignore_errors, missing_videos, shuffle_seed, ...). Each pass over the dataset
+    decodes the videos again (in a new order with ``shuffle_seed``). To read the skip counts, build
+    the reader yourself and use ``reader.as_dataset()`` and ``reader.stats``.
     """
     reader = SomethingSomethingReader(video_dir, labels_json, split_name, num_workers=num_workers, **reader_kwargs)
     return reader.as_dataset()
+
+
+# -- the pipeline's dataset entry -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFolderSource:
+    """The ``trajectories_fn`` of a video folder dataset spec (``pipeline.DatasetSpec``): reads
+    ``video_dir`` (None: the ``data_dir`` the pipeline passes, i.e. ``config.data.data_dir``) with a
+    ``VideoFolderReader``; undecodable clips and labelled ids without a file are skipped and
+    counted. The labels file is ``labels`` (a relative path that does not exist is taken inside the
+    folder), else the
+    folder's ``labels.json`` when there is one. Training passes visit the clips in a new seeded
+    order each (``shuffle_seed``); evaluation reads them in sorted order."""
+
+    video_dir: str | None = None
+    name: str = "video_folder"
+    labels: str | None = None
+    fps: float | None = VIDEO_FOLDER_FPS
+    crop: str = "center"
+    image_size: int | None = VIDEO_FOLDER_IMAGE_SIZE
+    extensions: tuple[str, ...] | None = None
+    recursive: bool = False
+    num_workers: int = 2
+    action_dim: int = DEFAULT_ACTION_DIM
+
+    def folder(self, data_dir: str | os.PathLike | None = None) -> str:
+        folder = self.video_dir or (os.fspath(data_dir) if data_dir else "")
+        if not folder:
+            raise ValueError(
+                f"dataset {self.name!r}: no video folder; set config.data.data_dir to the folder of clips "
+                "(or register the dataset with video_dir=...)"
+            )
+        return folder
+
+    def labels_file(self, folder: str) -> str | None:
+        if self.labels:
+            if os.path.isabs(self.labels) or os.path.isfile(self.labels):
+                return self.labels
+            return os.path.join(folder, self.labels)
+        default = os.path.join(folder, VIDEO_FOLDER_LABELS)
+        return default if os.path.isfile(default) else None
+
+    def reader(self, split: str = "train", *, train: bool = False, seed: int | None = 0, process_index: int | None = 0,
+               process_count: int | None = 1, data_dir: str | os.PathLike | None = None) -> VideoFolderReader:
+        folder = self.folder(data_dir)
+        return VideoFolderReader(
+            folder, self.labels_file(folder), split, target_fps=self.fps, image_size=self.image_size, crop=self.crop,
+            dataset_name=self.name, extensions=self.extensions, recursive=self.recursive, missing_videos="skip",
+            ignore_errors=True, process_index=process_index, process_count=process_count,
+            num_workers=self.num_workers, shuffle_seed=(seed or 0) if train else None, action_dim=self.action_dim,
+        )
+
+    def __call__(self, split: str, train: bool, seed: int | None, process_index: int | None, process_count: int | None,
+                 data_dir: str | os.PathLike | None = None):
+        reader = self.reader(split, train=train, seed=seed, process_index=process_index,
+                             process_count=process_count, data_dir=data_dir)
+        return reader.as_dataset()
+
+
+def video_folder_spec(video_dir: str | os.PathLike | None = None, name: str = "video_folder", **settings: Any):
+    """A ``pipeline.DatasetSpec`` reading a folder of clips (``VideoFolderSource(video_dir, name,
+    **settings)``: labels, fps, crop, image_size, extensions, recursive, num_workers, action_dim):
+    kind "human", ``control_hz`` = fps (gaps in seconds become frames at it), one split (the
+    validation split reads the same clips)."""
+    from jaxvla.data.pipeline import DatasetSpec  # TensorFlow; and jaxvla.data.pipeline imports this module
+
+    if "extensions" in settings and settings["extensions"] is not None:
+        settings["extensions"] = _extensions(settings["extensions"])
+    source = VideoFolderSource(None if video_dir is None else os.fspath(video_dir), name, **settings)
+    if source.crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {source.crop!r}")
+    return DatasetSpec(
+        name=name, kind="human", control_hz=None if source.fps is None else float(source.fps),
+        train_split="train", val_split="train", gripper_dims=(), trajectories_fn=source,
+        fingerprint=repr(source),
+    )
+
+
+def register_video_folder(name: str, video_dir: str | os.PathLike, **settings: Any):
+    """Registers a folder of clips as pipeline dataset ``name`` (``video_folder_spec``), so
+    ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the spec."""
+    from jaxvla.data.pipeline import register_dataset  # TensorFlow; and a cycle (see video_folder_spec)
+
+    spec = video_folder_spec(video_dir, name, **settings)
+    register_dataset(spec)
+    return spec

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvla.data.stats import unbin_actions
+from jaxvla.input_checks import check_array, require
 
 # --------------------------------------------------------------------------- flow matching
 
@@ -94,6 +95,11 @@ def flow_matching_loss_from_velocity(
     Metrics: ``mse`` (= the loss), ``velocity_norm`` (RMS of the prediction over valid steps),
     ``valid_fraction``.
     """
+    where, dims = "flow_matching_loss_from_velocity", {}
+    for key, value in (("actions", actions), ("predicted_velocity", predicted_velocity), ("noise", noise)):
+        check_array(value, where=where, key=key, dtype="floating", shape=("B", "K", "A"), dims=dims)
+    if pad_mask is not None:
+        check_array(pad_mask, where=where, key="pad_mask", dtype="mask", shape=("B", "K"), dims=dims)
     target = velocity_target(actions.astype(jnp.float32), noise.astype(jnp.float32))
     predicted = predicted_velocity.astype(jnp.float32)
     per_step = jnp.mean(jnp.square(predicted - target), axis=-1)  # [B, K]
@@ -151,6 +157,13 @@ def make_flow_matching_loss(
     """
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
+        where, dims = "flow matching loss", {}
+        check_array(require(batch, action_key, where, "float32 [B, K, A] normalised actions"), where=where,
+                    key=f"batch[{action_key!r}]", dtype="floating", shape=("B", "K", None), dims=dims, finite=True,
+                    note="the normalised action chunk")
+        if batch.get(mask_key) is not None:
+            check_array(batch[mask_key], where=where, key=f"batch[{mask_key!r}]", dtype="mask", shape=("B", "K"),
+                        dims=dims, low=0, high=1, note="True where the chunk step is real")
         actions = jnp.asarray(batch[action_key], jnp.float32)
         pad_mask = batch.get(mask_key)
         noise_rng, time_rng = jax.random.split(rng)
@@ -177,8 +190,16 @@ def binned_action_loss_from_logits(
 
     ``mask`` [B] or [B, A] (True = counts; a [B] mask covers all A dims of a sample), None = all.
     The loss is the masked mean over (sample, dim) of ``-log softmax(logits)[bin]`` (float32).
-    Metrics: ``cross_entropy`` (= the loss), ``accuracy`` (argmax == bin, masked mean).
+    Metrics: ``cross_entropy`` (= the loss), ``accuracy`` (argmax == bin, masked mean). The bins
+    are checked against V on concrete inputs (``jaxvla.input_checks``); dtypes and shapes always.
     """
+    where, dims = "binned_action_loss_from_logits", {}
+    check_array(logits, where=where, key="logits", dtype="floating", shape=("B", "A", "V"), dims=dims)
+    check_array(bins, where=where, key="bins", dtype="integer", shape=("B", "A"), dims=dims, low=0,
+                high=dims["V"] - 1, note="one bin id per action dim")
+    if mask is not None:
+        check_array(mask, where=where, key="mask", dtype="mask", shape=("B",) if np.ndim(mask) == 1 else ("B", "A"),
+                    dims=dims)
     logits = logits.astype(jnp.float32)
     bins = jnp.asarray(bins, jnp.int32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)

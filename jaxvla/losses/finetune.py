@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvla.data.sequences import ACTION
+from jaxvla.input_checks import backbone_vocab_sizes, check_array, check_sequence_batch, require
 from jaxvla.losses.actions import (
     euler_sample,
     flow_matching_loss_from_velocity,
@@ -48,6 +49,26 @@ SEQ_INPUTS = ("tokens", "modality", "positions", "segment_ids", "bidirectional_i
 
 def _seq(batch):
     return tuple(jnp.asarray(batch[k], jnp.int32) for k in SEQ_INPUTS)
+
+
+def check_flow_batch(batch, *, backbone, velocity_head, where: str = "flow_matching_loss",
+                     actions: bool = True) -> dict[str, int]:
+    """A flow batch (``jaxvla.input_checks``): the sequence arrays ``[B, L]`` (ids inside their
+    tables on concrete batches), ``action_positions`` int ``[B, K]`` in ``[0, L)``, and with
+    ``actions`` the normalised chunk ``action`` float ``[B, K, A]`` (A = the velocity head's
+    action_dim; finite on concrete batches) and, when present, ``action_pad_mask`` bool ``[B, K]``."""
+    dims = check_sequence_batch(batch, where=where, vocab_sizes=backbone_vocab_sizes(backbone))
+    check_array(require(batch, "action_positions", where, "int32 [B, K]: the chunk's placeholder slots"), where=where,
+                key="batch['action_positions']", dtype="integer", shape=("B", "K"), dims=dims, low=0,
+                high=dims["L"] - 1, note="indices of the action placeholders in each row")
+    if actions:
+        check_array(require(batch, "action", where, "float32 [B, K, A] normalised actions"), where=where,
+                    key="batch['action']", dtype="floating", shape=("B", "K", int(velocity_head.action_dim)), dims=dims,
+                    finite=True, note="the normalised action chunk")
+        if batch.get("action_pad_mask") is not None:
+            check_array(batch["action_pad_mask"], where=where, key="batch['action_pad_mask']", dtype="mask",
+                        shape=("B", "K"), dims=dims, low=0, high=1, note="True where the chunk step is real")
+    return dims
 
 
 # --------------------------------------------------------------------------- bins
@@ -92,6 +113,7 @@ def binned_action_loss(params, batch, rng, *, backbone, max_targets: int | None 
     steps that are real, up to float rounding of the 1 / T weights), ``action_token_accuracy`` (argmax == target over the real bin tokens,
     teacher-forced), ``padding_fraction``."""
     del rng
+    check_sequence_batch(batch, where="binned_action_loss", vocab_sizes=backbone_vocab_sizes(backbone), targets=True)
     out = backbone.apply({"params": params["backbone"]}, *_seq(batch), heads=())
     hidden = out["hidden"]
     count = hidden.shape[1] if max_targets is None else int(max_targets)
@@ -222,7 +244,9 @@ def flow_matching_loss(params, batch, rng, *, backbone, action_encoder, velocity
     ``u_s = s u_0 + (1 - s) a``; the backbone reads the prefix and the action encoder's tokens of
     ``(u_s, s)`` at ``action_positions``; the velocity head's output at those positions is
     regressed on ``u_0 - a`` over the chunk's valid steps (``action_pad_mask``). Metrics: those of
-    ``flow_matching_loss_from_velocity``, ``flow_time_mean`` and ``padding_fraction``."""
+    ``flow_matching_loss_from_velocity``, ``flow_time_mean`` and ``padding_fraction``. Inputs are
+    checked by :func:`check_flow_batch`."""
+    check_flow_batch(batch, backbone=backbone, velocity_head=velocity_head)
     actions = jnp.asarray(batch["action"], jnp.float32)
     pad_mask = batch.get("action_pad_mask")
     noise_rng, time_rng = jax.random.split(rng)
@@ -329,6 +353,10 @@ def bins_eval_metrics(params, batch, rng, *, backbone, max_targets: int | None =
     * ``chunk_action_mse``: the same squared error over every real step of the chunk.
     * ``greedy_bin_accuracy``: decoded bin == ``action_bins`` over the real steps' tokens."""
     loss, metrics = binned_action_loss(params, batch, rng, backbone=backbone, max_targets=max_targets)
+    where = "bins_eval_metrics"
+    for key, kind in (("action_positions", "integer"), ("action_bins", "integer"), ("bin_centres", "floating"),
+                      ("action", "floating")):
+        check_array(require(batch, key, where), where=where, key=f"batch[{key!r}]", dtype=kind)
     bins = predict_bins_cached(params, batch, backbone=backbone)  # [..., K * A]
     decoded = decode_bin_chunk(bins, batch["bin_centres"])  # [..., K, A]
     target = jnp.asarray(batch["action"], jnp.float32)  # [..., K, A]

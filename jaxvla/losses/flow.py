@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvla.input_checks import check_array
+
 FlowFn = Callable[[jax.Array, jax.Array], jax.Array]
 """(frame_a [B,H,W,C], frame_b [B,H,W,C]) -> flow [B,H,W,2] in pixels, this module's convention."""
 
@@ -350,6 +352,11 @@ def estimate_flow(frame_a: jax.Array, frame_b: jax.Array, *, num_levels: int = 3
     if frame_a.shape != frame_b.shape or frame_a.ndim != 4:
         raise ValueError(f"frames must be two [B,H,W,C] arrays of equal shape, got "
                          f"{frame_a.shape} and {frame_b.shape}")
+    # Intensities of order 1 (uint8 would be read as 0..255); the range is not checked (a
+    # reconstruction may be unclipped; jaxvla.input_checks).
+    for key, frame in (("frame_a", frame_a), ("frame_b", frame_b)):
+        check_array(frame, where="estimate_flow", key=key, dtype="floating",
+                    note="[B, H, W, C] intensities of order 1, e.g. [-1, 1]")
     frame_a = frame_a.astype(jnp.float32)
     frame_b = frame_b.astype(jnp.float32)
     height, width = frame_a.shape[1:3]
@@ -399,6 +406,9 @@ def flow_consistency_loss(recon_frames: jax.Array, real_frames: jax.Array,
                          f"{recon_frames.shape} and {real_frames.shape}")
     if recon_frames.shape[1] < 2:
         raise ValueError(f"flow consistency needs T >= 2 frames, got T={recon_frames.shape[1]}")
+    for key, frames in (("recon_frames", recon_frames), ("real_frames", real_frames)):
+        check_array(frames, where="flow_consistency_loss", key=key, dtype="floating",
+                    note="[B, T, H, W, 3] on the [-1, 1] scale (not range-checked: reconstructions may be unclipped)")
 
     def consecutive_pairs(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
         # [B,T,H,W,C] -> sources and targets [2*B*(T-1),H,W,C]: forward pairs then backward.

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxvla.input_checks import check_array
 from jaxvla.io.weights import flatten_dict, load_param_tree, safe_load_pickle
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,11 @@ class LPIPSNetwork(nn.Module):
         if min(images_a.shape[1:3]) < MIN_IMAGE_SIDE[net]:
             raise ValueError(f"LPIPS-{net} needs images of at least {MIN_IMAGE_SIDE[net]} px per "
                              f"side (deepest layer would be empty), got {images_a.shape[1:3]}")
+        # Floats on the [-1, 1] scale (uint8 would be read as 0..255). The range itself is not
+        # checked: the first batch is often an unclipped prediction (jaxvla.input_checks).
+        for key, images in (("images_a", images_a), ("images_b", images_b)):
+            check_array(images, where=f"LPIPS-{net}", key=key, dtype="floating",
+                        note="[B, H, W, 3] on the [-1, 1] scale; uint8 frames: jaxvla.losses.tokenizer.images_to_float")
         batch = images_a.shape[0]
         shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)
         scale = jnp.asarray(LPIPS_SCALE, jnp.float32)

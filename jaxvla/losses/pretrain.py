@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvla.data.sequences import MODALITY_NAMES
+from jaxvla.input_checks import backbone_vocab_sizes, check_sequence_batch
 
 SEQUENCE_INPUTS = ("tokens", "modality", "positions", "segment_ids", "bidirectional_ids")
 
@@ -96,8 +97,11 @@ def modality_cross_entropy(hidden: jax.Array, head_kernel: jax.Array, batch: Map
 
 def pretrain_loss(params: Any, batch: dict, rng: jax.Array, *, backbone: Any,
                   max_targets: Mapping[str, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """See the module docstring."""
+    """See the module docstring. Inputs are checked (``jaxvla.input_checks.check_sequence_batch``):
+    dtypes and ``[B, L]`` shapes at trace time, token and weighted target ids inside their
+    modality's table on concrete batches."""
     del rng  # deterministic: no dropout
+    check_sequence_batch(batch, where="pretrain_loss", vocab_sizes=backbone_vocab_sizes(backbone), targets=True)
     out = backbone.apply({"params": params["backbone"]}, *(batch[k] for k in SEQUENCE_INPUTS), heads=())
     hidden = out["hidden"]
     batch_size = hidden.shape[0]

@@ -15,11 +15,21 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from jaxvla.input_checks import InputError, check_uint8_frames, describe, require
 
 
 def images_to_float(images: jax.Array) -> jax.Array:
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
+    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1].
+
+    Anything but uint8 is refused (an InputError at trace time): float frames are either already in
+    [-1, 1] (give them to the model directly) or in [0, 255] (convert them to uint8), and scaling
+    either again would silently give a nearly constant image."""
+    if np.dtype(images.dtype) != np.uint8:
+        raise InputError(f"images_to_float: expects uint8 frames [..., 3] with values in [0, 255]; got "
+                         f"{describe(images)} (float frames already in [-1, 1] are the models' input as they are)")
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
@@ -52,14 +62,20 @@ def make_tokenizer_loss(
 ) -> Callable:
     """The pure tokenizer loss ``(params, batch, rng) -> (loss, metrics)``.
 
-    ``batch["image"]``: uint8 [B, H, W, 3]. Metrics: scalars for logging plus ``aux/code_counts``
-    [K] and ``aux/candidates`` [M, D] (encoder outputs) for dead-code restarts.
-    ``lpips_fn(x, y) -> [B]`` adds the perceptual term when given and ``lpips_weight > 0``.
+    ``batch["image"]``: uint8 [B, H, W, 3] with H = W = ``model.resolution`` (anything else is an
+    InputError naming the key, at trace time: ``jaxvla.input_checks``). Metrics: scalars for
+    logging plus ``aux/code_counts`` [K] and ``aux/candidates`` [M, D] (encoder outputs) for
+    dead-code restarts. ``lpips_fn(x, y) -> [B]`` adds the perceptual term when given and
+    ``lpips_weight > 0``.
     """
     codebook_size = model.codebook_size
+    size = int(model.resolution)
 
     def loss_fn(params: Any, batch: dict, rng: jax.Array):
         del rng  # the tokenizer is deterministic
+        check_uint8_frames(require(batch, "image", "tokenizer loss", "uint8 [B, H, W, 3] frames"),
+                           where="tokenizer loss", key="batch['image']", shape=("B", size, size, 3),
+                           note="frames as the data pipeline yields them; the loss scales them to [-1, 1]")
         images = images_to_float(batch["image"])
         out = model.apply({"params": params}, images)
         recon = out["recon"].astype(jnp.float32)

@@ -18,7 +18,9 @@ transitions with ``M = code_grid**2`` discrete tokens from a codebook of ``codeb
 ``variant="vipra"`` (T = L + 1 clip frames o_0..o_L):
   patch embedding -> non-causal space-time encoder (factorised: spatial then temporal attention
   per layer) -> for transition k the tokens of frame k+1 (ViPRA's ``encode_deltas=False``; the
-  encoder has seen the whole clip) -> Linear + strided conv -> NSVQ. Causal decoder: per step k the
+  encoder has seen the whole clip) -> Linear + strided conv -> NSVQ. With ``encode_deltas=True``
+  (the reference's flag) the latent of transition k is the difference of the projections
+  ``P(e_{k+1}) - P(e_k)``, as lapa's. Causal decoder: per step k the
   patch tokens of o_k and the action tokens z_k side by side, factorised attention causal in
   time, so the output at k predicts o_{k+1} from o_{<=k} and z_{<=k} only.
 
@@ -49,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxvla.input_checks import check_float_frames
 from jaxvla.models.nsvq import NSVQ
 from jaxvla.models.transformer import FactorisedStack, TransformerStack, dense, layer_norm
 
@@ -167,6 +170,8 @@ class LAQ(nn.Module):
     num_frames: int = 2
     mlp_ratio: float = 4.0
     residual: bool = True
+    # vipra only: the latent of transition k is P(e_{k+1}) - P(e_k) instead of P(e_{k+1}).
+    encode_deltas: bool = False
     remat: str = "none"
     # Transformer blocks per scan iteration of every stack (jaxvla.models.transformer.scan_unroll):
     # 1 a loop over one compiled block, 0 fully unrolled. Same parameters either way.
@@ -242,6 +247,12 @@ class LAQ(nn.Module):
         expected = (steps, self.image_size, self.image_size, 3)
         if frames.ndim != 5 or tuple(frames.shape[1:]) != expected:
             raise ValueError(f"LAQ.{what}: expected frames [B, {', '.join(map(str, expected))}], got {frames.shape}")
+        if what in ("__call__", "encode"):
+            # Real frames: float in [-1, 1], the dtype at trace time, the range on concrete arrays
+            # (jaxvla.input_checks). decode's context frames may be unclipped predictions: dtype only.
+            check_float_frames(frames, where=f"LAQ.{what}", key="frames", shape=("B",) + expected)
+        elif frames.dtype == jnp.uint8:
+            raise ValueError(f"LAQ.{what}: context frames must be float in [-1, 1] (images_to_float); got uint8")
 
     def _patch_tokens(self, frames: jax.Array) -> jax.Array:
         """``[B, T, S, S, 3] -> [B, T, N, D]``: the patch embedding (LayerNorm, Linear, LayerNorm)."""
@@ -274,11 +285,15 @@ class LAQ(nn.Module):
     def _latents(self, frames: jax.Array) -> jax.Array:
         """Pre-quantisation latents ``[B, T-1, M, Q]``. lapa: ``P(e_{t+H}) - P(e_t)``, each frame
         projected first (LAPA's NSVQ ``encode`` of the first and the last tokens, then the
-        difference); vipra: the projected encoder tokens of frames 1..L."""
+        difference); vipra: the projected encoder tokens of frames 1..L (``encode_deltas``: minus
+        those of frames 0..L-1)."""
         if self.variant == "lapa":
             projected = self._project(self._lapa_tokens(frames))  # [B, 2, M, Q]
             return projected[:, 1:] - projected[:, :1]
         tokens = self.encoder(self._embed(frames))
+        if self.encode_deltas:
+            projected = self._project(tokens)  # [B, L+1, M, Q]
+            return projected[:, 1:] - projected[:, :-1]
         return self._project(tokens[:, 1:])
 
     def _pixels(self, x: jax.Array, context_frames: jax.Array) -> jax.Array:
@@ -324,7 +339,9 @@ class LAQ(nn.Module):
         }
 
     def encode(self, frames: jax.Array) -> dict:
-        """Hard codes of every transition: dict(indices [B, T-1, M], latents, quantized)."""
+        """Hard codes of every transition: dict(indices [B, T-1, M], latents, quantized). ``frames``
+        float ``[B, T, S, S, 3]`` in [-1, 1] (uint8 or another dtype: an InputError; values outside
+        [-1, 1]: an InputError when the frames are concrete, unchecked under jit)."""
         self._check_frames(frames, self.num_frames, "encode")
         latents = self._latents(frames)
         q = self.quantizer(latents, train=False)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxvla.input_checks import check_float_frames
+
 # Logical axis names; the trainer's sharding rules map them onto mesh axes.
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 CONV_BIAS_AXES = ("conv_out",)
@@ -430,12 +432,14 @@ class VQGAN(nn.Module):
 
         return folded, unfold
 
-    def _fold_images(self, images: jax.Array):
+    def _fold_images(self, images: jax.Array, method: str = "__call__"):
         res, ch = self.resolution, self.in_channels
         expected = (
             f"[B, {res}, {res}, {ch}] or [B, T, {res}, {res}, {ch}] images "
             f"(resolution={res})"
         )
+        # float in [-1, 1]: the dtype at trace time, the range on concrete arrays (jaxvla.input_checks).
+        check_float_frames(images, where=f"VQGAN.{method}", key="images", shape=None, note=expected)
         folded, unfold = self._fold_time(images, 3, "images", expected)
         if folded.shape[1:] != (res, res, ch):
             raise ValueError(f"VQGAN images: expected {expected}; got shape {tuple(images.shape)}")
@@ -476,14 +480,16 @@ class VQGAN(nn.Module):
         return dict(recon=unfold(recon), z_e=unfold(z_e), z_q=unfold(z_q), indices=unfold(indices))
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """``[B, H, W, 3] -> [B, h, w]`` (or ``[B, T, H, W, 3] -> [B, T, h, w]``) int32 tokens."""
-        folded, unfold = self._fold_images(images)
+        """``[B, H, W, 3] -> [B, h, w]`` (or ``[B, T, H, W, 3] -> [B, T, h, w]``) int32 tokens; images
+        float in [-1, 1] (uint8 or another dtype: an InputError; values outside [-1, 1]: an
+        InputError when the images are concrete, unchecked under jit)."""
+        folded, unfold = self._fold_images(images, "encode")
         _, indices = self.quantizer(self._encode_folded(folded))
         return unfold(indices)
 
     def encode_latents(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3] -> z_e [B, h, w, D]`` float32, before quantisation."""
-        folded, unfold = self._fold_images(images)
+        folded, unfold = self._fold_images(images, "encode_latents")
         return unfold(self._encode_folded(folded))
 
     def quantize(self, z_e: jax.Array) -> tuple[jax.Array, jax.Array]:

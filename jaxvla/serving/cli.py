@@ -21,8 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer_checkpoint",
         default=None,
-        help="the image tokenizer's checkpoint, when it is no longer where finetuning recorded it (e.g. a "
-        "policy copied to another machine)",
+        help="the image tokenizer's checkpoint, overriding the one the checkpoint bundles "
+        "(<workdir>/assets/tokenizer, found relative to it) and the path finetuning recorded (older "
+        "checkpoints copied to another machine)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)

@@ -20,8 +20,12 @@ head) keeps the backbone, drops ``embed_latent`` / ``head_latent`` (and, for flo
 table / head), initialises what is new; the trainer logs every decision.
 
 Frames are tokenized host-side in the batch iterator by the frozen image tokenizer
-(``model.tokenizer_checkpoint``, trained first with ``model.tokenizer_steps`` when missing), the
-instruction by the SentencePiece model, then laid out, so the loss sees int arrays only.
+(``model.tokenizer_checkpoint``: a prerequisite, ``prerequisites``, with the embedded Meta-World
+dataset when ``data.generate_metaworld``; the build only checks them, ``python -m jaxvla.train``
+trains it from ``model.tokenizer_config`` for ``model.tokenizer_steps`` when missing), the
+instruction by the SentencePiece model, then laid out, so the loss sees int arrays only. The
+frozen pieces (image tokenizer, text prompts, ``FinetuneModels``) are ``jaxvla.frozen``'s, which
+a policy reads too.
 
 Optional prefix inputs (both off by default; the comparison protocol turns both on):
 
@@ -65,7 +69,9 @@ rows, across devices and gradient-accumulation micro-batches), ``action_position
 Assets (everything a policy needs to turn outputs into robot actions): ``head``, ``chunk``,
 ``action_dim``, ``execute_steps``, ``image_size``, ``seq_len`` (one example's budget, see above),
 ``prompt_tokens``, ``layout`` (rows, row length, examples a row), ``vocab`` sizes and special ids,
-``tokenizer_checkpoint``, ``text_tokenizer``, ``action_normalization``, per dataset
+``tokenizer_checkpoint`` (absolute, as configured) with ``tokenizer_relative`` /
+``tokenizer_manifest_sha256`` (the copy of the image tokenizer bundled into
+``<workdir>/assets/tokenizer`` before training starts, so a copied workdir serves), ``text_tokenizer``, ``action_normalization``, per dataset
 ``statistics`` (action / proprio mean, std, min, max, q01, q99 (+ ``bin_edges`` when bins)),
 ``normalize_mask``, ``gripper_dims`` (+ ``state_edges`` [D, 257] with state prompts), for bins
 ``bin_edges`` / ``bin_centres`` of the first dataset, and the prefix inputs ``history_frames``,
@@ -85,38 +91,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvla.data import sequences as seq
-from jaxvla.data.embedded import ensure_configured_dataset
-from jaxvla.stages import DataStream, Stage
+from jaxvla.data import stats as stats_lib
+from jaxvla.data.embedded import configured_dataset
+from jaxvla.frozen import LATENT_CODES, TEXT_VOCAB, FinetuneModels, TextPrompts, bundle_image_tokenizer, make_vocab
+from jaxvla.losses import finetune as losses
+from jaxvla.losses.actions import bin_centres
+from jaxvla.losses.pretrain import target_counts
+from jaxvla.stages import (DataStream, Stage, data_with_history, history_settings, image_tokenizer,
+                           image_tokenizer_checkpoint, require)
+from jaxvla.stages.pretrain import packing_group
 
 log = logging.getLogger("jaxvla")
-
-TEXT_VOCAB = 32000
-LATENT_CODES = 8
-
-
-class Models:
-    """The modules of the finetuning model (bound into the losses by keyword)."""
-
-    def __init__(self, config, vocab, action_dim: int):
-        from jaxvla.models.action_heads import ActionEncoder, VelocityHead
-        from jaxvla.models.llama import Llama
-        from jaxvla.stages.vla import backbone_config
-
-        mc = config.model
-        self.head = mc.head
-        self.llama_config = backbone_config(mc, vocab, compute_dtype=config.compute_dtype,
-                                            remat=config.remat_policy, latent=False, action=mc.head == "bins")
-        self.backbone = Llama(self.llama_config)
-        dtype = jnp.dtype(config.compute_dtype)
-        dim = self.llama_config.dim
-        time_dim = int(mc.get("time_dim") or min(256, dim))
-        time_dim += time_dim % 2
-        self.action_encoder = ActionEncoder(width=dim, time_dim=time_dim, dtype=dtype)
-        self.velocity_head = VelocityHead(action_dim, dtype=dtype)
-
-    @property
-    def flow_modules(self) -> dict:
-        return dict(backbone=self.backbone, action_encoder=self.action_encoder, velocity_head=self.velocity_head)
 
 
 def parse_state_dims(spec) -> tuple[int, ...]:
@@ -163,9 +148,7 @@ def check_config(config) -> None:
         raise ValueError(f"config.data.sample={data.sample!r}; finetuning reads 'chunks'")
     if int(data.chunk_size) != int(mc.chunk):
         raise ValueError(f"config.data.chunk_size={data.chunk_size} but config.model.chunk={mc.chunk}; set them equal")
-    from jaxvla.stages import vla
-
-    vla.data_with_history(data, *vla.history_settings(mc))  # history keys valid and consistent
+    data_with_history(data, *history_settings(mc))  # history keys valid and consistent
     if state_dims(mc) and (data.get("proprio_normalization") or "none") != "none":
         raise ValueError(f"config.model.state_dims={mc.state_dims!r} discretizes the raw proprio with its q01 / q99: "
                          f"set config.data.proprio_normalization='none' (got {data.proprio_normalization!r})")
@@ -238,8 +221,6 @@ def layout_for(config, longest: dict, num_examples: int, group: int | None = Non
     x fsdp x gradient accumulation) and ``d`` examples within ``model.seq_len``; otherwise one a
     row. Either way rows hold ``d`` x the longest example's tokens; one longer than
     ``model.seq_len`` is an error naming it."""
-    from jaxvla.stages.pretrain import packing_group
-
     mc = config.model
     if mc.head == "bins" and mc.get("pack", False):
         group = math.gcd(packing_group(config) if group is None else int(group), num_examples)
@@ -276,8 +257,6 @@ def pack_bins(built: list, per_example: dict, layout: seq.PackingLayout) -> dict
     ``SEQUENCE_KEYS`` ``[R, row_len]``, ``num_examples`` ``[R]``, ``action_positions``
     ``[R, d, K * A]`` (indices in the row) and every ``per_example`` array ``[N, ...]`` as
     ``[R, d, ...]``."""
-    from jaxvla.losses.pretrain import target_counts
-
     rows, per_row = layout.num_rows, layout.examples_per_row
     packed, placement = seq.pack_examples(built, layout.row_len, rows, max_per_row=per_row, with_placement=True)
     # Rows of d x the longest example take d examples each, in order (example r * d + j is slot j of
@@ -312,8 +291,6 @@ class SequencePacker:
 
     def __init__(self, config, frames, prompts, vocab, datasets: dict, layout: seq.PackingLayout,
                  state_edges: dict | None = None):
-        from jaxvla.stages import vla
-
         self.config = config
         self.head = config.model.head
         self.frames = frames
@@ -324,7 +301,7 @@ class SequencePacker:
         self.chunk = int(config.model.chunk)
         self.datasets = datasets  # name -> {"edges", "gripper_dims", "centres"} (bins)
         self.default = next(iter(datasets)) if datasets else None
-        self.history_frames, self.history_stride = vla.history_settings(config.model)
+        self.history_frames, self.history_stride = history_settings(config.model)
         self.state_dims = state_dims(config.model)
         self.state_edges = dict(state_edges or {})  # dataset name -> float32 [D, 257] (state prompts)
         if self.state_dims and not self.state_edges:
@@ -346,8 +323,6 @@ class SequencePacker:
         with ``state_dims`` each prompt carries the state of o_t (``observation/proprio``
         ``[B, P]``, with history ``[B, 2, P]``: its last frame's), discretized by
         :func:`~jaxvla.data.stats.discretize_state` with its dataset's edges."""
-        from jaxvla.data import stats as stats_lib
-
         images = np.asarray(_lookup(batch, "observation/image_primary"))
         tokens = self.frames.tokens(images)  # [B, N], with history [B, 2, N]
         if self.history_frames:
@@ -374,8 +349,6 @@ class SequencePacker:
         return prompts, codes, previous
 
     def __call__(self, batch: dict, eval: bool = False) -> dict:
-        from jaxvla.data import stats as stats_lib
-
         prompts, codes, previous = self.prefixes(batch)
         actions = np.asarray(batch["action"], np.float32)
         pad_mask = np.asarray(batch["action_pad_mask"], bool)
@@ -425,25 +398,30 @@ def _norm_mask(spec, action_dim: int) -> np.ndarray:
     return mask
 
 
-def build(config) -> Stage:
-    from jaxvla.data.pipeline import make_batches as pipeline_batches
-    from jaxvla.losses import finetune as losses
-    from jaxvla.losses.actions import bin_centres
-    from jaxvla.stages import vla
-
+def prerequisites(config) -> list:
+    """What finetuning reads, in the order to make it: the embedded Meta-World dataset (when
+    ``config.data`` asks for it) and the image tokenizer (after the config checks, so a bad config
+    fails before anything is rendered or trained)."""
     check_config(config)
-    ensure_configured_dataset(config.data)
+    data = configured_dataset(config.data)
+    return ([data] if data is not None else []) + [image_tokenizer_checkpoint(config)]
+
+
+def build(config) -> Stage:
+    from jaxvla.data.pipeline import make_batches as pipeline_batches  # TensorFlow
+
+    require(prerequisites(config), "finetuning")  # checks the config first
     mc = config.model
     head = mc.head
-    frames = vla.image_tokenizer(config)
-    prompts = vla.TextPrompts(mc.text_tokenizer)
+    frames = image_tokenizer(config)
+    prompts = TextPrompts(mc.text_tokenizer)
     action_bins = int(config.data.num_bins) if head == "bins" else 256
-    vocab = vla.make_vocab(mc.size, frames, LATENT_CODES, action_bins, text_size=TEXT_VOCAB)
+    vocab = make_vocab(mc.size, frames, LATENT_CODES, action_bins, text_size=TEXT_VOCAB)
 
     per_process = config.batch_size // jax.process_count()
-    history_frames, history_stride = vla.history_settings(mc)
+    history_frames, history_stride = history_settings(mc)
     # With history the chunks' frames are windows (o_{t-k}, o_t): frame 0 where t < k.
-    data_config = vla.data_with_history(config.data, history_frames, history_stride)
+    data_config = data_with_history(config.data, history_frames, history_stride)
 
     def pipeline(train: bool, start_step: int = 0, seed_offset: int = 0):
         return pipeline_batches(data_config, batch_size=per_process, train=train, seed=config.seed + seed_offset,
@@ -472,8 +450,6 @@ def build(config) -> Stage:
     state = state_dims(mc)
     state_edges, state_size = {}, 0
     if state:
-        from jaxvla.data.stats import state_bin_edges
-
         for spec in specs:
             proprio = statistics.get(spec.name, {}).get("observation/proprio")
             if proprio is None:
@@ -484,13 +460,13 @@ def build(config) -> Stage:
                 raise ValueError(f"config.model.state_dims={mc.state_dims!r} selects dims {list(state)} but dataset "
                                  f"{spec.name!r} has {size} proprio dims")
             state_size = max(state_size, size)
-            state_edges[spec.name] = state_bin_edges(proprio, state)
+            state_edges[spec.name] = stats_lib.state_bin_edges(proprio, state)
             dataset_assets[spec.name]["state_edges"] = state_edges[spec.name]
         _check_state_budget(prompts, len(state), int(mc.prompt_tokens))
     if head == "flow" and (config.data.action_normalization or "none") == "none":
         log.warning("flow finetuning on unnormalised actions (config.data.action_normalization='none')")
 
-    models = Models(config, vocab, action_dim)
+    models = FinetuneModels(config, vocab, action_dim)
     chunk = int(mc.chunk)
     longest = longest_example(head, int(mc.prompt_tokens), prompts.markers, vocab, frames.tokens_per_frame,
                               chunk=chunk, action_dim=action_dim, history_frames=history_frames)
@@ -577,4 +553,6 @@ def build(config) -> Stage:
         eval_batches=eval_batches,
         eval_fn=eval_fn,
         assets=assets,
+        # The image tokenizer travels with the checkpoints: <workdir>/assets/tokenizer.
+        workdir_assets=functools.partial(bundle_image_tokenizer, frames.checkpoint),
     )

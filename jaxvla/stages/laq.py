@@ -2,8 +2,9 @@
 loss ``jaxvla/losses/laq.py``.
 
 Data: ``config.data`` is the pipeline's (``jaxvla.data.pipeline``): ``pairs`` for lapa, ``clips``
-for vipra, read from ``config.data.data_dir`` (the embedded Meta-World dataset is generated there
-on first use when ``config.data.dataset`` is ``metaworld`` and ``data.generate_metaworld``). Batch
+for vipra, read from ``config.data.data_dir`` (the embedded Meta-World dataset there is a
+prerequisite when ``config.data.dataset`` is ``metaworld`` and ``data.generate_metaworld``:
+``python -m jaxvla.train`` renders it when missing, the build only reads it). Batch
 ``s`` holds ``frames`` uint8 ``[B, T, S, S, 3]`` and ``step`` int32 ``[B]`` (= s).
 
 Logged: the loss's metrics (PSNR vs the copy-frame baseline, code perplexity and usage), codes
@@ -21,36 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvla.data.embedded import ensure_configured_dataset
+from jaxvla.data.embedded import configured_dataset
+from jaxvla.frozen import laq_model
 from jaxvla.losses.laq import FAR_STEP, laq_eval_metrics, make_laq_loss, make_nsvq_replacement
 from jaxvla.losses.tokenizer import images_to_float
-from jaxvla.models.laq import LAQ, laq_size
+from jaxvla.models.laq import LAQ
 from jaxvla.models.nsvq import LAPA_SCHEDULE
-from jaxvla.stages import DataStream, Stage
+from jaxvla.stages import DataStream, Stage, require
 
 log = logging.getLogger("jaxvla")
 
 CODEBOOK_PATH = ("quantizer", "codebook")
-_SIZE_KEYS = ("image_size", "patch_size", "dim", "num_heads", "head_dim", "encoder_depth", "temporal_depth",
-              "decoder_depth", "quant_dim", "code_grid", "codebook_size", "num_frames")
-
-
-def build_model(config) -> LAQ:
-    """The LAQ of ``config.model`` (its ``size`` with non-zero overrides); vipra's clip length comes
-    from ``config.data.clip_length`` unless ``model.num_frames`` is set."""
-    kwargs = laq_size(config.model.size)
-    for key in _SIZE_KEYS:
-        if config.model.get(key):
-            kwargs[key] = config.model[key]
-    if kwargs["variant"] == "vipra" and not config.model.get("num_frames"):
-        kwargs["num_frames"] = int(config.data.clip_length) + 1
-    if kwargs["image_size"] != int(config.data.image_size):
-        raise ValueError(
-            f"config.data.image_size={config.data.image_size} but the LAQ reads {kwargs['image_size']} px frames "
-            "(config.model.image_size); set them equal"
-        )
-    return LAQ(**kwargs, residual=bool(config.model.residual), remat=config.remat_policy,
-               scan_unroll=int(config.model.get("scan_unroll", 1)), dtype=jnp.dtype(config.compute_dtype))
 
 
 def expected_sample(model: LAQ) -> str:
@@ -66,6 +48,14 @@ def check_data_config(config, model: LAQ) -> None:
             f"config.data.clip_length={config.data.clip_length} gives {config.data.clip_length + 1}-frame clips "
             f"but config.model.num_frames={model.num_frames}"
         )
+
+
+def prerequisites(config) -> list:
+    """The embedded Meta-World dataset when ``config.data`` asks for it (after the config checks,
+    so a bad config fails before anything is rendered)."""
+    check_data_config(config, laq_model(config))
+    data = configured_dataset(config.data)
+    return [data] if data is not None else []
 
 
 def laq_batch(batch: dict, step: int | None) -> dict:
@@ -125,9 +115,9 @@ def reconstruction_figure(model: LAQ, params, frames: jax.Array, count: int = 8)
 
 
 def build(config) -> Stage:
-    model = build_model(config)
+    model = laq_model(config)
     check_data_config(config, model)
-    ensure_configured_dataset(config.data)
+    require(prerequisites(config), "the LAQ")
     mc = config.model
     loss_fn = make_laq_loss(
         model,
@@ -138,6 +128,7 @@ def build(config) -> Stage:
         flow_start=mc.flow_start,
         flow_warmup=mc.flow_warmup,
         flow_samples=mc.flow_samples,
+        motion_weight=mc.motion_weight,
     )
     init_aux, post_step = make_nsvq_replacement(
         CODEBOOK_PATH, model.codebook_size, threshold=mc.replace_threshold, schedule=LAPA_SCHEDULE,

@@ -1,6 +1,12 @@
 """Stage 2: latent pretraining. Config ``configs/pretrain.py``; backbone ``jaxvla/models/llama.py``;
 loss ``jaxvla/losses/pretrain.py``; sequences ``jaxvla/data/sequences.py``.
 
+Prerequisites (``prerequisites``; the build only checks them, ``python -m jaxvla.train`` makes
+missing ones first): the embedded Meta-World dataset (``data.generate_metaworld``), the image
+tokenizer (``model.tokenizer_checkpoint``, trained from ``model.tokenizer_config`` for
+``model.tokenizer_steps``) and, with ``latent_source="laq"``, the LAQ (``model.laq_checkpoint``,
+from ``model.laq_config`` for ``model.laq_steps``). The frozen encoders come from ``jaxvla.frozen``.
+
 Each batch: pipeline samples -> frames through the frozen image tokenizer (stage 0) -> latent
 actions from the LAQ (stage 1: encoded on the fly, or read from the labeller's output) or, for
 ACTIONVLA, the ground-truth action bins -> the LAPA / ViPRA / ACTIONVLA sequence of every sample
@@ -39,25 +45,63 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxvla import frozen
 from jaxvla.data import sequences as seq
+from jaxvla.data.embedded import configured_dataset
+from jaxvla.data.latent_labels import load_latent_labels
+from jaxvla.data.stats import bin_actions, to_jsonable
 from jaxvla.losses.pretrain import check_target_caps, pretrain_loss
-from jaxvla.stages import DataStream, Stage
-from jaxvla.stages import vla
+from jaxvla.models.llama import Llama, llama_config
+from jaxvla.sharding import resolve_mesh_shape
+from jaxvla.stages import (Checkpoint, DataStream, Stage, data_with_history, history_settings, image_tokenizer,
+                           image_tokenizer_checkpoint, require)
 
 log = logging.getLogger("jaxvla")
 
 WINDOW_KEYS = ("sample", "gap_seconds", "gap_frames", "clip_length", "clip_stride")
 
 
+def _reads_laq(config) -> bool:
+    """Whether the latent actions come from the LAQ on the fly (ACTIONVLA reads none; an unknown
+    source is an error)."""
+    mc = config.model
+    if mc.objective == "actionvla":
+        return False
+    if mc.latent_source not in ("laq", "labels", "synthetic"):
+        raise ValueError(f"config.model.latent_source={mc.latent_source!r}; expected 'laq', 'labels' or 'synthetic'")
+    return mc.latent_source == "laq"
+
+
+def laq_checkpoint(config) -> Checkpoint:
+    """The LAQ ``latent_source="laq"`` encodes with: ``config.model.laq_checkpoint``, trained from
+    ``model.laq_config`` for ``model.laq_steps`` on this run's data directory when missing."""
+    mc = config.model
+    return Checkpoint("LAQ", str(mc.laq_checkpoint), str(mc.laq_config),
+                      {"num_steps": mc.laq_steps, "data.data_dir": config.data.data_dir})
+
+
+def prerequisites(config) -> list:
+    """What pretraining reads, in the order to make it: the embedded Meta-World dataset (when
+    ``config.data`` asks for it), the image tokenizer, the LAQ (``latent_source="laq"``); nothing
+    with ``latent_source="synthetic"``."""
+    if config.model.latent_source == "synthetic":
+        return []
+    data = configured_dataset(config.data)
+    needs = [data] if data is not None else []
+    needs.append(image_tokenizer_checkpoint(config))
+    if _reads_laq(config):
+        needs.append(laq_checkpoint(config))
+    return needs
+
+
 def _prerequisites(config):
-    """(FrameTokenizer, LoadedLAQ or None, labels info or None), training what is missing."""
+    """(FrameTokenizer, LoadedLAQ or None, labels info or None): the frozen encoders and labels the
+    batches need (the checkpoints are there: ``require(prerequisites(config))``)."""
     mc, data = config.model, config.data
-    frames = vla.image_tokenizer(config)
+    frames = image_tokenizer(config)
     if mc.objective == "actionvla":
         return frames, None, None
     if mc.latent_source == "labels":
-        from jaxvla.data.latent_labels import load_latent_labels
-
         if not mc.labels_dir:
             raise ValueError("config.model.latent_source='labels' needs config.model.labels_dir")
         info, _ = load_latent_labels(mc.labels_dir)
@@ -65,14 +109,8 @@ def _prerequisites(config):
         if variant != mc.objective:
             raise ValueError(f"{mc.labels_dir}: labels of a {variant!r} LAQ, but config.model.objective={mc.objective!r}")
         return frames, None, info
-    if mc.latent_source != "laq":
-        raise ValueError(f"config.model.latent_source={mc.latent_source!r}; expected 'laq', 'labels' or 'synthetic'")
-    from jaxvla.latent_actions import load_laq
-
-    laq_dir = vla.ensure_checkpoint(
-        mc.laq_checkpoint, mc.laq_config, {"num_steps": mc.laq_steps, "data.data_dir": data.data_dir}, "LAQ",
-    )
-    laq = load_laq(laq_dir)
+    laq_dir = laq_checkpoint(config).workdir
+    laq = frozen.load_laq(laq_dir)
     if laq.model.variant != mc.objective:
         raise ValueError(
             f"{laq_dir} holds a {laq.model.variant!r} LAQ but config.model.objective={mc.objective!r} "
@@ -87,7 +125,7 @@ def data_config_for(config, laq, labels_info) -> ml_collections.ConfigDict:
     """``config.data`` with the sample window the latent actions need and, with
     ``model.history_frames`` = 1, the history frame o_{t-k} (k = ``model.history_stride``) before
     each sample's frames (the anchor t, the LAQ's window and the labels stay those of o_t)."""
-    data = vla.data_with_history(config.data, *vla.history_settings(config.model))
+    data = data_with_history(config.data, *history_settings(config.model))
     if config.model.objective == "actionvla":
         data.sample = "frames"
     elif laq is not None:
@@ -106,8 +144,6 @@ def packing_group(config) -> int:
     dividing this group) the global rows ``batch_size / d`` stay divisible by the processes and by
     data x fsdp x grad_accum_steps, as ``batch_size`` is (``jaxvla.config.validate``). The mesh is
     resolved against ``jax.device_count()``; a mesh that does not resolve counts every device."""
-    from jaxvla.sharding import resolve_mesh_shape
-
     try:
         data, fsdp, _ = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
         parallel = data * fsdp
@@ -149,12 +185,12 @@ class SequencePacker:
     caps follow from it (:attr:`max_targets`).
     """
 
-    def __init__(self, config, frames: vla.FrameTokenizer, laq, vocab: seq.Vocab, bin_edges=None):
+    def __init__(self, config, frames: frozen.FrameTokenizer, laq, vocab: seq.Vocab, bin_edges=None):
         self.mc = config.model
         self.frames, self.laq, self.vocab, self.bin_edges = frames, laq, vocab, bin_edges
-        self.text = vla.TextPrompts(self.mc.text_tokenizer)
+        self.text = frozen.TextPrompts(self.mc.text_tokenizer)
         self.pack = bool(self.mc.get("pack", False))
-        self.history_frames, self.history_stride = vla.history_settings(self.mc)
+        self.history_frames, self.history_stride = history_settings(self.mc)
         self.layout: seq.PackingLayout | None = None
         self.group = packing_group(config)
         if self.pack:
@@ -184,8 +220,6 @@ class SequencePacker:
             raise ValueError(f"pretraining with config.model.history_frames={h}: expected frame windows "
                              f"[B, 1 + F, S, S, 3] starting with o_{{t-k}}, got images {images.shape}")
         if mc.objective == "actionvla":
-            from jaxvla.data.stats import bin_actions
-
             tokens = self.frames.tokens(images)  # [B, N], with history [B, 2, N]
             current, previous = (tokens[:, h], tokens[:, 0]) if h else (tokens, None)
             bins = bin_actions(np.asarray(batch["action"]), self.bin_edges)  # [B, A]
@@ -247,8 +281,6 @@ def describe_layout(layout: seq.PackingLayout, num_examples: int) -> str:
 
 def synthetic_vocab(size: str) -> seq.Vocab:
     """The backbone size's tables: its image table's codes (at most LWM's 8192), 8 latent codes."""
-    from jaxvla.models.llama import llama_config
-
     table = llama_config(size).image_vocab
     return seq.Vocab(image_codes=min(table - 2, 8192), image_vocab=table, latent_codes=8, action_bins=256)
 
@@ -262,7 +294,7 @@ def synthetic_batches(config, vocab: seq.Vocab):
     examples = functools.partial(seq.synthetic_examples, objective=mc.objective, vocab=vocab, max_len=mc.seq_len,
                                  frame_tokens=int(mc.max_targets["image"]),
                                  latent_shape=tuple(mc.synthetic_latent_shape),
-                                 history_frames=vla.history_settings(mc)[0])
+                                 history_frames=history_settings(mc)[0])
     layout = None
     if mc.get("pack", False):
         longest = examples(np.random.default_rng(0), 1)[0]  # every synthetic example has this length
@@ -304,8 +336,7 @@ def seeded_batch_streams(config, examples, layout, check=None):
 
 
 def build(config) -> Stage:
-    from jaxvla.data.pipeline import make_batches
-    from jaxvla.data.embedded import ensure_configured_dataset
+    from jaxvla.data.pipeline import make_batches  # TensorFlow: only for real data, not synthetic sequences
 
     mc = config.model
     if mc.latent_source == "synthetic":
@@ -313,13 +344,13 @@ def build(config) -> Stage:
         batches, eval_batches, layout = synthetic_batches(config, vocab)
         return _stage(config, vocab, batches, eval_batches, {
             "objective": mc.objective, "latent_source": "synthetic", "vocab_sizes": np.asarray(vocab.sizes),
-            "seq_len": np.asarray(mc.seq_len), "history_frames": np.asarray(vla.history_settings(mc)[0]),
-            "history_stride": np.asarray(vla.history_settings(mc)[1])}, max_targets=dict(mc.max_targets) if layout is None else layout.row_caps)
-    ensure_configured_dataset(config.data)
+            "seq_len": np.asarray(mc.seq_len), "history_frames": np.asarray(history_settings(mc)[0]),
+            "history_stride": np.asarray(history_settings(mc)[1])}, max_targets=dict(mc.max_targets) if layout is None else layout.row_caps)
+    require(prerequisites(config), "pretraining")
     frames, laq, labels_info = _prerequisites(config)
     data = data_config_for(config, laq, labels_info)
     latent_codes = laq.model.codebook_size if laq is not None else int(labels_info["codebook_size"]) if labels_info else 8
-    vocab = vla.make_vocab(mc.size, frames, latent_codes, action_bins=256)
+    vocab = frozen.make_vocab(mc.size, frames, latent_codes, action_bins=256)
     per_process = config.batch_size // jax.process_count()
 
     bin_edges = None
@@ -359,18 +390,14 @@ def build(config) -> Stage:
     if labels_info is not None:
         assets.update(labels_dir=mc.labels_dir, laq_config_hash=labels_info["laq_config_hash"])
     if statistics:
-        from jaxvla.data.stats import to_jsonable
-
         assets["statistics"] = to_jsonable(statistics)
     return _stage(config, vocab, batches, eval_batches, assets, max_targets=packer.max_targets)
 
 
 def _stage(config, vocab: seq.Vocab, batches, eval_batches, assets, max_targets) -> Stage:
     """The backbone for ``vocab`` with the objective's tables, its initialiser and loss."""
-    from jaxvla.models.llama import Llama
-
     mc = config.model
-    backbone = Llama(vla.backbone_config(
+    backbone = Llama(frozen.backbone_config(
         mc, vocab, compute_dtype=config.compute_dtype, remat=config.remat_policy,
         latent=mc.objective != "actionvla", action=mc.objective == "actionvla"))
     if backbone.config.max_len < mc.seq_len:

@@ -2,8 +2,9 @@
 
 Frames come from ``config.data.source``:
 
-* ``metaworld`` (default): the embedded Meta-World dataset under ``config.data.data_dir``,
-  generated on first use;
+* ``metaworld`` (default): the embedded Meta-World dataset under ``config.data.data_dir``, a
+  prerequisite (``prerequisites``: ``python -m jaxvla.train`` renders it when missing; the build
+  only reads it);
 * ``rlds``: any RLDS dataset version directory (``config.data.data_dir``);
 * ``procedural``: procedurally rendered tabletop scenes (no simulator needed).
 """
@@ -16,36 +17,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvla.data.embedded import ensure_metaworld_dataset
+from jaxvla.data.embedded import MetaWorldData
 from jaxvla.data.frames import FrameDataset, load_rlds_images
 from jaxvla.data.procedural import render_scenes
+from jaxvla.frozen import vqgan_model
 from jaxvla.losses.tokenizer import images_to_float, make_code_restarts, make_tokenizer_loss
-from jaxvla.models.vqgan import VQGAN, vqgan_variant
-from jaxvla.stages import Stage
+from jaxvla.stages import Stage, require
 
 log = logging.getLogger("jaxvla")
 
 CODEBOOK_PATH = ("quantizer", "codebook")
 
 
-def build_model(model_config, compute_dtype: str = "float32") -> VQGAN:
-    kwargs = vqgan_variant(model_config.variant)
-    for key in ("codebook_size", "embed_dim", "hidden_channels", "num_res_blocks"):
-        if model_config.get(key):
-            kwargs[key] = model_config[key]
-    return VQGAN(**kwargs, dtype=jnp.dtype(compute_dtype))
+def metaworld_data(data_config, image_size: int) -> MetaWorldData:
+    """The embedded Meta-World dataset ``config.data`` (source ``metaworld``) reads."""
+    return MetaWorldData(str(data_config.data_dir), str(data_config.tasks), int(data_config.episodes_per_task),
+                         int(image_size), int(data_config.seed))
+
+
+def prerequisites(config) -> list:
+    """The embedded Meta-World dataset when ``config.data.source`` is ``metaworld``; else nothing."""
+    if config.data.source != "metaworld":
+        return []
+    return [metaworld_data(config.data, vqgan_model(config.model).resolution)]
 
 
 def load_frames(data_config, image_size: int) -> tuple[FrameDataset, FrameDataset]:
-    """(train, eval) frame sets from ``config.data``."""
+    """(train, eval) frame sets from ``config.data`` (a ``metaworld`` source must be there:
+    ``prerequisites``)."""
     if data_config.source == "procedural":
         frames = render_scenes(data_config.num_frames, image_size, seed=data_config.seed)
         cut = max(len(frames) // 10, 1)
         return FrameDataset(frames[cut:], "procedural/train"), FrameDataset(frames[:cut], "procedural/eval")
     if data_config.source == "metaworld":
-        dataset_dir = ensure_metaworld_dataset(
-            data_config.data_dir, data_config.tasks, data_config.episodes_per_task, image_size, data_config.seed
-        )
+        data = metaworld_data(data_config, image_size)
+        require([data], "the image tokenizer")
+        dataset_dir = data.version_dir()
     elif data_config.source == "rlds":
         if not data_config.data_dir:
             raise ValueError("config.data.data_dir is empty; set it to an RLDS dataset version directory")
@@ -71,7 +78,7 @@ def load_frames(data_config, image_size: int) -> tuple[FrameDataset, FrameDatase
 
 
 def build(config) -> Stage:
-    model = build_model(config.model, config.compute_dtype)
+    model = vqgan_model(config.model, config.compute_dtype)
     train_frames, eval_frames = load_frames(config.data, model.resolution)
     log.info("tokenizer data: %d train frames, %d eval frames", len(train_frames), len(eval_frames))
 
