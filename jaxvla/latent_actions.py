@@ -82,6 +82,17 @@ def decoded_trajectories(data_config: Any, split: str, image_size: int, *, proce
             yield item["traj_key"].decode("utf-8"), item["images"]
 
 
+def _open_out_dir(out_dir: str, overwrite: bool, process_index: int) -> None:
+    """Creates ``out_dir`` for new labels; finished labels there are refused unless ``overwrite``
+    (then process 0 removes their index, so a crash mid-labelling leaves them unfinished, not stale)."""
+    if ll.is_complete(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds finished latent labels; pass --overwrite to replace them")
+        if process_index == 0:
+            os.remove(os.path.join(out_dir, ll.INFO_FILE))
+    os.makedirs(out_dir, exist_ok=True)
+
+
 def label_dataset(
     laq: LoadedLAQ,
     data_config: Any,
@@ -105,12 +116,7 @@ def label_dataset(
     """
     process_index, process_count = jax.process_index(), jax.process_count()
     out_dir = os.fspath(out_dir).rstrip("/\\")
-    if ll.is_complete(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds finished latent labels; pass --overwrite to replace them")
-        if process_index == 0:
-            os.remove(os.path.join(out_dir, ll.INFO_FILE))
-    os.makedirs(out_dir, exist_ok=True)
+    _open_out_dir(out_dir, overwrite, process_index)
     splits = [part.strip() for part in str(split).split(",") if part.strip()]
     if not splits:
         raise ValueError(f"label_dataset: no split in {split!r}")
@@ -273,12 +279,7 @@ def label_video_folder(
         dataset_name=dataset_name, extensions=extensions, recursive=recursive, missing_videos="skip",
         ignore_errors=True, process_index=process_index, process_count=process_count,
     )
-    if ll.is_complete(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds finished latent labels; pass --overwrite to replace them")
-        if process_index == 0:
-            os.remove(os.path.join(out_dir, ll.INFO_FILE))
-    os.makedirs(out_dir, exist_ok=True)
+    _open_out_dir(out_dir, overwrite, process_index)
     part_dir = os.path.join(out_dir, f"part-{process_index:05d}")
 
     meta = {
