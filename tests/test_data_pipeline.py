@@ -653,7 +653,7 @@ def test_action_free_video_source_mixed_with_robot_pairs(mw, tmp_path):
         "task": {"language_instruction": string}, "dataset_name": string, "traj_key": string,
     }
 
-    def trajectories(split, train, seed, process_index, process_count):
+    def trajectories(split, train, seed, process_index, process_count, data_dir=None):
         return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
     video = DatasetSpec("video", kind="human", control_hz=5.0, trajectories_fn=trajectories)  # H = 12

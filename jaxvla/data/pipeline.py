@@ -172,9 +172,9 @@ class DatasetSpec:
     few_demo_task_key / few_demo_order_key: keys identifying an episode's task and its order for
       ``few_demos_per_task`` ("episode_metadata/..." keys read the raw layout).
     trajectories_fn: for non-RLDS sources (e.g. human video): ``(split=, train=, seed=,
-      process_index=, process_count=) -> TrajDataset`` of schema trajectories; replaces the
-      RLDS reader. A function that takes ``data_dir=`` also gets ``config.data.data_dir``
-      (``video.VideoFolderSource``: the ``video_folder`` entry reads that folder).
+      process_index=, process_count=, data_dir=) -> TrajDataset`` of schema trajectories;
+      replaces the RLDS reader. ``data_dir`` is ``config.data.data_dir`` (the
+      ``video_folder`` entry's ``video.VideoFolderSource`` reads that folder; others may ignore it).
     """
 
     name: str
@@ -451,8 +451,8 @@ def dataset_statistics(
     spec = as_spec(spec)
     split = split or spec.train_split
     if spec.trajectories_fn is not None:
-        trajectories = _call_trajectories_fn(spec, data_dir, split=split, train=False, seed=0, process_index=0,
-                                             process_count=1)
+        trajectories = spec.trajectories_fn(split=split, train=False, seed=0, process_index=0, process_count=1,
+                                            data_dir=data_dir)
         if isinstance(trajectories, tf.data.Dataset):
             trajectories = TrajDataset.from_tf(trajectories, spec.name)
         cache_key = None
@@ -509,9 +509,9 @@ def make_trajectory_dataset(
     if not split:
         split = spec.train_split if train else spec.val_split
     if spec.trajectories_fn is not None:
-        ds = _call_trajectories_fn(
-            spec, data_dir, split=split, train=train, seed=seed, process_index=process_index,
-            process_count=process_count,
+        ds = spec.trajectories_fn(
+            split=split, train=train, seed=seed, process_index=process_index, process_count=process_count,
+            data_dir=data_dir,
         )
         if isinstance(ds, tf.data.Dataset):
             ds = TrajDataset.from_tf(ds, spec.name, deterministic=deterministic, seed=seed)
@@ -534,21 +534,6 @@ def make_trajectory_dataset(
         traj_indices=indices,
         num_parallel_calls=num_parallel_calls,
     )
-
-
-def _call_trajectories_fn(spec: DatasetSpec, data_dir: Any, **kwargs: Any):
-    """``spec.trajectories_fn(**kwargs)``, plus ``data_dir=`` (``config.data.data_dir``) when the
-    function takes it (e.g. the ``video_folder`` entry, whose folder it is)."""
-    import inspect
-
-    fn = spec.trajectories_fn
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    if "data_dir" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        kwargs["data_dir"] = data_dir
-    return fn(**kwargs)
 
 
 def _few_demo_indices(spec: DatasetSpec, builder_dir: str, split: str, num: int, standardize) -> list[int] | None:
