@@ -50,17 +50,22 @@ def get_config(variant: str = "small"):
             restart_threshold=0.03,
         )
     )
+    # What load_frames reads (jaxvla/stages/tokenizer.py); metaworld and dataset read through the
+    # data pipeline's reader (jaxvla.data.pipeline.trajectory_frames).
     c.data = ml_collections.ConfigDict(
         dict(
-            source="metaworld",  # metaworld | rlds | procedural
-            # metaworld: a TFDS data_dir (generated on first use); rlds: a dataset version dir.
+            source="metaworld",  # metaworld | dataset (rlds: the same) | procedural
+            # metaworld: a TFDS data_dir (generated on first use); dataset / rlds: the directory
+            # holding the TFDS datasets, or one dataset's version directory.
             data_dir="runs/data/metaworld_mt10_64",
+            dataset="metaworld",  # dataset / rlds: a registered dataset (jaxvla.data.registry)
+            mixture="",  # dataset / rlds: a mixture name or "name:weight,..." (overrides dataset)
+            cameras="primary",  # the first camera is read
             tasks="mt10",  # metaworld: which tasks to generate
             episodes_per_task=5,
-            split="train",
-            eval_split="val",
-            image_key="observation/image",
-            max_frames=0,  # 0: all
+            split="",  # "": each dataset's train split
+            eval_split="",  # "": each dataset's val split (missing: 10% of the train frames)
+            max_frames=0,  # 0: all (train and eval frames each)
             num_frames=2048,  # procedural scenes
             seed=0,
         )

@@ -244,8 +244,7 @@ class LoadedLAQ:
         data = self.config.data
         if self.model.variant == "vipra":
             return np.arange(self.model.num_frames) * int(data.clip_stride or 1)
-        # The pipeline imports TensorFlow: only for lapa's dataset gap.
-        from jaxvla.data.pipeline import dataset_gap, get_dataset_spec
+        from jaxvla.data.registry import dataset_gap, get_dataset_spec
 
         spec = get_dataset_spec(data.dataset) if not data.get("mixture") else None
         if spec is None:

@@ -449,7 +449,8 @@ def iter_episodes(data_config: Any, split: str, *, image_size: int | None = None
     import tensorflow as tf
 
     from jaxvla.data import frame_transforms as ft
-    from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset
+    from jaxvla.data.pipeline import make_trajectory_dataset
+    from jaxvla.data.registry import get_dataset_spec
 
     get = data_config.get
     if get("mixture"):
@@ -733,7 +734,7 @@ def frame_gap_scan(data_config: Any, gaps: Iterable[int], *, train_split: str = 
       features add over task x phase (the untrained analogue of the probe's gain);
     * ``pixels_gripper_acc``: gripper sign accuracy of the pixel + task x phase predictor.
     """
-    from jaxvla.data.pipeline import get_dataset_spec
+    from jaxvla.data.registry import get_dataset_spec
 
     s = {**DEFAULT_SETTINGS, **dict(settings or {})}
     control_hz = get_dataset_spec(data_config.get("dataset")).control_hz

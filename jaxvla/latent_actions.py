@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from jaxvla.data import latent_labels as ll
 from jaxvla.data import video as video_lib
 from jaxvla.data.gaps import HUMAN_GAP_SECONDS, frame_gap
+from jaxvla.data.registry import DatasetSpec, dataset_gap, get_dataset_spec
 from jaxvla.frozen import LoadedLAQ
 
 log = logging.getLogger("jaxvla")
@@ -45,41 +46,6 @@ def trajectory_windows(images: np.ndarray, offsets: np.ndarray) -> tuple[np.ndar
     """``images [T, S, S, 3]`` -> (starts [N], windows [N, len(offsets), S, S, 3])."""
     starts = window_starts(len(images), offsets)
     return starts, images[starts[:, None] + offsets[None, :]]
-
-
-def decoded_trajectories(data_config: Any, split: str, image_size: int, *, process_index: int, process_count: int,
-                         mixture=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(traj_key, images uint8 [T, S, S, 3]) of this process's share of every dataset of the
-    config's mixture (or single dataset), in file order, decoded and resized."""
-    import tensorflow as tf
-
-    from jaxvla.data import frame_transforms as ft
-    from jaxvla.data.pipeline import as_spec, get_dataset_spec, get_mixture, make_trajectory_dataset
-
-    camera = str(data_config.get("cameras", "primary")).split(",")[0].strip() or "primary"
-    if mixture is None:
-        name = data_config.get("mixture") or data_config.get("dataset")
-        mixture = get_mixture(name) if data_config.get("mixture") else [(name, 1.0)]
-    for entry, _ in mixture:
-        spec = get_dataset_spec(entry) if isinstance(entry, str) else as_spec(entry)
-        trajectories = make_trajectory_dataset(
-            spec, split, False, 0, process_index, process_count, data_dir=data_config.get("data_dir"),
-            deterministic=True,
-        )
-        key = f"image_{camera}"
-        if key not in trajectories.element_spec["observation"]:
-            raise KeyError(f"dataset {spec.name!r} has no camera {camera!r} (config.data.cameras)")
-        shape = np.asarray(list(spec.image_shape or (0, 0))[:2], np.int32)
-
-        def decode(t):
-            images = ft.decode_and_resize(
-                t["observation"][key], image_size, expected_shape=shape, context=f"dataset '{spec.name}' {key}"
-            )
-            return {"traj_key": t["traj_key"][0], "images": images}
-
-        dataset = trajectories.traj_map(decode).dataset.prefetch(tf.data.AUTOTUNE)
-        for item in dataset.as_numpy_iterator():
-            yield item["traj_key"].decode("utf-8"), item["images"]
 
 
 def _open_out_dir(out_dir: str, overwrite: bool, process_index: int) -> None:
@@ -107,6 +73,7 @@ def label_dataset(
     progress: bool = True,
 ) -> str:
     """Labels every trajectory of ``data_config``'s dataset(s) with ``laq``; see the module docstring.
+    The frames come from the pipeline's reader (``jaxvla.data.pipeline.trajectory_frames``).
 
     Each process labels its share of the files with its local devices into ``out_dir/part-<i>``
     (atomic, resumable: ``LatentLabelWriter``); process 0 then writes ``out_dir``'s index
@@ -149,12 +116,14 @@ def _label_split(laq: LoadedLAQ, data_config: Any, part_dir: str, split: str, *,
     writer = ll.LatentLabelWriter(part_dir, laq.config_hash, code_shape, model.codebook_size, meta,
                                   resume=resume, overwrite=overwrite, shard_size=shard_size)
     done = writer.done_keys()
+    from jaxvla.data.pipeline import trajectory_frames  # TensorFlow
+
     bar = tqdm(desc=f"labelling {split} ({model.variant})", unit="traj", disable=not progress)
     try:
         with writer:
-            for traj_key, images in decoded_trajectories(
-                data_config, split, model.image_size, process_index=process_index, process_count=process_count,
-                mixture=mixture,
+            for traj_key, images in trajectory_frames(
+                data_config, split, image_size=model.image_size, process_index=process_index,
+                process_count=process_count, mixture=mixture,
             ):
                 bar.update(1)
                 if traj_key in done:
@@ -194,8 +163,6 @@ def _laq_clip_stride_seconds(laq: Any) -> float:
     stride = int(data.get("clip_stride") or 1)
     hz = None
     if not data.get("mixture") and data.get("dataset"):
-        from jaxvla.data.pipeline import get_dataset_spec  # TensorFlow
-
         try:
             hz = get_dataset_spec(data.dataset).control_hz
         except KeyError:
@@ -211,13 +178,13 @@ def _laq_clip_stride_seconds(laq: Any) -> float:
 def video_window_offsets(variant: str, num_frames: int, fps: float, *, gap_seconds: float | None = None,
                          clip_stride_seconds: float | None = None) -> np.ndarray:
     """Frame offsets of one LAQ window in a clip at ``fps``: lapa ``[0, H]`` with H =
-    ``gaps.frame_gap(fps, gap_seconds)`` (default 2.4 s, LAPA's human-video gap); vipra
+    ``registry.dataset_gap`` of a human-video spec at ``fps`` (default 2.4 s, LAPA's human-video gap); vipra
     ``[0, s, ..., (num_frames - 1) s]`` with s = ``frame_gap(fps, clip_stride_seconds)``."""
     if variant == "vipra":
         if not clip_stride_seconds:
             raise ValueError("vipra windows need clip_stride_seconds")
         return np.arange(int(num_frames)) * frame_gap(fps, clip_stride_seconds)
-    return np.asarray([0, frame_gap(fps, gap_seconds or HUMAN_GAP_SECONDS)])
+    return np.asarray([0, dataset_gap(DatasetSpec("video", control_hz=fps, kind="human"), gap_seconds or 0.0)])
 
 
 def label_video_folder(

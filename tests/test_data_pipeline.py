@@ -24,20 +24,21 @@ from jaxvla.data.dataset import (
     MissingFeatureError,
     TrajDataset,
     first_episodes_per_task,
+    feature,
     shard_file_instructions,
-    standardize_metaworld,
 )
 from jaxvla.data.gaps import frame_gap
 from jaxvla.data.latent_labels import LatentLabelWriter
 from jaxvla.data.pipeline import (
-    DatasetSpec,
-    dataset_gap,
     dataset_statistics,
     default_data_config,
-    get_dataset_spec,
     make_batches,
     make_trajectory_dataset,
 )
+from jaxvla.data.registry import DatasetSpec, dataset_gap, get_dataset_spec
+
+# The registry's Meta-World entry; its standardize_fn is the Meta-World raw layout (oxe.METAWORLD_LAYOUT).
+METAWORLD = get_dataset_spec("metaworld")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -150,7 +151,7 @@ def read_metaworld(mw, split="train", **kwargs):
     kwargs.setdefault("shuffle", False)
     return TrajDataset.from_rlds(
         mw["version_dir"], split, process_index=0, process_count=1,
-        standardize_fn=standardize_metaworld, dataset_name="metaworld", **kwargs,
+        standardize_fn=METAWORLD.standardize_fn, dataset_name="metaworld", **kwargs,
     )
 
 
@@ -526,7 +527,7 @@ def test_statistics_equal_numpy_and_cache(mw, tmp_path):
     assert len(os.listdir(tmp_path)) == 1
 
     # The pipeline's cache key holds the builder dir and its fingerprint: a second call reads it.
-    spec = DatasetSpec("metaworld", standardize_fn=standardize_metaworld, control_hz=80.0, gripper_dims=(3,))
+    spec = DatasetSpec("metaworld", standardize_fn=METAWORLD.standardize_fn, control_hz=80.0, gripper_dims=(3,))
     first = dataset_statistics(spec, mw["out"], stats_dir=str(tmp_path / "p"), progress=False)
     np.testing.assert_array_equal(first["action"]["q99"], stats["action"]["q99"])
     files = os.listdir(tmp_path / "p")
@@ -600,7 +601,7 @@ def synth(tmp_path_factory):
 def test_mixture_frequencies_match_weights(mw, synth):
     spec_a = DatasetSpec("synth_a", builder_dir=synth["a"], standardize_fn=standardize_synth, control_hz=10.0)
     spec_b = DatasetSpec("synth_b", builder_dir=synth["b"], standardize_fn=standardize_synth, control_hz=10.0)
-    spec_mw = DatasetSpec("metaworld", builder_dir=mw["version_dir"], standardize_fn=standardize_metaworld,
+    spec_mw = DatasetSpec("metaworld", builder_dir=mw["version_dir"], standardize_fn=METAWORLD.standardize_fn,
                           control_hz=80.0, gripper_dims=(3,))
     cfg = data_config(sample="frames", image_size=16, shuffle_buffer=16)
     batches = make_batches(cfg, batch_size=100, train=True, seed=0, process_index=0, process_count=1,
@@ -657,7 +658,7 @@ def test_action_free_video_source_mixed_with_robot_pairs(mw, tmp_path):
         return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
     video = DatasetSpec("video", kind="human", control_hz=5.0, trajectories_fn=trajectories)  # H = 12
-    robot = DatasetSpec("metaworld", builder_dir=mw["version_dir"], standardize_fn=standardize_metaworld,
+    robot = DatasetSpec("metaworld", builder_dir=mw["version_dir"], standardize_fn=METAWORLD.standardize_fn,
                         control_hz=80.0, gripper_dims=(3,))
     cfg = data_config(sample="pairs", image_size=24)
     batches = make_batches(cfg, batch_size=32, train=True, seed=0, process_index=0, process_count=1,
@@ -676,20 +677,24 @@ def test_action_free_video_source_mixed_with_robot_pairs(mw, tmp_path):
     assert stats["action"]["count"] == 0 and stats["observation/proprio"]["mean"].shape == (0,)
 
 
-def test_open_x_registry_spec_reads_like_ours(mw, tmp_path):
-    """A ``jaxvla.data.oxe`` spec (the Open-X registry) drives the same pipeline: its Meta-World
-    entry gives the same batches as this module's Meta-World spec."""
-    oxe = pytest.importorskip("jaxvla.data.oxe")
+def test_metaworld_names_read_alike(mw, tmp_path):
+    """The Meta-World registry entry named as a spec in a mixture, by the ``metaworld_mt10`` mixture
+    (an alias of the same entry) and as ``config.data.dataset`` gives the same batches."""
     cfg = data_config(data_dir=mw["out"], sample="chunks", chunk_size=4, action_normalization="q01q99",
                       stats_dir=str(tmp_path))
     theirs = make_batches(cfg, batch_size=8, seed=0, process_index=0, process_count=1,
-                          mixture=[(oxe.get_dataset_spec("metaworld"), 1.0)])
+                          mixture=[(get_dataset_spec("metaworld_mt10"), 1.0)])
     ours = make_batches(cfg, batch_size=8, seed=0, process_index=0, process_count=1)
-    a, b = next(iter(theirs)), next(iter(ours))
-    for key in ("action", "action_pad_mask", "has_action"):
-        np.testing.assert_array_equal(a[key], b[key])
-    np.testing.assert_array_equal(a["observation"]["image_primary"], b["observation"]["image_primary"])
-    np.testing.assert_array_equal(a["traj_key"], b["traj_key"])
+    named = make_batches(data_config(data_dir=mw["out"], sample="chunks", chunk_size=4, mixture="metaworld_mt10",
+                                     action_normalization="q01q99", stats_dir=str(tmp_path)),
+                         batch_size=8, seed=0, process_index=0, process_count=1)
+    assert [s.name for s, _ in named.specs] == ["metaworld"]
+    a, b, c = next(iter(theirs)), next(iter(ours)), next(iter(named))
+    for other in (a, c):
+        for key in ("action", "action_pad_mask", "has_action"):
+            np.testing.assert_array_equal(other[key], b[key])
+        np.testing.assert_array_equal(other["observation"]["image_primary"], b["observation"]["image_primary"])
+        np.testing.assert_array_equal(other["traj_key"], b["traj_key"])
     np.testing.assert_array_equal(theirs.statistics["metaworld"]["action"]["q01"],
                                   ours.statistics["metaworld"]["action"]["q01"])
 
@@ -781,12 +786,23 @@ def test_missing_feature_key_names_dataset_and_keys(tmp_path):
     rng = np.random.default_rng(0)
     features = synth_features(with_state=False)
     path = write_synth(tmp_path, "stateless", {"train": [synth_episode(rng, 4, with_state=False)]}, features=features)
+
+    def standardize_with_feature(traj):  # reads through dataset.feature, as a standardize_fn should
+        return {"observation": {"proprio": feature(traj, "steps/observation/state", "stateless")},
+                "action": feature(traj, "steps/action", "stateless")}
+
     with pytest.raises(MissingFeatureError) as info:
-        TrajDataset.from_rlds(path, "train", process_index=0, process_count=1, standardize_fn=standardize_metaworld,
+        TrajDataset.from_rlds(path, "train", process_index=0, process_count=1, standardize_fn=standardize_with_feature,
                               dataset_name="stateless")
     text = str(info.value)
     assert "dataset 'stateless'" in text and "'steps/observation/state'" in text
     assert "steps/observation/image" in text and "steps/action" in text  # the keys that exist
+    # A raw layout (here Meta-World's) names the dataset, every missing key and the keys that exist.
+    with pytest.raises(MissingFeatureError) as info:
+        TrajDataset.from_rlds(path, "train", process_index=0, process_count=1, standardize_fn=METAWORLD.standardize_fn,
+                              dataset_name="stateless")
+    text = str(info.value)
+    assert "dataset 'metaworld'" in text and "'observation/state'" in text and "observation/image" in text
     with pytest.raises(MissingFeatureError, match=r"dataset 'stateless'.*needs feature 'state'"):
         TrajDataset.from_rlds(path, "train", process_index=0, process_count=1, standardize_fn=standardize_synth,
                               dataset_name="stateless")

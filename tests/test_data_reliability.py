@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvla.data.pipeline import DatasetSpec, make_batches
+from jaxvla.data.pipeline import make_batches
+from jaxvla.data.registry import DatasetSpec
 from tests.test_data_pipeline import data_config, standardize_synth, synth_episode, write_synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ _PROBE = textwrap.dedent(
     import json, os, sys
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    from jaxvla.data.pipeline import DatasetSpec, default_data_config, make_batches
+    from jaxvla.data.pipeline import default_data_config, make_batches
+    from jaxvla.data.registry import DatasetSpec
     from tests.test_data_pipeline import standardize_synth
 
     out = []

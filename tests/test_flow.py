@@ -162,9 +162,10 @@ def test_flow_consistency_loss_jits_and_differentiates():
 
 
 def test_recovers_subpixel_translation_of_a_rendered_metaworld_frame(metaworld_dataset):
-    from jaxvla.data.frames import load_rlds_images
+    from jaxvla.data.pipeline import trajectory_frames
 
-    images = load_rlds_images(metaworld_dataset["version_dir"], "train", "observation/image", 1)
+    data = {"dataset": "metaworld", "data_dir": str(metaworld_dataset["version_dir"])}
+    _, images = next(trajectory_frames(data, "train", image_size=64))
     frame_a = images[0].astype(np.float32) / 127.5 - 1.0  # a real 64 px render [64, 64, 3]
     frame_b = translate_frame(frame_a, *TRUE_SHIFT)
     flow_fn = jax.jit(estimate_flow)

@@ -413,9 +413,9 @@ def test_stage_refuses_mismatched_data(metaworld_dataset):
 
 def test_labels_are_deterministic_aligned_and_joinable(trained_lapa, metaworld_dataset, tmp_path):
     from jaxvla.data.latent_labels import join_latent_labels, load_latent_labels
-    from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset
+    from jaxvla.data.pipeline import get_dataset_spec, make_trajectory_dataset, trajectory_frames
     from jaxvla.frozen import load_laq
-    from jaxvla.latent_actions import decoded_trajectories, label_dataset
+    from jaxvla.latent_actions import label_dataset
 
     laq = load_laq(trained_lapa.workdir)
     assert laq.step == 300 and list(laq.frame_offsets) == [0, 8]
@@ -429,7 +429,7 @@ def test_labels_are_deterministic_aligned_and_joinable(trained_lapa, metaworld_d
     assert labels.keys == labels_b.keys and len(labels) == 2  # 2 tasks x 1 train episode
     np.testing.assert_array_equal(labels.codes, labels_b.codes)
 
-    trajectories = dict(decoded_trajectories(data, "train", 64, process_index=0, process_count=1))
+    trajectories = dict(trajectory_frames(data, "train", image_size=64))
     for key, images in trajectories.items():
         frames, codes = labels[key]
         np.testing.assert_array_equal(frames, np.arange(len(images) - 8))

@@ -1,5 +1,6 @@
-"""Open-X registry and mixtures: tiny real TFDS RLDS datasets with each dataset's feature names,
-dtypes and nesting (small images), read back the way real ones are and standardised."""
+"""Open-X raw layouts, the registry and mixtures: tiny real TFDS RLDS datasets with each dataset's
+feature names, dtypes and nesting (small images), read back the way real ones are and standardised
+by the layout of their registry entry."""
 
 from __future__ import annotations
 
@@ -14,10 +15,24 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath  # noqa: E402
 
-from jaxvla.data import dataset, mixtures, oxe  # noqa: E402
+from jaxvla.data import dataset, mixtures, oxe, registry, video  # noqa: E402
+from jaxvla.data.registry import DatasetSpec, dataset_gap  # noqa: E402
 from jaxvla.data.schema import IMAGE_CAMERAS, check_standardized  # noqa: E402
 
 F = tfds.features
+
+
+def layout(name):
+    """The raw layout of the registry entry ``name`` (aliases allowed)."""
+    return registry.get_dataset_spec(name).layout
+
+
+# Every registry entry backed by a raw layout: the Open-X datasets and Meta-World.
+LAYOUTS = {
+    spec.name: spec.layout
+    for spec in map(registry.get_dataset_spec, registry.dataset_names())
+    if spec.layout is not None
+}
 
 
 # --------------------------------------------------------------------------- writing / reading
@@ -92,7 +107,7 @@ def read_trajectories(version_dir, dataset_name, split="train"):
 
 
 def standardized(version_dir, name):
-    spec = oxe.get_dataset_spec(name)
+    spec = layout(name)
     ds = read_trajectories(version_dir, spec.name).map(spec.standardize)
     return ds, list(ds.as_numpy_iterator())
 
@@ -220,7 +235,7 @@ def fractal(tmp_path_factory):
 
 
 def test_fractal(fractal):
-    spec = oxe.get_dataset_spec("fractal")
+    spec = layout("fractal")
     assert spec.name == "fractal20220817_data"
     ds, trajs = standardized(fractal, "fractal20220817_data")
     check_schema(ds, trajs, spec, [4, 3])
@@ -241,7 +256,7 @@ def test_fractal(fractal):
 
 
 def test_missing_feature_names_dataset_key_and_existing_keys(fractal):
-    spec = oxe.get_dataset_spec("fractal20220817_data")
+    spec = layout("fractal20220817_data")
     traj = next(iter(read_trajectories(fractal, spec.name)))
     del traj["action"]["rotation_delta"]
     with pytest.raises(KeyError) as info:
@@ -260,7 +275,7 @@ def test_missing_feature_names_dataset_key_and_existing_keys(fractal):
         read_trajectories(fractal, spec.name).map(drop).map(spec.standardize)
     # A spec applied to another dataset's trajectories fails the same way.
     with pytest.raises(KeyError, match=r"'taco_play'.*'action/rel_actions_world'"):
-        oxe.get_dataset_spec("taco_play").standardize(next(iter(read_trajectories(fractal, spec.name))))
+        layout("taco_play").standardize(next(iter(read_trajectories(fractal, spec.name))))
 
 
 # --------------------------------------------------------------------------- kuka
@@ -308,7 +323,7 @@ def kuka(tmp_path_factory):
 
 
 def test_kuka(kuka):
-    spec = oxe.get_dataset_spec("kuka")
+    spec = layout("kuka")
     ds, trajs = standardized(kuka, "kuka")
     check_schema(ds, trajs, spec, [3, 5])
     np.testing.assert_array_equal(trajs[0]["action"][:, 6], [1, 1, 0])
@@ -377,8 +392,8 @@ def bridge(tmp_path_factory):
 
 
 def test_bridge(bridge):
-    spec = oxe.get_dataset_spec("bridge")
-    assert spec.name == "bridge_dataset" and spec.frame_gap() == 3  # LAPA's H=3 on Bridge
+    spec = layout("bridge")
+    assert spec.name == "bridge_dataset" and dataset_gap(spec.name) == 3  # LAPA's H=3 on Bridge
     ds, trajs = standardized(bridge, "bridge_dataset")
     check_schema(ds, trajs, spec, [5, 3])
     for e, t in enumerate(trajs):
@@ -403,7 +418,7 @@ def test_bridge(bridge):
     out = spec.standardize(plain)
     assert (out["observation"]["image_wrist"].numpy() != b"").all()
     # bridge_orig (OpenVLA's name) reads the same features.
-    orig = oxe.get_dataset_spec("bridge_orig").standardize(next(iter(read_trajectories(bridge, "bridge_dataset"))))
+    orig = layout("bridge_orig").standardize(next(iter(read_trajectories(bridge, "bridge_dataset"))))
     np.testing.assert_array_equal(orig["action"].numpy(), trajs[0]["action"])
 
 
@@ -458,7 +473,7 @@ def language_table(tmp_path_factory):
 
 
 def test_language_table(language_table):
-    spec = oxe.get_dataset_spec("language_table")
+    spec = layout("language_table")
     ds, trajs = standardized(language_table, "language_table")
     check_schema(ds, trajs, spec, [4, 3])
     for e, t in enumerate(trajs):
@@ -530,7 +545,7 @@ def taco_play(tmp_path_factory):
 
 
 def test_taco_play(taco_play):
-    spec = oxe.get_dataset_spec("taco_play")
+    spec = layout("taco_play")
     ds, trajs = standardized(taco_play, "taco_play")
     check_schema(ds, trajs, spec, [3, 4])
     np.testing.assert_array_equal(trajs[0]["action"][:, :6], np.tile([1, 2, 3, 4, 5, 6], (3, 1)))
@@ -582,8 +597,9 @@ def metaworld_like(tmp_path_factory):
 
 
 def test_metaworld_layout(metaworld_like):
-    spec = oxe.get_dataset_spec("metaworld_mt10")
-    assert spec.tfds_name == "metaworld" and spec.control_hz == 80.0 and spec.frame_gap() == 48
+    spec = layout("metaworld_mt10")
+    assert spec.tfds_name == "metaworld" and spec.control_hz == 80.0 and dataset_gap("metaworld_mt10") == 48
+    assert spec is oxe.METAWORLD_LAYOUT and registry.get_dataset_spec("metaworld_mt10").name == "metaworld"
     ds, trajs = standardized(metaworld_like, "metaworld_mt10")
     check_schema(ds, trajs, spec, [4])
     t = trajs[0]
@@ -597,7 +613,7 @@ def test_metaworld_control_frequency_matches_installed_package():
     import metaworld.env_dict as metaworld_envs
     env = metaworld_envs.ALL_V3_ENVIRONMENTS["reach-v3"]()
     try:
-        assert math.isclose(1.0 / env.dt, oxe.get_dataset_spec("metaworld").control_hz)
+        assert math.isclose(1.0 / env.dt, layout("metaworld").control_hz)
     finally:
         env.close()
 
@@ -644,8 +660,6 @@ RAW_WIDTHS = {
     "fmb_dataset": {"observation/eef_pose": 7, "observation/state_gripper_pose": 0, "action": 7},
     "dobbe": {"observation/state": 7, "action": 7},
     "metaworld": {"observation/state": 39, "action": 4},
-    "metaworld_mt10": {"observation/state": 39, "action": 4},
-    "metaworld_mt50": {"observation/state": 39, "action": 4},
 }
 RT1_WIDTHS = {"action/world_vector": 3, "action/rotation_delta": 3, "action/gripper_closedness_action": 1}
 
@@ -684,8 +698,8 @@ def synthetic_trajectory(spec, length=6, seed=0):
 
 
 def test_every_registered_spec_standardizes():
-    assert set(RAW_WIDTHS) == set(oxe.OXE_DATASETS)
-    for name, spec in oxe.OXE_DATASETS.items():
+    assert set(RAW_WIDTHS) == set(LAYOUTS) == set(oxe.OXE_LAYOUTS) | {"metaworld"}
+    for name, spec in LAYOUTS.items():
         out = spec.standardize(synthetic_trajectory(spec))
         assert out["action"].shape == (6, spec.action_dim), name
         assert out["action"].dtype == tf.float32
@@ -699,22 +713,22 @@ def test_every_registered_spec_standardizes():
         assert np.isfinite(action).all(), name
         if spec.gripper_output == "absolute_open_one":  # converted grippers land in [0, 1]
             assert ((action[:, 6] >= 0) & (action[:, 6] <= 1)).all(), name
-        assert len(spec.fingerprint()) == 16 and spec.frame_gap() >= 1
+        assert len(spec.fingerprint()) == 16 and dataset_gap(name) >= 1
         assert spec.gripper_dims and all(not spec.normalize_mask[d] for d in spec.gripper_dims)
 
 
 def test_spec_is_plain_data():
-    spec = oxe.get_dataset_spec("bridge_dataset")
+    spec = layout("bridge_dataset")
     json.dumps(spec.to_dict())
-    assert hash(spec) == hash(oxe.get_dataset_spec("bridge_dataset"))
-    assert spec.fingerprint() != oxe.get_dataset_spec("bridge_orig").fingerprint()
+    assert hash(spec) == hash(layout("bridge_dataset"))
+    assert spec.fingerprint() != layout("bridge_orig").fingerprint()
     assert spec.image_keys == {"primary": "image_0", "secondary": "image_1", "wrist": "image_3"}
-    assert oxe.get_dataset_spec("fractal20220817_data").image_keys == {"primary": "image", "secondary": None, "wrist": None}
+    assert layout("fractal20220817_data").image_keys == {"primary": "image", "secondary": None, "wrist": None}
     assert "observation/image_0" in spec.raw_keys() and "language_instruction" in spec.raw_keys()
 
 
 def test_decoded_uint8_images_are_reencoded():
-    spec = oxe.get_dataset_spec("roboturk")
+    spec = layout("roboturk")
     traj = synthetic_trajectory(spec, length=3)
     frames = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     traj["observation"]["front_rgb"] = frames
@@ -723,7 +737,7 @@ def test_decoded_uint8_images_are_reencoded():
 
 
 def test_wrong_width_is_named():
-    spec = oxe.get_dataset_spec("bridge_dataset")
+    spec = layout("bridge_dataset")
     traj = synthetic_trajectory(spec)
     traj["observation"]["state"] = np.zeros((6, 5), np.float32)
     with pytest.raises(ValueError, match=r"'bridge_dataset': proprio has 5 dims .* says 7"):
@@ -766,12 +780,55 @@ def test_decode_codepoints():
 
 
 def test_get_dataset_spec_errors_and_aliases():
-    assert oxe.get_dataset_spec("stanford_hydra").name == "stanford_hydra_dataset_converted_externally_to_rlds"
-    assert oxe.get_dataset_spec(" Fractal ").name == "fractal20220817_data"
+    assert layout("stanford_hydra").name == "stanford_hydra_dataset_converted_externally_to_rlds"
+    assert layout(" Fractal ").name == "fractal20220817_data"
     with pytest.raises(KeyError) as info:
-        oxe.get_dataset_spec("bridge_datset")
+        registry.get_dataset_spec("bridge_datset")
     message = str(info.value)
     assert "bridge_dataset" in message and "Did you mean" in message and "language_table" in message
+
+
+def test_one_spec_type_and_metaworld_once():
+    """One DatasetSpec class (the registry's; oxe only has raw layouts), Meta-World registered once
+    with its MT10 / MT50 names as aliases of the same entry."""
+    assert not hasattr(oxe, "DatasetSpec") and not hasattr(oxe, "get_dataset_spec")
+    specs = [registry.get_dataset_spec(n) for n in registry.dataset_names(include_aliases=True)]
+    assert {type(s) for s in specs} == {DatasetSpec}
+    assert all(isinstance(s.layout, (oxe.RawLayout, type(None))) for s in specs)
+    mw = registry.get_dataset_spec("metaworld")
+    assert registry.get_dataset_spec("metaworld_mt10") is mw is registry.get_dataset_spec("MetaWorld_MT50")
+    assert [n for n in registry.dataset_names() if "metaworld" in n] == ["metaworld"]
+    assert mw.standardize_fn is mw.layout is oxe.METAWORLD_LAYOUT and mw.builder_dir == "metaworld/1.0.0"
+    assert mw.gripper_dims == (oxe.METAWORLD_GRIPPER_DIM,) == (3,) and mw.control_hz == oxe.METAWORLD_CONTROL_HZ
+    assert (mw.few_demo_task_key, mw.few_demo_order_key) == ("episode_metadata/task", "episode_metadata/episode_id")
+    assert mw.fingerprint == mw.layout.fingerprint()
+    bridge = registry.get_dataset_spec("bridge")
+    assert bridge.layout is oxe.OXE_LAYOUTS["bridge_dataset"] and bridge.builder_dir == "bridge_dataset"
+    assert (bridge.gripper_dims, bridge.normalize_mask) == (bridge.layout.gripper_dims, bridge.layout.normalize_mask)
+    assert registry.get_dataset_spec("video_folder").trajectories_fn == video.VideoFolderSource()
+
+
+def test_registered_and_registry_only_datasets_resolve_in_mixtures():
+    """metaworld, video_folder and a register_dataset-ed spec resolve through the one parser."""
+    extra = DatasetSpec("test_registry_extra", builder_dir="/nowhere", control_hz=10.0)
+    assert registry.register_dataset(extra) is extra
+    try:
+        resolved = mixtures.resolve_mixture("metaworld:2, video_folder:0.5,Test_Registry_Extra")
+        assert resolved == [(registry.get_dataset_spec("metaworld"), 2.0),
+                            (registry.get_dataset_spec("video_folder"), 0.5), (extra, 1.0)]
+        assert mixtures.resolve_mixture("test_registry_extra") == [(extra, 1.0)]
+        assert mixtures.resolve_mixture([("test_registry_extra", 1), ("metaworld_mt10", 3)]) == [
+            (extra, 1.0), (registry.get_dataset_spec("metaworld"), 3.0)]
+        with pytest.raises(ValueError, match="more than once"):
+            mixtures.resolve_mixture("metaworld:1,metaworld_mt10:1")
+        assert registry.register_dataset(oxe.OXE_LAYOUTS["toto"]).layout is oxe.OXE_LAYOUTS["toto"]
+        with pytest.raises(ValueError, match="alias"):
+            registry.register_dataset(DatasetSpec("metaworld_mt10"))
+    finally:
+        registry._DATASETS.pop("test_registry_extra")
+        registry.register_dataset(registry.spec_from_layout(oxe.OXE_LAYOUTS["toto"]))
+    with pytest.raises(KeyError, match="Known datasets"):
+        mixtures.resolve_mixture("test_registry_extra")
 
 
 # --------------------------------------------------------------------------- mixtures
@@ -810,7 +867,7 @@ def test_oxe_magic_soup_is_recorded_exactly():
     assert len(soup) == 25 and dict(soup) == MAGIC_SOUP
     resolved = mixtures.resolve_mixture("oxe_magic_soup")
     assert [(s.name, w) for s, w in resolved] == list(soup)
-    assert all(isinstance(s, oxe.DatasetSpec) for s, _ in resolved)
+    assert all(isinstance(s, DatasetSpec) for s, _ in resolved)
     plus = dict(mixtures.get_mixture("oxe_magic_soup_plus"))
     assert len(plus) == 26 and plus["fmb_dataset"] == 1.0 and plus["dobbe"] == 0.2
     assert "nyu_door_opening_surprising_effectiveness" not in plus
@@ -819,9 +876,10 @@ def test_oxe_magic_soup_is_recorded_exactly():
 def test_every_mixture_resolves():
     for name in mixtures.mixture_names():
         resolved = mixtures.resolve_mixture(name)
-        assert resolved and all(oxe.OXE_DATASETS[s.name] is s for s, _ in resolved)
+        assert resolved and all(registry.get_dataset_spec(s.name) is s for s, _ in resolved)
     assert [(s.name, w) for s, w in mixtures.resolve_mixture("bridge")] == [("bridge_dataset", 1.0)]
-    assert [(s.name, w) for s, w in mixtures.resolve_mixture("metaworld_mt50")] == [("metaworld_mt50", 1.0)]
+    for name in ("metaworld_mt10", "metaworld_mt50"):  # mixture names, aliases of the one entry
+        assert mixtures.resolve_mixture(name) == [(registry.get_dataset_spec("metaworld"), 1.0)]
     assert len(mixtures.resolve_mixture("rtx")) == 11
 
 
@@ -834,8 +892,8 @@ def test_resolve_mixture_strings():
     ]
     assert [(s.name, w) for s, w in mixtures.resolve_mixture("kuka")] == [("kuka", 1.0)]
     expanded = dict((s.name, w) for s, w in mixtures.resolve_mixture("rtx:2,metaworld_mt10:3"))
-    assert expanded["berkeley_cable_routing"] == 6.0 and expanded["metaworld_mt10"] == 3.0
-    pairs = mixtures.resolve_mixture([("viola", 1), (oxe.get_dataset_spec("toto"), 2.5)])
+    assert expanded["berkeley_cable_routing"] == 6.0 and expanded["metaworld"] == 3.0
+    pairs = mixtures.resolve_mixture([("viola", 1), (registry.get_dataset_spec("toto"), 2.5)])
     assert [(s.name, w) for s, w in pairs] == [("viola", 1.0), ("toto", 2.5)]
 
 
@@ -903,7 +961,7 @@ def test_balance_weights():
 def test_through_traj_dataset_from_rlds(request, fixture, name):
     """The pipeline's reader passes {"steps": ..., "episode_metadata": ...}: same result."""
     version_dir = request.getfixturevalue(fixture)
-    spec = oxe.get_dataset_spec(name)
+    spec = layout(name)
     ds = dataset.TrajDataset.from_rlds(
         version_dir, "train", shuffle=False, standardize_fn=spec.standardize, dataset_name=spec.name,
         deterministic=True, process_index=0, process_count=1,
@@ -924,7 +982,7 @@ def test_through_traj_dataset_from_rlds(request, fixture, name):
 def test_missing_feature_through_traj_dataset(fractal):
     with pytest.raises(dataset.MissingFeatureError) as info:
         dataset.TrajDataset.from_rlds(
-            fractal, "train", shuffle=False, standardize_fn=oxe.get_dataset_spec("taco_play").standardize,
+            fractal, "train", shuffle=False, standardize_fn=layout("taco_play").standardize,
             dataset_name="taco_play", process_index=0, process_count=1,
         )
     message = str(info.value)

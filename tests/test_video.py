@@ -129,11 +129,14 @@ def test_max_frames_and_size(tmp_path, source):
 
 
 def test_human_video_gap_facts():
-    assert video.HUMAN_GAP_SECONDS == 2.4
+    from jaxvla.data.gaps import HUMAN_GAP_SECONDS
+    from jaxvla.data.registry import dataset_gap
+
+    assert HUMAN_GAP_SECONDS == 2.4
     assert video.SSV2_FPS == 12 and video.SSV2_FRAME_OFFSET == 30
-    assert video.human_video_frame_gap(12) == 29  # 2.4 s * 12 fps = 28.8
-    assert video.human_video_frame_gap(10) == 24
-    assert video.human_video_frame_gap(0.1) == 1
+    assert dataset_gap(video.video_folder_spec(fps=12)) == 29  # 2.4 s * 12 fps = 28.8
+    assert dataset_gap(video.video_folder_spec(fps=10)) == 24
+    assert dataset_gap(video.video_folder_spec(fps=0.1)) == 1
 
 
 # -- the SSv2 layout ------------------------------------------------------------------------

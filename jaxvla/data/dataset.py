@@ -5,7 +5,8 @@ the trajectory length ``T`` first, images still ENCODED strings (decoding happen
 sample). Methods return new ``TrajDataset`` objects::
 
     ds = TrajDataset.from_rlds(version_dir, "train", shuffle=True, seed=0, deterministic=True,
-                               standardize_fn=standardize_metaworld, dataset_name="metaworld")
+                               standardize_fn=get_dataset_spec("metaworld").standardize_fn,
+                               dataset_name="metaworld")    # jaxvla.data.registry
     ds = ds.traj_map(lambda t: frame_pairs(t, gap=8))     # trajectory -> samples [N, ...]
     ds = ds.flatten()                                      # one element per sample
     ds = ds.frame_map(decode_fn).shuffle(1000).batch(16)   # per sample (after flatten)
@@ -920,47 +921,6 @@ def _spec_items(spec: Any, prefix: str = "") -> list[tuple[str, tf.TensorSpec]]:
             out.extend(_spec_items(value, f"{prefix}/{i}" if prefix else str(i)))
         return out
     return [(prefix, spec)]
-
-
-# --------------------------------------------------------------------------- Meta-World
-
-
-METAWORLD_CONTROL_HZ = 80.0  # MuJoCo timestep 0.0025 s x frame_skip 5 = 12.5 ms per env step
-METAWORLD_GRIPPER_DIM = 3
-
-
-def standardize_metaworld(traj: Mapping[str, Any]) -> dict[str, Any]:
-    """The Meta-World RLDS dataset (``jaxvla/data/metaworld_rlds.py``) -> the schema.
-
-    ``steps/observation/image`` -> ``observation/image_primary`` (JPEG bytes), ``state`` [39] ->
-    ``observation/proprio``, ``action`` [4] (xyz delta + gripper in [-1, 1]),
-    ``language_instruction`` -> ``task/language_instruction``. The last RLDS step holds only the
-    final observation (its action is zero padding), so ``has_action`` is False there.
-    """
-    name = "metaworld"
-    steps = feature(traj, "steps", name)
-    image = feature(traj, "steps/observation/image", name)
-    state = feature(traj, "steps/observation/state", name)
-    action = feature(traj, "steps/action", name)
-    instruction = feature(traj, "steps/language_instruction", name)
-    if "is_last" in steps:
-        has_action = tf.logical_not(steps["is_last"])
-    else:
-        has_action = tf.ones(tf.shape(action)[:1], tf.bool)
-    length = tf.shape(action)[0]
-    return {
-        "observation": {
-            "image_primary": image,
-            "image_secondary": tf.fill([length], ""),
-            "image_wrist": tf.fill([length], ""),
-            "proprio": tf.cast(state, tf.float32),
-            "timestep": tf.range(length, dtype=tf.int32),
-        },
-        "action": tf.cast(action, tf.float32),
-        "has_action": has_action,
-        "task": {"language_instruction": instruction},
-        "dataset_name": tf.fill([length], name),
-    }
 
 
 # --------------------------------------------------------------------------- few-demo subsets

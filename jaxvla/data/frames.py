@@ -1,4 +1,6 @@
-"""Single frames for the image tokenizer: an in-memory, random-access set with seeded batches.
+"""Single frames for the image tokenizer: an in-memory, random-access set with seeded batches
+(the frames come from ``jaxvla.stages.tokenizer.load_frames``: the data pipeline's reader,
+``jaxvla.data.pipeline.trajectory_frames``, or procedural scenes).
 
 Batch ``s`` of a run is a pure function of (seed, s): a resumed run, a run on another mesh and a
 multi-process run all see the same global batch, each process taking its contiguous share.
@@ -6,7 +8,6 @@ multi-process run all see the same global batch, each process taking its contigu
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -44,46 +45,3 @@ class FrameDataset:
             yield {"image": self.frames[rows]}
             step += 1
 
-
-def load_rlds_images(builder_dir: str, split: str = "train", image_key: str = "observation/image", max_frames: int | None = None) -> np.ndarray:
-    """All frames of one split of an RLDS (TFDS) dataset -> uint8 [N, H, W, 3].
-
-    ``builder_dir`` is the dataset's version directory (holding ``dataset_info.json``).
-    Raises FileNotFoundError / KeyError naming the path, the key and the keys that exist.
-    """
-    import tensorflow_datasets as tfds
-
-    if not os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
-        raise FileNotFoundError(
-            f"{builder_dir}: not a TFDS dataset directory (no dataset_info.json); generate one "
-            "with scripts/make_metaworld_dataset.py"
-        )
-    builder = tfds.builder_from_directory(builder_dir)
-    if split not in builder.info.splits:
-        raise KeyError(f"{builder_dir}: no split {split!r}; splits: {list(builder.info.splits)}")
-    observation_keys = image_key.split("/")
-    step_features = builder.info.features["steps"].feature
-    node = step_features
-    for part in observation_keys:
-        if part not in node:
-            raise KeyError(
-                f"{builder_dir}: step feature {image_key!r} not found; step keys: {list(step_features.keys())}"
-            )
-        node = node[part]
-
-    def images(episode):
-        def pick(step):
-            value = step
-            for part in observation_keys:
-                value = value[part]
-            return value
-
-        return episode["steps"].map(pick)
-
-    dataset = builder.as_dataset(split=split, shuffle_files=False).flat_map(images)
-    if max_frames:
-        dataset = dataset.take(max_frames)
-    frames = [batch for batch in dataset.batch(256).as_numpy_iterator()]
-    if not frames:
-        raise ValueError(f"{builder_dir}: split {split!r} has no frames")
-    return np.concatenate(frames).astype(np.uint8)

@@ -1,8 +1,9 @@
 """The LAPA frame gap: how many steps (or video frames) apart the two frames of a pair are.
 
-One function and the two default spans, shared by the Open-X registry (``oxe.DatasetSpec.
-frame_gap``), the pipeline (``pipeline.dataset_gap``) and human video (``video.
-human_video_frame_gap``). No TensorFlow here, so every one of them can import it.
+One function and the two default spans, written only here. A dataset's gap is
+``registry.dataset_gap(spec)`` (config / spec overrides, else this function of the spec's rate
+and ``ROBOT_GAP_SECONDS`` or ``HUMAN_GAP_SECONDS`` by its ``kind``), used by the pipeline, the LAQ
+(``frozen``) and the latent-action labeller. No TensorFlow here, so every one of them can import it.
 
     frame_gap(80.0, ROBOT_GAP_SECONDS)   # 48: Meta-World, 80 Hz control, 0.6 s
     frame_gap(12.0, HUMAN_GAP_SECONDS)   # 29: SSv2 at 12 fps, 2.4 s (28.8 rounded)

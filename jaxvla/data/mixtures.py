@@ -1,16 +1,21 @@
-"""Named, weighted mixtures of the datasets in ``jaxvla.data.oxe``.
+"""Named, weighted mixtures of the datasets in ``jaxvla.data.registry``, and the one mixture parser.
 
 A mixture is a tuple of ``(dataset name, weight)``. Weights are *relative sampling weights as
 recorded* (not normalised); ``normalize_weights`` makes them sum to 1 and ``balance_weights``
 first multiplies each by its dataset's size (Octo's ``balance_weights=True``).
 
-``resolve_mixture`` accepts
+``resolve_mixture`` turns every way of naming datasets into ``[(registry.DatasetSpec, weight)]``;
+the pipeline (``config.data.mixture`` / ``config.data.dataset``), the latent-action labeller and
+everyone else use it. It accepts
 
 * a mixture name: ``"oxe_magic_soup"``;
-* a dataset name or alias: ``"bridge_dataset"`` / ``"fractal"`` -> weight 1;
+* a dataset name or alias of the registry (``jaxvla.data.registry``: the Open-X datasets,
+  ``metaworld``, ``video_folder`` and whatever ``register_dataset`` added): ``"bridge_dataset"`` /
+  ``"fractal"`` -> weight 1;
 * a comma-separated list ``"name1:w1,name2:w2"`` (``:w`` optional, default 1). Each name is a
   dataset (or alias); a mixture name there expands to its datasets with weights scaled by ``w``.
-  A dataset may appear only once.
+  A dataset may appear only once;
+* a sequence of ``(name or DatasetSpec, weight)`` (a spec need not be registered).
 
 Mixtures
 --------
@@ -27,7 +32,8 @@ DROID).
 the weights of Octo's ``RT_X_MIX`` as recalled here; check them before relying on the exact
 numbers.
 
-``bridge``, ``fractal``, ``metaworld_mt10``, ``metaworld_mt50``: one dataset each, weight 1.
+``bridge``, ``fractal``: one dataset each, weight 1. ``metaworld_mt10``, ``metaworld_mt50``: the
+``metaworld`` dataset, weight 1 (the registry's aliases of the same name resolve to it too).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence, Union
 
-from jaxvla.data.oxe import (
+from jaxvla.data.registry import (
     ALIASES,
     DatasetSpec,
     canonical_name,
@@ -98,8 +104,8 @@ MIXTURES: dict[str, Mixture] = {
     "rtx": RTX,
     "bridge": (("bridge_dataset", 1.0),),
     "fractal": (("fractal20220817_data", 1.0),),
-    "metaworld_mt10": (("metaworld_mt10", 1.0),),
-    "metaworld_mt50": (("metaworld_mt50", 1.0),),
+    "metaworld_mt10": (("metaworld", 1.0),),
+    "metaworld_mt50": (("metaworld", 1.0),),
 }
 
 for _name, _mixture in MIXTURES.items():

@@ -1,10 +1,16 @@
-"""Open-X Embodiment (and Meta-World) dataset registry: one ``DatasetSpec`` per dataset.
+"""Raw RLDS layouts of the Open-X Embodiment datasets (and Meta-World): one ``RawLayout`` each.
 
-Each spec says where a dataset keeps its cameras, proprioception, action and language, how its
-action and gripper are encoded, and how fast it is controlled. ``DatasetSpec.standardize`` maps a
-raw RLDS trajectory to the schema of ``jaxvla.data.schema``. Specs are plain frozen data (no
-callables), so ``spec.to_dict()`` / ``spec.fingerprint()`` can key caches such as normalisation
-statistics.
+A ``RawLayout`` says where a dataset keeps its cameras, proprioception, action and language, how
+its action and gripper are encoded, and how fast it is controlled; ``layout.standardize`` (also
+``layout(trajectory)``: a layout is callable) maps a raw RLDS trajectory to the schema of
+``jaxvla.data.schema``. Layouts are plain frozen data (no callables), so ``layout.to_dict()`` /
+``layout.fingerprint()`` can key caches such as normalisation statistics.
+
+This module holds the layouts, not the registry: ``OXE_LAYOUTS`` (name -> layout, the Open-X
+datasets) and ``METAWORLD_LAYOUT``. ``jaxvla.data.registry`` turns each into the dataset's one
+``DatasetSpec`` (``standardize_fn`` = the layout, ``spec.layout`` = the layout) and resolves names
+and aliases (``registry.get_dataset_spec("bridge").layout``); mixtures are in
+``jaxvla.data.mixtures``.
 
 Input convention of ``standardize``
 -----------------------------------
@@ -12,7 +18,7 @@ One trajectory whose step fields are stacked along time, i.e. the RLDS ``steps``
 leading ``T`` on every tensor, plus ``episode_metadata`` (unstacked scalars, or broadcast to
 ``[T]``) when the reader keeps it. Both layouts are accepted: the step fields at the top level
 (below), or nested as ``{"steps": {...[T]...}, "episode_metadata": {...}}`` (what
-``TrajDataset.from_rlds`` passes); spec paths are relative to the steps either way::
+``TrajDataset.from_rlds`` passes); layout paths are relative to the steps either way::
 
     {"observation": {"image": tf.string [T], "state": float32 [T, 7], ...},
      "action": float32 [T, 7]  or  {"world_vector": [T, 3], ...},
@@ -25,23 +31,23 @@ Images should arrive *encoded* (read the TFDS ``Image`` features with
 feature names that themselves contain ``/`` (kuka's ``clip_function_input/base_pose_tool_reached``,
 bc_z's ``present/xyz``) and dlimp-style flattened keys (``{"observation/image": ...}``) both
 resolve. ``traj_key``, ``dataset_name`` and ``observation/timestep`` are carried over when the
-reader has set them; ``dataset_name`` (= ``spec.name``) and ``timestep`` (``0..T-1``) are filled
+reader has set them; ``dataset_name`` (= ``layout.name``) and ``timestep`` (``0..T-1``) are filled
 in otherwise. Nothing else is passed through, so every dataset of a mixture has the same structure.
 
 Output (see ``jaxvla.data.schema``)::
 
     observation/image_{primary,secondary,wrist}  tf.string [T]  ("" where the camera is absent)
-    observation/proprio    float32 [T, spec.proprio_dim]  (P = 0 when the dataset has none)
+    observation/proprio    float32 [T, layout.proprio_dim]  (P = 0 when the dataset has none)
     observation/timestep   int32 [T]
-    action                 float32 [T, spec.action_dim]   (zeros where has_action is False)
+    action                 float32 [T, layout.action_dim]   (zeros where has_action is False)
     has_action             bool [T]
     task/language_instruction  tf.string [T]  ("" when the dataset has no language)
     dataset_name           tf.string [T]
     traj_key               tf.string [T]      (only when the input had it)
 
-Features the spec needs but the trajectory lacks raise a ``KeyError`` (the pipeline's
+Features the layout needs but the trajectory lacks raise a ``KeyError`` (the pipeline's
 ``MissingFeatureError``) naming the dataset, every missing key and the keys that exist, at trace
-time when used inside ``tf.data`` maps. ``spec.raw_keys()`` lists what a spec reads, so a reader
+time when used inside ``tf.data`` maps. ``layout.raw_keys()`` lists what a layout reads, so a reader
 can check a builder's features before building anything.
 
 Action and gripper conventions
@@ -53,7 +59,7 @@ Action and gripper conventions
 * ``joint_pos``: joint positions + gripper.
 * ``xyz_gripper``: Meta-World, xyz delta (3) + gripper effort (1).
 
-After standardisation the gripper dimension (``spec.gripper_dims``) of every dataset whose
+After standardisation the gripper dimension (``layout.gripper_dims``) of every dataset whose
 ``gripper_convention`` is in ``CONVERTED_GRIPPER_CONVENTIONS`` is *absolute, 1 = open,
 0 = closed*. The raw conventions and the conversion applied to each:
 
@@ -86,23 +92,22 @@ constant padding (language_table's rotation, jaco_play's rotation), True otherwi
 
 Control frequency and the LAPA frame gap
 ----------------------------------------
-``control_hz`` is the rate of the dataset's steps as published. ``spec.frame_gap(0.6)`` is the
-LAPA window ``H`` (``x_t`` -> ``x_{t+H}``, about 0.6 s for robot videos): ``max(1, round(0.6 *
-control_hz))``, e.g. 3 for bridge (5 Hz), 2 for fractal (3 Hz). Meta-World (v3, installed
-package) steps the simulator ``frame_skip = 5`` times per action with ``timestep = 0.0025`` s, so
-one step is 0.0125 s = 80 Hz and 0.6 s is 48 steps (a whole expert episode is ~50-80 steps).
+``control_hz`` is the rate of the dataset's steps as published. The LAPA window ``H`` (``x_t`` ->
+``x_{t+H}``, about 0.6 s for robot videos) is ``registry.dataset_gap(spec)``, i.e.
+``gaps.frame_gap(control_hz, gaps.ROBOT_GAP_SECONDS)``: e.g. 3 for bridge (5 Hz), 2 for fractal
+(3 Hz). Meta-World (v3, installed package) steps the simulator ``frame_skip = 5`` times per
+action with ``timestep = 0.0025`` s, so one step is 0.0125 s = 80 Hz (``METAWORLD_CONTROL_HZ``)
+and 0.6 s is 48 steps (a whole expert episode is ~50-80 steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 from typing import Any, Callable, Mapping
 
-from jaxvla.data import gaps
 from jaxvla.data.schema import IMAGE_CAMERAS, flat_keys, missing_feature_error
 
 # --------------------------------------------------------------------------- vocabularies
@@ -155,7 +160,7 @@ LANGUAGE_ENCODINGS = frozenset({"string", "codepoints"})
 REL_GRIPPER_THRESHOLD = 0.5
 
 
-# --------------------------------------------------------------------------- spec
+# --------------------------------------------------------------------------- layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +206,7 @@ def const(value: float, size: int = 1) -> Part:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class DatasetSpec:
+class RawLayout:
     """How one RLDS dataset maps onto the standard trajectory (see the module docstring).
 
     Camera keys are relative to ``observation`` (None: the dataset has no such camera).
@@ -232,7 +237,7 @@ class DatasetSpec:
     notes: str = ""
 
     def __post_init__(self):
-        where = f"DatasetSpec {self.name!r}"
+        where = f"RawLayout {self.name!r}"
         if self.action_encoding not in ACTION_ENCODINGS:
             raise ValueError(f"{where}: action_encoding {self.action_encoding!r} not in {sorted(ACTION_ENCODINGS)}")
         if self.proprio_encoding not in PROPRIO_ENCODINGS:
@@ -261,7 +266,7 @@ class DatasetSpec:
             raise ValueError(f"{where}: no camera")
 
     def __repr__(self) -> str:
-        return f"DatasetSpec({self.name!r})"
+        return f"RawLayout({self.name!r})"
 
     # -- derived ----------------------------------------------------------------------
 
@@ -276,10 +281,6 @@ class DatasetSpec:
         if self.gripper_convention in CONVERTED_GRIPPER_CONVENTIONS:
             return "absolute_open_one"
         return self.gripper_convention
-
-    def frame_gap(self, seconds: float = gaps.ROBOT_GAP_SECONDS) -> int:
-        """Steps spanning about ``seconds`` (the LAPA window H): ``gaps.frame_gap(control_hz, seconds)``."""
-        return gaps.frame_gap(self.control_hz, seconds)
 
     def raw_keys(self) -> tuple[str, ...]:
         """Every raw path ``standardize`` reads (flags excepted: they are optional)."""
@@ -306,9 +307,7 @@ class DatasetSpec:
         Python inside ``tf.data`` maps (AutoGraph off: nothing here branches on tensor values)."""
         return _unconverted_standardize()(self, trajectory)
 
-    @property
-    def standardize_fn(self) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
-        return self.standardize
+    __call__ = standardize  # a layout is the ``standardize_fn`` of its registry entry
 
 
 # --------------------------------------------------------------------------- TF helpers
@@ -348,7 +347,7 @@ def _has(trajectory: Mapping[str, Any], path: str) -> bool:
     return _lookup(trajectory, path, "", required=False) is not None
 
 
-def _length(trajectory: Mapping[str, Any], spec: DatasetSpec):
+def _length(trajectory: Mapping[str, Any], spec: RawLayout):
     tf = _tf()
     for path in ("action", "observation", "is_first", "is_last"):
         node = _lookup(trajectory, path, spec.name, required=False)
@@ -365,7 +364,7 @@ def _length(trajectory: Mapping[str, Any], spec: DatasetSpec):
     )
 
 
-def _to_float(x, spec: DatasetSpec, path: str):
+def _to_float(x, spec: RawLayout, path: str):
     tf = _tf()
     x = tf.convert_to_tensor(x)
     if x.dtype == tf.string:  # raw float32 bytes, ZLIB-compressed (kuka)
@@ -436,7 +435,7 @@ def decode_codepoints(codepoints):
     return tf.strings.unicode_encode(ragged, output_encoding="UTF-8")
 
 
-def _apply(transform: str, x, spec: DatasetSpec):
+def _apply(transform: str, x, spec: RawLayout):
     tf = _tf()
     if transform == "identity":
         return x
@@ -455,14 +454,14 @@ def _apply(transform: str, x, spec: DatasetSpec):
     raise ValueError(f"unknown transform {transform!r}")
 
 
-def _static_width(x, spec: DatasetSpec, what: str) -> int:
+def _static_width(x, spec: RawLayout, what: str) -> int:
     width = x.shape[-1]
     if width is None:
         raise ValueError(f"dataset {spec.name!r}: {what} needs a static width, got shape {x.shape}")
     return int(width)
 
 
-def _concat(spec: DatasetSpec, trajectory, parts, length, dim: int, what: str):
+def _concat(spec: RawLayout, trajectory, parts, length, dim: int, what: str):
     tf = _tf()
     pieces = []
     for part in parts:
@@ -484,7 +483,7 @@ def _concat(spec: DatasetSpec, trajectory, parts, length, dim: int, what: str):
     return tf.ensure_shape(out, [None, dim])
 
 
-def _images(spec: DatasetSpec, trajectory, length):
+def _images(spec: RawLayout, trajectory, length):
     tf = _tf()
     flags = dict(spec.image_present_flags)
     out = {}
@@ -513,7 +512,7 @@ def _images(spec: DatasetSpec, trajectory, length):
     return out
 
 
-def _language(spec: DatasetSpec, trajectory, length):
+def _language(spec: RawLayout, trajectory, length):
     tf = _tf()
     if spec.language_key is None:
         return tf.fill(tf.reshape(length, [1]), "")
@@ -534,7 +533,7 @@ def _unconverted_standardize() -> Callable[..., Any]:
     return _UNCONVERTED[0]
 
 
-def standardize_trajectory(spec: DatasetSpec, trajectory: Mapping[str, Any]) -> dict[str, Any]:
+def standardize_trajectory(spec: RawLayout, trajectory: Mapping[str, Any]) -> dict[str, Any]:
     """``spec.standardize``: see the module docstring for the input and output."""
     tf = _tf()
     if not isinstance(trajectory, Mapping):
@@ -580,7 +579,7 @@ def standardize_trajectory(spec: DatasetSpec, trajectory: Mapping[str, Any]) -> 
     return out
 
 
-# --------------------------------------------------------------------------- the registry
+# --------------------------------------------------------------------------- the layouts
 
 _OXE_7D_MASK = (True,) * 6 + (False,)
 _OBS_LANG = "observation/natural_language_instruction"
@@ -615,9 +614,9 @@ def _flat7(gripper_transform: str) -> tuple[Part, ...]:
     return _parts(("action", 0, 6), ("action", 6, 7, gripper_transform))
 
 
-_SPECS: list[DatasetSpec] = [
+_LAYOUTS: list[RawLayout] = [
     # ---- the 25 datasets of Octo's oxe_magic_soup -------------------------------------
-    DatasetSpec(
+    RawLayout(
         name="fractal20220817_data",
         tfds_name="fractal20220817_data",
         **_eef7(
@@ -632,7 +631,7 @@ _SPECS: list[DatasetSpec] = [
             notes="RT-1 (Google robot). Image 256x320.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="kuka",
         tfds_name="kuka",
         **_eef7(
@@ -648,7 +647,7 @@ _SPECS: list[DatasetSpec] = [
             "Proprio fields may be float32 or ZLIB-compressed float32 bytes (both handled).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="bridge_dataset",
         tfds_name="bridge_dataset",
         **_eef7(
@@ -673,7 +672,7 @@ _SPECS: list[DatasetSpec] = [
             "and drops the first step; not done here).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="taco_play",
         tfds_name="taco_play",
         **_eef7(
@@ -691,7 +690,7 @@ _SPECS: list[DatasetSpec] = [
             "joints (7:14), gripper action (14).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="jaco_play",
         tfds_name="jaco_play",
         **_eef7(
@@ -712,7 +711,7 @@ _SPECS: list[DatasetSpec] = [
             notes="No rotation action: dims 3:6 are zero padding.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="berkeley_cable_routing",
         tfds_name="berkeley_cable_routing",
         **_eef7(
@@ -730,7 +729,7 @@ _SPECS: list[DatasetSpec] = [
             "A second wrist view, wrist225_image, is not used.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="roboturk",
         tfds_name="roboturk",
         **_eef7(
@@ -742,7 +741,7 @@ _SPECS: list[DatasetSpec] = [
             notes="No proprioception.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="nyu_door_opening_surprising_effectiveness",
         tfds_name="nyu_door_opening_surprising_effectiveness",
         **_eef7(
@@ -755,7 +754,7 @@ _SPECS: list[DatasetSpec] = [
             notes="The only camera is on the grabber (wrist); primary is ''.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="viola",
         tfds_name="viola",
         **_eef7(
@@ -770,7 +769,7 @@ _SPECS: list[DatasetSpec] = [
             proprio_dim=9,
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="berkeley_autolab_ur5",
         tfds_name="berkeley_autolab_ur5",
         **_eef7(
@@ -788,7 +787,7 @@ _SPECS: list[DatasetSpec] = [
             "(13), action blocked (14).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="toto",
         tfds_name="toto",
         **_eef7(
@@ -803,7 +802,7 @@ _SPECS: list[DatasetSpec] = [
             notes="Pouring/scooping; the instruction is nearly constant (Octo blanks it).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="language_table",
         tfds_name="language_table",
         **_eef7(
@@ -822,7 +821,7 @@ _SPECS: list[DatasetSpec] = [
             "codepoints, zero-padded, decoded to UTF-8.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="stanford_hydra_dataset_converted_externally_to_rlds",
         tfds_name="stanford_hydra_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -838,7 +837,7 @@ _SPECS: list[DatasetSpec] = [
             notes="state (27): eef xyz (0:3), quaternion (3:7), euler (7:10), ..., gripper (24).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="austin_buds_dataset_converted_externally_to_rlds",
         tfds_name="austin_buds_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -854,7 +853,7 @@ _SPECS: list[DatasetSpec] = [
             notes="state (24): joints (0:7), gripper (7), eef 4x4 matrix (8:24).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="nyu_franka_play_dataset_converted_externally_to_rlds",
         tfds_name="nyu_franka_play_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -872,7 +871,7 @@ _SPECS: list[DatasetSpec] = [
             "terminate (14); the eef delta and gripper are used. state (13): joints, eef xyz+rpy.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="furniture_bench_dataset_converted_externally_to_rlds",
         tfds_name="furniture_bench_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -888,7 +887,7 @@ _SPECS: list[DatasetSpec] = [
             notes="action (8): eef delta xyz, delta quaternion (x, y, z, w) -> roll/pitch/yaw, gripper.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="ucsd_kitchen_dataset_converted_externally_to_rlds",
         tfds_name="ucsd_kitchen_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -905,7 +904,7 @@ _SPECS: list[DatasetSpec] = [
             "convention not verified; kept as stored.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="austin_sailor_dataset_converted_externally_to_rlds",
         tfds_name="austin_sailor_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -920,7 +919,7 @@ _SPECS: list[DatasetSpec] = [
             proprio_dim=8,
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="austin_sirius_dataset_converted_externally_to_rlds",
         tfds_name="austin_sirius_dataset_converted_externally_to_rlds",
         **_eef7(
@@ -935,7 +934,7 @@ _SPECS: list[DatasetSpec] = [
             proprio_dim=8,
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="bc_z",
         tfds_name="bc_z",
         **_eef7(
@@ -955,7 +954,7 @@ _SPECS: list[DatasetSpec] = [
             "rotation is axis-angle (not roll/pitch/yaw).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="dlr_edan_shared_control_converted_externally_to_rlds",
         tfds_name="dlr_edan_shared_control_converted_externally_to_rlds",
         **_eef7(
@@ -969,7 +968,7 @@ _SPECS: list[DatasetSpec] = [
             proprio_dim=7,
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="iamlab_cmu_pickup_insert_converted_externally_to_rlds",
         tfds_name="iamlab_cmu_pickup_insert_converted_externally_to_rlds",
         **_eef7(
@@ -987,7 +986,7 @@ _SPECS: list[DatasetSpec] = [
             "gripper (kept as stored).",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="utaustin_mutex",
         tfds_name="utaustin_mutex",
         **_eef7(
@@ -1002,7 +1001,7 @@ _SPECS: list[DatasetSpec] = [
             proprio_dim=8,
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="berkeley_fanuc_manipulation",
         tfds_name="berkeley_fanuc_manipulation",
         **_eef7(
@@ -1019,7 +1018,7 @@ _SPECS: list[DatasetSpec] = [
             "closed) stands in for it, inverted.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="cmu_stretch",
         tfds_name="cmu_stretch",
         **_eef7(
@@ -1035,7 +1034,7 @@ _SPECS: list[DatasetSpec] = [
         ),
     ),
     # ---- further Open-X datasets ------------------------------------------------------
-    DatasetSpec(
+    RawLayout(
         name="bridge_orig",
         tfds_name="bridge_orig",
         **_eef7(
@@ -1056,7 +1055,7 @@ _SPECS: list[DatasetSpec] = [
             notes="bridge_dataset under the name OpenVLA uses; same features.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="bridge_oxe",
         tfds_name="bridge",
         **_eef7(
@@ -1071,7 +1070,7 @@ _SPECS: list[DatasetSpec] = [
             notes="The Open-X release of Bridge (TFDS name 'bridge'): one camera, RT-1-style action dict.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="fmb_dataset",
         tfds_name="fmb_dataset",
         **_eef7(
@@ -1088,7 +1087,7 @@ _SPECS: list[DatasetSpec] = [
             notes="Berkeley Functional Manipulation Benchmark. A second wrist view (image_wrist_2) is not used.",
         ),
     ),
-    DatasetSpec(
+    RawLayout(
         name="dobbe",
         tfds_name="dobbe",
         **_eef7(
@@ -1107,7 +1106,14 @@ _SPECS: list[DatasetSpec] = [
     ),
 ]
 
-_METAWORLD_COMMON = dict(
+# Meta-World (v3, installed package): frame_skip 5 x MuJoCo timestep 0.0025 s = 12.5 ms per env step.
+METAWORLD_CONTROL_HZ = 80.0
+METAWORLD_GRIPPER_DIM = 3  # action = xyz delta (3) + gripper effort (1)
+
+# Not an Open-X dataset: jaxvla.data.registry registers it as "metaworld" (aliases metaworld_mt10 /
+# metaworld_mt50: every task set is the same builder and mapping).
+METAWORLD_LAYOUT = RawLayout(
+    name="metaworld",
     tfds_name="metaworld",
     primary_image="image",
     secondary_image=None,
@@ -1115,111 +1121,23 @@ _METAWORLD_COMMON = dict(
     action=_parts(("action", 0, 4)),
     action_encoding=XYZ_GRIPPER,
     action_dim=4,
-    gripper_dims=(3,),
+    gripper_dims=(METAWORLD_GRIPPER_DIM,),
     normalize_mask=(True, True, True, False),
     gripper_convention="effort_close_positive",
-    control_hz=80.0,
+    control_hz=METAWORLD_CONTROL_HZ,
     language_key=_STEP_LANG,
     proprio=_parts("observation/state"),
     proprio_encoding="metaworld_state",
     proprio_dim=39,
     action_on_last_step=False,
+    notes="Meta-World expert episodes rendered by jaxvla.data.metaworld_rlds (any task set). "
+    "The last RLDS step holds only the final frame (zero action, has_action False). "
+    "Proprio is the full 39-d state, which includes object and goal positions. 80 Hz: "
+    "frame_skip 5 x timestep 0.0025 s.",
 )
 
-for _name, _what in (
-    ("metaworld", "any task set"),
-    ("metaworld_mt10", "the MT10 tasks"),
-    ("metaworld_mt50", "the MT50 tasks"),
-):
-    _SPECS.append(
-        DatasetSpec(
-            name=_name,
-            notes=f"Meta-World expert episodes rendered by jaxvla.data.metaworld_rlds ({_what}). "
-            "The last RLDS step holds only the final frame (zero action, has_action False). "
-            "Proprio is the full 39-d state, which includes object and goal positions. 80 Hz: "
-            "frame_skip 5 x timestep 0.0025 s.",
-            **_METAWORLD_COMMON,
-        )
-    )
-
-OXE_DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
-if len(OXE_DATASETS) != len(_SPECS):
-    raise RuntimeError("duplicate dataset names in the registry")
-
-# Short names accepted by get_dataset_spec (and in mixture strings).
-ALIASES: dict[str, str] = {
-    "fractal": "fractal20220817_data",
-    "rt1": "fractal20220817_data",
-    "bridge": "bridge_dataset",
-    "nyu_door_opening": "nyu_door_opening_surprising_effectiveness",
-    "cable_routing": "berkeley_cable_routing",
-    "stanford_hydra": "stanford_hydra_dataset_converted_externally_to_rlds",
-    "austin_buds": "austin_buds_dataset_converted_externally_to_rlds",
-    "nyu_franka_play": "nyu_franka_play_dataset_converted_externally_to_rlds",
-    "furniture_bench": "furniture_bench_dataset_converted_externally_to_rlds",
-    "ucsd_kitchen": "ucsd_kitchen_dataset_converted_externally_to_rlds",
-    "austin_sailor": "austin_sailor_dataset_converted_externally_to_rlds",
-    "austin_sirius": "austin_sirius_dataset_converted_externally_to_rlds",
-    "dlr_edan_shared_control": "dlr_edan_shared_control_converted_externally_to_rlds",
-    "iamlab_cmu_pickup_insert": "iamlab_cmu_pickup_insert_converted_externally_to_rlds",
-    "berkeley_fanuc": "berkeley_fanuc_manipulation",
-    "fmb": "fmb_dataset",
-    "berkeley_fmb": "fmb_dataset",
-}
-for _alias, _target in ALIASES.items():
-    if _target not in OXE_DATASETS or _alias in OXE_DATASETS:
-        raise RuntimeError(f"bad alias {_alias!r} -> {_target!r}")
-
-
-def dataset_names(include_aliases: bool = False) -> list[str]:
-    names = sorted(OXE_DATASETS)
-    return sorted(names + list(ALIASES)) if include_aliases else names
-
-
-def canonical_name(name: str) -> str | None:
-    """Registry name for ``name`` (exact, alias, case-insensitive), or None."""
-    if not isinstance(name, str):
-        return None
-    key = name.strip()
-    for candidate in (key, key.lower()):
-        if candidate in OXE_DATASETS:
-            return candidate
-        if candidate in ALIASES:
-            return ALIASES[candidate]
-    return None
-
-
-def unknown_name_message(kind: str, name: Any, known: Mapping[str, list[str]]) -> str:
-    """"unknown <kind> 'x'. Did you mean [...]? Known <label>: a, b, ..." for each label."""
-    candidates = sorted({n for names in known.values() for n in names})
-    close = difflib.get_close_matches(str(name).strip().lower(), candidates, n=5, cutoff=0.5)
-    hint = f" Did you mean {close}?" if close else ""
-    listed = " ".join(f"Known {label}: {', '.join(names)}." for label, names in known.items())
-    return f"unknown {kind} {name!r}.{hint} {listed}"
-
-
-def get_dataset_spec(name: str | DatasetSpec) -> DatasetSpec:
-    """The spec registered under ``name`` (or an alias); KeyError lists close and known names."""
-    if isinstance(name, DatasetSpec):
-        return name
-    canonical = canonical_name(name)
-    if canonical is None:
-        raise KeyError(
-            unknown_name_message(
-                "dataset", name, {"datasets": dataset_names(), "aliases": sorted(ALIASES)}
-            )
-        )
-    return OXE_DATASETS[canonical]
-
-
-def standardize(name: str | DatasetSpec, trajectory: Mapping[str, Any]) -> dict[str, Any]:
-    """``get_dataset_spec(name).standardize(trajectory)``."""
-    return get_dataset_spec(name).standardize(trajectory)
-
-
-def frame_gap(name: str | DatasetSpec, seconds: float = gaps.ROBOT_GAP_SECONDS) -> int:
-    return get_dataset_spec(name).frame_gap(seconds)
-
-
-if not all(math.isfinite(s.control_hz) for s in _SPECS):
-    raise RuntimeError("non-finite control frequency in the registry")
+OXE_LAYOUTS: dict[str, RawLayout] = {layout.name: layout for layout in _LAYOUTS}
+if len(OXE_LAYOUTS) != len(_LAYOUTS):
+    raise RuntimeError("duplicate dataset names in the Open-X layouts")
+if not all(math.isfinite(layout.control_hz) for layout in (*_LAYOUTS, METAWORLD_LAYOUT)):
+    raise RuntimeError("non-finite control frequency in the Open-X layouts")

@@ -1,10 +1,20 @@
 """The data pipeline the stages use: dataset specs -> per-process numpy batches.
 
+Datasets are named in ``jaxvla.data.registry`` (one ``DatasetSpec`` each: the Open-X datasets,
+``metaworld``, ``video_folder``, anything added with ``register_dataset``); ``config.data.mixture``
+/ ``config.data.dataset`` are resolved by ``jaxvla.data.mixtures.resolve_mixture`` and each
+dataset's pair gap by ``registry.dataset_gap``.
+
     from jaxvla.data.pipeline import default_data_config, make_batches
     data = default_data_config(); data.data_dir = "runs/data/metaworld_mt10_64"; data.sample = "pairs"
     batches = make_batches(data, batch_size=16, train=True, seed=0)   # this process's batches
     batch = next(iter(batches))   # {"observation": {"image_primary": uint8 [16, 2, 64, 64, 3], ...}, ...}
     batches.statistics["metaworld"]["action"]["q01"]                  # for checkpoint assets
+
+Whole trajectories' frames instead of samples: ``trajectory_frames(data, split, image_size=S)``
+yields (traj_key, uint8 [T, S, S, 3]) of every trajectory in file order, through the same
+reader (``make_trajectory_dataset``) and decode; the image tokenizer and the LAQ labeller read
+their frames with it.
 
 Stages of ``make_batches`` (per dataset of the mixture, then mixed):
 
@@ -54,18 +64,26 @@ frame itself, with history the window's last frame; ``pairs``: x_t; ``clips``: t
 exist only for frames with a full LAQ window ahead, e.g. not for a trajectory's last H frames) are
 dropped.
 
-Config keys read (``config.data.*``; ``default_data_config()`` has them all with defaults):
+Config keys read (``config.data.*``): this is the one list of them; ``default_data_config()``
+holds them all with their defaults, the one place defaults are written. ``make_batches`` fills the
+keys a (partial) dict or ConfigDict lacks from it once (``with_defaults``) and refuses a key not
+listed here with a ValueError naming it (except ``STAGE_DATA_KEYS``, the stage configs' Meta-World
+prerequisite keys, which it ignores):
 
     data_dir              TFDS data_dir holding the datasets (or one dataset's version dir)
-    dataset               single dataset name (``metaworld``, ``video_folder``: the folder of
-                          clips at ``data_dir``, see ``jaxvla.data.video``; or any registered
-                          spec) when ``mixture`` is empty
-    mixture               mixture name (``jaxvla.data.mixtures``), or "name:weight,name:weight"
+    dataset               single dataset name or alias of ``jaxvla.data.registry``
+                          (``metaworld``, ``video_folder``: the folder of clips at ``data_dir``,
+                          see ``jaxvla.data.video``; an Open-X dataset; or any registered spec)
+                          when ``mixture`` is empty
+    mixture               anything ``mixtures.resolve_mixture`` takes: a mixture name, a dataset
+                          name, or "name:weight,name:weight"
     split, eval_split     "" -> the spec's train / val split
     sample                frames | pairs | clips | chunks
     image_size            S (square resize, antialiased)
     cameras               comma list of cameras to decode ("primary")
-    gap_seconds           0 -> 0.6 s for robot data, 2.4 s for human video (spec ``kind``)
+    gap_seconds           0 -> ``gaps.ROBOT_GAP_SECONDS`` (0.6 s) for robot data,
+                          ``gaps.HUMAN_GAP_SECONDS`` (2.4 s) for human video (spec ``kind``;
+                          ``registry.dataset_gap``)
     gap_frames            > 0 overrides every dataset's gap (frames)
     clip_length, clip_stride   L (clips have L+1 frames) and the frame stride
     chunk_size, chunk_pad      K and "zero" | "last"
@@ -111,7 +129,6 @@ shares and so sees different (equally valid) batches.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -123,15 +140,10 @@ import tensorflow_datasets as tfds
 
 from jaxvla.data import frame_transforms as ft
 from jaxvla.data import latent_labels as latent_lib
-from jaxvla.data import mixtures as oxe_mixtures
-from jaxvla.data import oxe
 from jaxvla.data import stats as stats_lib
 from jaxvla.data import traj_transforms as tt
-from jaxvla.data import video as video_lib
 from jaxvla.data.dataset import (
     AUTOTUNE,
-    METAWORLD_CONTROL_HZ,
-    METAWORLD_GRIPPER_DIM,
     TrajDataset,
     _default_process,
     _derive_seed,
@@ -140,10 +152,10 @@ from jaxvla.data.dataset import (
     is_dir,
     load_builder,
     path_exists,
-    standardize_metaworld,
     translate_error,
 )
-from jaxvla.data.gaps import HUMAN_GAP_SECONDS, ROBOT_GAP_SECONDS, frame_gap
+from jaxvla.data.mixtures import resolve_mixture
+from jaxvla.data.registry import DatasetSpec, dataset_gap, get_dataset_spec
 
 log = logging.getLogger("jaxvla")
 
@@ -151,166 +163,8 @@ SAMPLE_KINDS = ("frames", "pairs", "clips", "chunks")
 
 
 # --------------------------------------------------------------------------- dataset specs
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """How to read one dataset.
-
-    name: dataset name (traj keys, statistics, logs).
-    builder_dir: TFDS version dir; absolute, or relative to ``data_dir``; "" -> ``<data_dir>/<name>``
-      (its newest version), or ``data_dir`` itself when that is a version dir.
-    standardize_fn: raw RLDS trajectory -> schema dict (callable or "module:function").
-    control_hz: control frequency (robot) or frames per second (video), for the frame gap.
-    kind: "robot" (default gap 0.6 s) or "human" (2.4 s).
-    gap_frames: a fixed gap in frames (e.g. 3 on Bridge), overriding seconds x hz.
-    train_split, val_split: split names (TFDS slices allowed).
-    image_shape: expected decoded (H, W) of this dataset's images (checked), or None.
-    gripper_dims: binary action dims (bin edges; left unnormalised by default).
-    normalize_mask: per action dim, True = normalised (None: every dim but ``gripper_dims``).
-    fingerprint: a hash of the standardisation mapping (part of the statistics cache key).
-    few_demo_task_key / few_demo_order_key: keys identifying an episode's task and its order for
-      ``few_demos_per_task`` ("episode_metadata/..." keys read the raw layout).
-    trajectories_fn: for non-RLDS sources (e.g. human video): ``(split=, train=, seed=,
-      process_index=, process_count=, data_dir=) -> TrajDataset`` of schema trajectories;
-      replaces the RLDS reader. ``data_dir`` is ``config.data.data_dir`` (the
-      ``video_folder`` entry's ``video.VideoFolderSource`` reads that folder; others may ignore it).
-    """
-
-    name: str
-    builder_dir: str = ""
-    standardize_fn: Callable | str | None = None
-    control_hz: float | None = None
-    kind: str = "robot"
-    gap_frames: int | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    image_shape: tuple[int, ...] | None = None
-    gripper_dims: tuple[int, ...] = (-1,)
-    normalize_mask: tuple[bool, ...] | None = None
-    fingerprint: str = ""
-    few_demo_task_key: str = "task/language_instruction"
-    few_demo_order_key: str | None = None
-    trajectories_fn: Callable[..., TrajDataset] | None = None
-
-
-METAWORLD_SPEC = DatasetSpec(
-    name="metaworld",
-    builder_dir="metaworld/1.0.0",
-    standardize_fn=standardize_metaworld,
-    control_hz=METAWORLD_CONTROL_HZ,
-    kind="robot",
-    gripper_dims=(METAWORLD_GRIPPER_DIM,),
-    few_demo_task_key="episode_metadata/task",
-    few_demo_order_key="episode_metadata/episode_id",
-)
-
-# Any folder of clips, named by config.data.data_dir (jaxvla.data.video: 12 fps, center-cropped
-# square frames, the folder's labels.json as instructions when present); register_video_folder
-# adds folders under names of their own (other rates, crops, labels, or several in a mixture).
-VIDEO_FOLDER_SPEC = DatasetSpec(
-    name="video_folder",
-    control_hz=video_lib.VIDEO_FOLDER_FPS,
-    kind="human",
-    val_split="train",
-    gripper_dims=(),
-    fingerprint=repr(video_lib.VideoFolderSource()),
-    trajectories_fn=video_lib.VideoFolderSource(),
-)
-
-_DATASETS: dict[str, DatasetSpec] = {"metaworld": METAWORLD_SPEC, "video_folder": VIDEO_FOLDER_SPEC}
-
-
-def register_dataset(spec: Any) -> None:
-    """Makes ``spec`` available by name (``config.data.dataset`` / mixtures)."""
-    spec = as_spec(spec)
-    _DATASETS[spec.name] = spec
-
-
-def as_spec(spec: Any) -> DatasetSpec:
-    """A ``DatasetSpec`` from a spec, a dict with its fields, or another spec object (e.g.
-    ``jaxvla.data.oxe.DatasetSpec``): its attributes of the same names are used, ``tfds_name`` is
-    the builder directory (``<data_dir>/<tfds_name>/<newest version>``) and ``fingerprint()`` its
-    fingerprint."""
-    if isinstance(spec, DatasetSpec):
-        return spec
-    fields = {f.name for f in dataclasses.fields(DatasetSpec)}
-    if isinstance(spec, Mapping):
-        values = dict(spec)
-    elif hasattr(spec, "name"):
-        values = {}
-        for field in fields:
-            try:
-                value = getattr(spec, field)
-            except AttributeError:
-                continue
-            if field == "fingerprint":
-                value = value() if callable(value) else value
-                value = value if isinstance(value, str) else ""
-            values[field] = value
-        if not values.get("builder_dir") and getattr(spec, "tfds_name", None):
-            values["builder_dir"] = str(spec.tfds_name)
-    else:
-        raise TypeError(f"not a dataset spec: {spec!r}")
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"dataset spec {values.get('name')!r}: unknown fields {unknown}; known: {sorted(fields)}")
-    if "gripper_dims" in values and values["gripper_dims"] is not None:
-        values["gripper_dims"] = tuple(int(d) for d in values["gripper_dims"])
-    if values.get("image_shape") is not None:
-        values["image_shape"] = tuple(int(d) for d in values["image_shape"])
-    if values.get("normalize_mask") is not None:
-        values["normalize_mask"] = tuple(bool(m) for m in values["normalize_mask"])
-    return DatasetSpec(**values)
-
-
-def _from_module(module: Any, getter: str, tables: Sequence[str], name: str) -> Any:
-    fn = getattr(module, getter, None)
-    if callable(fn):
-        try:
-            return fn(name)
-        except (KeyError, ValueError):
-            pass
-    for table in tables:
-        values = getattr(module, table, None)
-        if isinstance(values, Mapping) and name in values:
-            return values[name]
-    return None
-
-
-def get_dataset_spec(name: str) -> DatasetSpec:
-    """A registered spec, else one from ``jaxvla.data.oxe`` (``get_dataset_spec(name)`` or a
-    ``DATASETS`` / ``OXE_DATASETS`` table)."""
-    if name in _DATASETS:
-        return _DATASETS[name]
-    found = _from_module(oxe, "get_dataset_spec", ("DATASETS", "OXE_DATASETS"), name)
-    if found is None:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(_DATASETS)} (and jaxvla.data.oxe's)")
-    return as_spec(found)
-
-
-def get_mixture(name: str) -> list[tuple[Any, float]]:
-    """``jaxvla.data.mixtures.resolve_mixture(name)`` (mixture names, dataset names / aliases,
-    ``"a:1,b:0.5"``) unless every dataset named is registered here, then this module's own parsing
-    of ``"a:1,b:0.5"`` -> [(dataset name or spec, weight)]."""
-    if not all(part.split(":")[0].strip() in _DATASETS for part in name.split(",") if part.strip()):
-        return [(spec, float(weight)) for spec, weight in oxe_mixtures.resolve_mixture(name)]
-    if ":" in name or "," in name:
-        entries = []
-        for part in name.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            dataset, _, weight = part.partition(":")
-            entries.append((dataset.strip(), float(weight) if weight else 1.0))
-        return entries
-    found = _from_module(oxe_mixtures, "get_mixture", ("MIXTURES", "OXE_MIXTURES"), name)
-    if found is None:
-        if name in _DATASETS:
-            return [(name, 1.0)]
-        raise KeyError(f"unknown mixture {name!r}; datasets registered here: {sorted(_DATASETS)} (and "
-                       "jaxvla.data.mixtures')")
-    return [(str(n), float(w)) for n, w in (found.items() if isinstance(found, Mapping) else found)]
+# One DatasetSpec per dataset: jaxvla.data.registry (get_dataset_spec, register_dataset,
+# dataset_gap); mixtures: jaxvla.data.mixtures.resolve_mixture.
 
 
 def _resolve_fn(fn: Callable | str | None) -> Callable | None:
@@ -402,23 +256,6 @@ def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
-def dataset_gap(spec: DatasetSpec, gap_seconds: float = 0.0, gap_frames: int = 0) -> int:
-    """H for ``spec``: ``gap_frames`` > 0, else the spec's ``gap_frames``, else
-    ``gaps.frame_gap(control_hz, seconds)`` with seconds = ``gap_seconds`` or 0.6 (robot) / 2.4
-    (human)."""
-    if gap_frames and int(gap_frames) > 0:
-        return int(gap_frames)
-    if spec.gap_frames:
-        return int(spec.gap_frames)
-    seconds = float(gap_seconds) if gap_seconds else (HUMAN_GAP_SECONDS if spec.kind == "human" else ROBOT_GAP_SECONDS)
-    if not spec.control_hz:
-        raise ValueError(
-            f"dataset {spec.name!r}: no control_hz / fps in its spec, so the frame gap cannot be derived "
-            "from seconds; set the spec's gap_frames or config.data.gap_frames"
-        )
-    return frame_gap(spec.control_hz, seconds)
-
-
 # --------------------------------------------------------------------------- trajectories
 
 
@@ -448,7 +285,7 @@ def dataset_statistics(
     whole train split (all processes alike; only the first ``few_demos_per_task`` episodes of every
     task when > 0, i.e. the finetuning data), cached under ``stats_dir`` keyed by the spec, the
     split, the episode subset, the builder dir and its fingerprint."""
-    spec = as_spec(spec)
+    spec = get_dataset_spec(spec)
     split = split or spec.train_split
     if spec.trajectories_fn is not None:
         trajectories = spec.trajectories_fn(split=split, train=False, seed=0, process_index=0, process_count=1,
@@ -505,7 +342,7 @@ def make_trajectory_dataset(
 
     ``split`` None / "" -> the spec's train or val split (by ``train``). The file order is
     shuffled every pass when ``train``."""
-    spec = as_spec(dataset_spec)
+    spec = get_dataset_spec(dataset_spec)
     if not split:
         split = spec.train_split if train else spec.val_split
     if spec.trajectories_fn is not None:
@@ -536,6 +373,66 @@ def make_trajectory_dataset(
     )
 
 
+def trajectory_frames(
+    data_config: Any,
+    split: str | None,
+    *,
+    image_size: int,
+    camera: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    mixture: Sequence[tuple[Any, float]] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(traj_key, frames uint8 [T, S, S, 3]) of every trajectory of ``config.data``'s mixture (or
+    single dataset), dataset after dataset, each in file order: the one RLDS reader
+    (``make_trajectory_dataset``, deterministic, no shuffling) with the pipeline's decode + resize
+    (a frame already S x S is not resampled).
+
+    Args:
+      data_config: ``config.data``; reads ``mixture`` / ``dataset``, ``data_dir`` and ``cameras``.
+      split: the split of every dataset; None / "" -> each spec's train split.
+      image_size: S.
+      camera: the camera decoded; None -> the first of ``config.data.cameras`` ("primary").
+      process_index, process_count: this process's disjoint share of each dataset's files
+        (default: all of it).
+      mixture: [(spec or dataset name, weight)] overriding ``config.data.mixture`` / ``dataset``;
+        entries with weight <= 0 are skipped, the weights are otherwise ignored.
+    """
+    def get(key: str) -> Any:
+        return data_config.get(key) if data_config is not None else None
+
+    if camera is None:
+        camera = str(get("cameras") or "primary").split(",")[0].strip() or "primary"
+    if mixture is None:
+        name = get("mixture") or get("dataset")
+        if not name:
+            raise ValueError("config.data.mixture and config.data.dataset are both empty; name a dataset")
+        mixture = get("mixture") or [(name, 1.0)]
+    image_size = int(image_size)
+    key = f"image_{camera}"
+    for spec, weight in resolve_mixture(mixture):
+        if float(weight) <= 0:
+            continue
+        trajectories = make_trajectory_dataset(
+            spec, split or spec.train_split, False, 0, process_index, process_count, data_dir=get("data_dir"),
+            deterministic=True,
+        )
+        if key not in trajectories.element_spec["observation"]:
+            cameras = sorted(k[len("image_"):] for k in trajectories.element_spec["observation"] if k.startswith("image_"))
+            raise KeyError(f"dataset {spec.name!r} has no camera {camera!r} (config.data.cameras); it has {cameras}")
+        shape = np.asarray(list(spec.image_shape or (0, 0))[:2], np.int32)
+
+        def decode(t, spec=spec, shape=shape):
+            images = ft.decode_and_resize(
+                t["observation"][key], image_size, expected_shape=shape, context=f"dataset '{spec.name}' {key}"
+            )
+            return {"traj_key": t["traj_key"][0], "images": images}
+
+        dataset = trajectories.traj_map(decode).dataset.prefetch(AUTOTUNE)
+        for item in dataset.as_numpy_iterator():
+            yield item["traj_key"].decode("utf-8"), item["images"]
+
+
 def _few_demo_indices(spec: DatasetSpec, builder_dir: str, split: str, num: int, standardize) -> list[int] | None:
     if not num or num <= 0:
         return None
@@ -553,7 +450,9 @@ def _few_demo_indices(spec: DatasetSpec, builder_dir: str, split: str, num: int,
 
 
 def default_data_config():
-    """``config.data`` with every key ``make_batches`` reads (an ml_collections ConfigDict)."""
+    """``config.data`` with every key ``make_batches`` reads and its default (an ml_collections
+    ConfigDict): the one place the defaults are written. The keys are described in this module's
+    docstring."""
     import ml_collections
 
     return ml_collections.ConfigDict(
@@ -607,15 +506,39 @@ def default_data_config():
     )
 
 
-def _cfg(config: Any, key: str, default: Any = None) -> Any:
+# Keys the stage configs keep in ``config.data`` for their embedded Meta-World prerequisite
+# (``jaxvla.data.embedded``; configs/laq.py, pretrain.py, finetune.py): not read by ``make_batches``,
+# which accepts and ignores them.
+STAGE_DATA_KEYS = ("generate_metaworld", "metaworld_tasks", "metaworld_episodes_per_task")
+
+
+def _config_items(config: Any) -> dict[str, Any]:
+    """The top-level (key, value) pairs of a dict, a ConfigDict (references resolved) or None."""
     if config is None:
-        return default
+        return {}
     if isinstance(config, Mapping):
-        return config.get(key, default)
-    try:
-        return config.get(key, default)
-    except AttributeError:
-        return getattr(config, key, default)
+        return dict(config)
+    if hasattr(config, "keys"):
+        return {key: config[key] for key in config.keys()}
+    raise TypeError(f"config.data: expected a dict or ConfigDict, got {type(config).__name__}")
+
+
+def with_defaults(data_config: Any) -> dict[str, Any]:
+    """``config.data`` (a dict or ConfigDict, possibly partial) as a dict holding every key of
+    ``default_data_config()``: the given values, the defaults for the keys not given (also inside
+    ``augmentation``). A key ``default_data_config()`` lacks raises ValueError naming it, except the
+    stage keys ``STAGE_DATA_KEYS`` (dropped)."""
+    defaults = _config_items(default_data_config())
+    given = _config_items(data_config)
+    unknown = sorted(set(given) - set(defaults) - set(STAGE_DATA_KEYS))
+    if unknown:
+        raise ValueError(
+            f"config.data: unknown key(s) {unknown}; the data pipeline reads {sorted(defaults)} "
+            "(jaxvla.data.pipeline's module docstring)"
+        )
+    merged = {key: given.get(key, default) for key, default in defaults.items()}
+    merged["augmentation"] = {**_config_items(defaults["augmentation"]), **_config_items(given.get("augmentation"))}
+    return merged
 
 
 def _image_size(value: Any, entries: Sequence[tuple[DatasetSpec, float]] = (), data_dir: Any = None) -> int:
@@ -762,7 +685,8 @@ def make_batches(
     """Per-process numpy batches of ``config.data.sample`` samples (module docstring).
 
     Args:
-      data_config: ``config.data`` (ConfigDict or dict; missing keys take the defaults).
+      data_config: ``config.data`` (ConfigDict or dict; missing keys take ``default_data_config()``'s
+        values, an unknown key raises ValueError: ``with_defaults``).
       batch_size: rows per batch on THIS process (global batch / process count).
       train: training (shuffled files, augmentation, train split) or evaluation (val split, no
         augmentation, deterministic).
@@ -771,11 +695,10 @@ def make_batches(
       start_step: skip this many batches (resume).
       mixture: [(spec or dataset name, weight)] overriding ``config.data.mixture`` / ``dataset``.
     """
-    cfg = data_config
-    defaults = default_data_config()
+    cfg = with_defaults(data_config)  # the defaults, once
 
     def get(key):
-        return _cfg(cfg, key, defaults[key])
+        return cfg[key]
 
     sample = get("sample")
     if sample not in SAMPLE_KINDS:
@@ -794,9 +717,8 @@ def make_batches(
         name = get("mixture") or get("dataset")
         if not name:
             raise ValueError("config.data.mixture and config.data.dataset are both empty; name a dataset")
-        mixture = get_mixture(name) if get("mixture") else [(name, 1.0)]
-    entries = [(get_dataset_spec(s) if isinstance(s, str) else as_spec(s), float(w)) for s, w in mixture]
-    entries = [(s, w) for s, w in entries if w > 0]
+        mixture = get("mixture") or [(name, 1.0)]
+    entries = [(s, float(w)) for s, w in resolve_mixture(mixture) if w > 0]
     if not entries:
         raise ValueError(f"mixture {mixture!r} has no dataset with a positive weight")
     image_size = _image_size(get("image_size"), entries, data_dir)

@@ -16,7 +16,8 @@ labeller's ``meta``).
 
 LAPA's frame gap for human video is about 2.4 s (``gaps.HUMAN_GAP_SECONDS``); its SSv2 latent
 action quantizer pairs frames ``SSV2_FRAME_OFFSET = 30`` apart on videos stored at
-``SSV2_FPS = 12`` (30 / 12 = 2.5 s). ``human_video_frame_gap(fps)`` turns the gap into frames.
+``SSV2_FPS = 12`` (30 / 12 = 2.5 s). ``registry.dataset_gap`` turns the gap of a ``kind="human"``
+spec (such as the ``video_folder`` entry, ``video_folder_spec``) into frames at its fps.
 
 Something-Something-v2 layout::
 
@@ -62,7 +63,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxvla.data.gaps import HUMAN_GAP_SECONDS, frame_gap
 from jaxvla.data.schema import IMAGE_CAMERAS
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,6 @@ VIDEO_FOLDER_LABELS = "labels.json"  # the labels file a video_folder entry read
 
 class VideoDecodeError(ValueError):
     """A video file that cannot be opened or decoded; the message names the file."""
-
-
-def human_video_frame_gap(fps: float, seconds: float = HUMAN_GAP_SECONDS) -> int:
-    """The frame offset between the two frames of a human-video pair at ``fps`` (at least 1):
-    ``gaps.frame_gap(fps, seconds)``."""
-    return frame_gap(fps, seconds)
 
 
 def _as_fraction(value: float, name: str) -> Fraction:
@@ -689,7 +683,7 @@ def video_trajectory_dataset(
 
 @dataclasses.dataclass(frozen=True)
 class VideoFolderSource:
-    """The ``trajectories_fn`` of a video folder dataset spec (``pipeline.DatasetSpec``): reads
+    """The ``trajectories_fn`` of a video folder dataset spec (``registry.DatasetSpec``): reads
     ``video_dir`` (None: the ``data_dir`` the pipeline passes, i.e. ``config.data.data_dir``) with a
     ``VideoFolderReader``; undecodable clips and labelled ids without a file are skipped and
     counted. The labels file is ``labels`` (a relative path that does not exist is taken inside the
@@ -743,11 +737,11 @@ class VideoFolderSource:
 
 
 def video_folder_spec(video_dir: str | os.PathLike | None = None, name: str = "video_folder", **settings: Any):
-    """A ``pipeline.DatasetSpec`` reading a folder of clips (``VideoFolderSource(video_dir, name,
+    """A ``registry.DatasetSpec`` reading a folder of clips (``VideoFolderSource(video_dir, name,
     **settings)``: labels, fps, crop, image_size, extensions, recursive, num_workers, action_dim):
     kind "human", ``control_hz`` = fps (gaps in seconds become frames at it), one split (the
     validation split reads the same clips)."""
-    from jaxvla.data.pipeline import DatasetSpec  # TensorFlow; and jaxvla.data.pipeline imports this module
+    from jaxvla.data.registry import DatasetSpec  # a cycle: jaxvla.data.registry imports this module
 
     if "extensions" in settings and settings["extensions"] is not None:
         settings["extensions"] = _extensions(settings["extensions"])
@@ -764,7 +758,7 @@ def video_folder_spec(video_dir: str | os.PathLike | None = None, name: str = "v
 def register_video_folder(name: str, video_dir: str | os.PathLike, **settings: Any):
     """Registers a folder of clips as pipeline dataset ``name`` (``video_folder_spec``), so
     ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the spec."""
-    from jaxvla.data.pipeline import register_dataset  # TensorFlow; and a cycle (see video_folder_spec)
+    from jaxvla.data.registry import register_dataset  # a cycle (see video_folder_spec)
 
     spec = video_folder_spec(video_dir, name, **settings)
     register_dataset(spec)
