@@ -91,7 +91,8 @@ def decode_assets(tree: Any) -> Any:
 # Digests: per-file SHA-256 of every file of a step's items, in ``<step>/jaxvla_digests.json``.
 
 
-def _file_digest(path: str) -> tuple[int, str]:
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex digest) of the file at ``path``, read in 4 MiB blocks."""
     digest, size = hashlib.sha256(), 0
     buffer = bytearray(1 << 22)
     view = memoryview(buffer)
@@ -118,7 +119,7 @@ def _digests(step_dir: str, files: list[str]) -> dict[str, tuple[int, str]]:
     order = sorted(files, key=lambda f: -os.path.getsize(paths[f]))
     workers = max(1, min(16, os.cpu_count() or 1, len(files)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(order, pool.map(lambda f: _file_digest(paths[f]), order)))
+        results = dict(zip(order, pool.map(lambda f: file_digest(paths[f]), order)))
     return results
 
 

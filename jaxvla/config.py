@@ -20,6 +20,10 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import config_flags as _ml_config_flags
 
+from jaxvla.models.transformer import REMAT_POLICIES
+from jaxvla.optim import OPTIMIZERS, SCHEDULES
+from jaxvla.sharding import resolve_mesh_shape
+
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -276,10 +280,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     compiles: ``validate`` calls it, and ``python -m jaxvla.train`` runs it right after parsing the
     flags, before TensorFlow or the trainer are imported.
     """
-    # Local: this module loads without JAX (stage configs and flag parsing import it); these pull it in.
-    from jaxvla.models.transformer import REMAT_POLICIES
-    from jaxvla.optim import OPTIMIZERS, SCHEDULES
-
     if not config.stage:
         raise ConfigError("config.stage is empty; the stage config must set it (e.g. 'tokenizer')")
     positive = [("num_steps", config.num_steps), ("batch_size", config.batch_size), ("log_every", config.log_every),
@@ -318,8 +318,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
     Raises ConfigError (a ValueError) naming the key and the numbers.
     """
-    from jaxvla.sharding import resolve_mesh_shape  # JAX (see check_values)
-
     check_values(config)
     try:
         data, fsdp, tensor = resolve_mesh_shape(

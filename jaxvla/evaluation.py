@@ -143,7 +143,7 @@ def summarize(episodes: Sequence[dict], tasks: Sequence[str], calls: Sequence[tu
 
 def episode_jobs(settings: EvalSettings, tasks: Sequence[str], episodes: int) -> list[tuple[str, int, int]]:
     """``(task, index, seed)`` of every episode, in task / index order."""
-    from jaxvla.sim.metaworld_env import episode_seed
+    from jaxvla.sim.metaworld_env import episode_seed  # Meta-World (MuJoCo)
 
     return [(task, i, episode_seed(EVAL_SEED_BASE + settings.seed, task, i)) for task in tasks
             for i in range(episodes)]
@@ -156,7 +156,7 @@ _worker_state: dict[str, Any] = {}
 
 def _load_policy(settings: EvalSettings):
     """The checkpoint's Policy, kept for the next call with the same settings (per process)."""
-    from jaxvla.policy import Policy
+    from jaxvla.policy import Policy  # JAX (env workers never load it)
 
     key = (settings.checkpoint, settings.execute, settings.tokenizer_checkpoint)
     if _worker_state.get("key") != key:
@@ -200,8 +200,8 @@ def run_episode(settings: EvalSettings, task: str, index: int) -> dict[str, Any]
     ``max_steps``), instruction, policy_calls, policy_seconds, first_call_seconds (includes
     compilation in a fresh process), actions float32 ``[length, A]`` (executed) and, when
     recording, frames uint8 ``[T', S, S, 3]`` (every ``frame_stride``-th)."""
-    from jaxvla.policy import ActionChunker
-    from jaxvla.sim.metaworld_env import MetaWorldEnv, episode_seed
+    from jaxvla.policy import ActionChunker  # JAX (env workers never load it)
+    from jaxvla.sim.metaworld_env import MetaWorldEnv, episode_seed  # Meta-World (MuJoCo)
 
     policy = _load_policy(settings)
     seed = episode_seed(EVAL_SEED_BASE + settings.seed, task, index)
@@ -306,7 +306,7 @@ class EnvSlots:
         self.episodes: dict[int, dict[str, Any]] = {}  # slot -> {"success", "steps", "frames" (or None)}
 
     def _take(self, task: str, seed: int):
-        from jaxvla.sim.metaworld_env import MetaWorldEnv
+        from jaxvla.sim.metaworld_env import MetaWorldEnv  # Meta-World (MuJoCo)
 
         for n, env in enumerate(self.idle):
             if env.task == task:
@@ -562,7 +562,7 @@ def _batched_rollouts(policy, settings: EvalSettings, jobs: Sequence[tuple[str, 
     outcome, if any, is replayed when the task's last episode ends. Returns the episode rows (with
     ``actions``; ``slot``: where it ran), the calls ``(seconds, rows)`` and the seconds of the
     compiling first call (made on the first round's inputs, outside the figures)."""
-    from jaxvla.policy import seed_keys, split_keys
+    from jaxvla.policy import seed_keys, split_keys  # JAX (env workers never load it)
 
     execute = int(settings.execute or policy.execute_steps)
     history = bool(policy.history_frames)
@@ -757,7 +757,7 @@ def evaluate(checkpoint: str, tasks: str | Sequence[str] = "mt10", episodes: int
     ``workers``: environment processes (batched) or policy + environment processes (unbatched),
     default ``min(2, cores)``; ``batch_envs``: episodes at once, one policy call for all of them
     per round (None: ``default_batch_envs``; 0: unbatched, one call per episode replan)."""
-    from jaxvla.sim.metaworld_env import task_names
+    from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
 
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")

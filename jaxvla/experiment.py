@@ -318,7 +318,7 @@ class Experiment:
         """Environment seeds of the pool, the demonstrations (train and held-out) and the evaluation
         placements; disjoint by construction, checked here."""
         # Meta-World (and MuJoCo) load only where a simulator's tasks or episodes are needed.
-        from jaxvla.sim.metaworld_env import episode_seed, task_names
+        from jaxvla.sim.metaworld_env import episode_seed, task_names  # Meta-World (MuJoCo)
 
         p = self.protocol
         streams = {
@@ -339,7 +339,7 @@ class Experiment:
 
     def plan(self) -> dict[str, Any]:
         """Everything the protocol would run, with estimated hours; trains nothing."""
-        from jaxvla.sim.metaworld_env import task_names
+        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
 
         p = self.protocol
         self.seed_streams()
@@ -475,6 +475,7 @@ class Experiment:
     # ------------------------------------------------------------------ data
 
     def _ensure(self, path: str, tasks: str, episodes: int, heldout: int, seed: int) -> str:
+        # Meta-World (MuJoCo):
         from jaxvla.data.metaworld_rlds import dataset_version_dir, make_metaworld_dataset, read_metadata
         from jaxvla.sim.metaworld_env import task_names
 

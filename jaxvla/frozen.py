@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxvla import checkpoint as ckpt
 from jaxvla.config import from_dict
 from jaxvla.data.latent_labels import config_hash
+from jaxvla.data.registry import clip_stride, dataset_gap, get_dataset_spec
 from jaxvla.data.sequences import Vocab
 from jaxvla.data import text as text_lib
 from jaxvla.models.action_heads import ActionEncoder, VelocityHead
@@ -116,7 +118,7 @@ def _manifest_sha256(step_dir: str) -> str:
     """SHA-256 of a step's digest manifest (which holds every file's digest): one value that
     pins the whole step; "" when the step has none."""
     path = os.path.join(step_dir, ckpt.MANIFEST)
-    return ckpt._file_digest(path)[1] if os.path.isfile(path) else ""
+    return ckpt.file_digest(path)[1] if os.path.isfile(path) else ""
 
 
 def bundle_image_tokenizer(source: str, workdir: str) -> dict:
@@ -202,6 +204,66 @@ def resolve_image_tokenizer(checkpoint: str, step: int | None, assets, override:
         + "; pass tokenizer_checkpoint= (or --tokenizer_checkpoint) pointing at it")
 
 
+TEXT_TOKENIZER_BUNDLE = os.path.join("assets", "text_tokenizer")
+
+
+def bundle_text_tokenizer(path: str, workdir: str) -> dict:
+    """Copies a custom SentencePiece model (``config.model.text_tokenizer``; "" is the one in the
+    mistral-common wheel, nothing to bundle) to ``<workdir>/assets/text_tokenizer/<file name>``
+    (atomically; an identical copy already there is kept) and returns the finetuning assets that
+    point at it: ``text_tokenizer_relative`` (relative to the finetuning checkpoint's step
+    directory, like ``tokenizer_relative``) and ``text_tokenizer_sha256``. A missing file raises
+    FileNotFoundError naming ``config.model.text_tokenizer``."""
+    if not path:
+        return {}
+    source = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"config.model.text_tokenizer={path}: no such SentencePiece file")
+    _, sha = ckpt.file_digest(source)
+    name = os.path.basename(source)
+    dest_dir = os.path.join(os.path.abspath(workdir), TEXT_TOKENIZER_BUNDLE)
+    dest = os.path.join(dest_dir, name)
+    if not (os.path.isfile(dest) and ckpt.file_digest(dest)[1] == sha):
+        os.makedirs(dest_dir, exist_ok=True)
+        partial = f"{dest}.partial-{os.getpid()}"
+        shutil.copyfile(source, partial)
+        os.replace(partial, dest)
+    return {"text_tokenizer_relative": os.path.join("..", "..", TEXT_TOKENIZER_BUNDLE, name),
+            "text_tokenizer_sha256": sha}
+
+
+def resolve_text_tokenizer(checkpoint: str, step: int | None, assets, override: str | None = None) -> str:
+    """The SentencePiece file a finetuned policy reads ("" = the wheel's default), in this order:
+    ``override`` (must exist), the copy bundled in the checkpoint's workdir
+    (``text_tokenizer_relative``; its SHA-256 must match ``text_tokenizer_sha256``), the path
+    finetuning recorded (``text_tokenizer``). A custom tokenizer found nowhere: FileNotFoundError
+    naming every path tried."""
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"{checkpoint}: text_tokenizer={override} does not exist")
+        return override
+    recorded = str(assets.get("text_tokenizer", "") or "")
+    relative = assets.get("text_tokenizer_relative")
+    tried = []
+    if relative and checkpoint:
+        step_dir, step_number = ckpt.resolve_checkpoint(checkpoint, step)
+        bundled = os.path.normpath(os.path.join(step_dir, str(relative)))
+        if os.path.isfile(bundled):
+            expected, found = str(assets.get("text_tokenizer_sha256", "")), ckpt.file_digest(bundled)[1]
+            if expected and found != expected:
+                raise ckpt.CorruptCheckpointError(
+                    step_dir, step_number, f"its bundled text tokenizer {bundled} has SHA-256 {found[:16]}..., "
+                    f"the checkpoint recorded {expected[:16]}... (the file was replaced or changed); pass "
+                    "text_tokenizer= to use another")
+            return bundled
+        tried.append(f"{bundled} (bundled, relative to {step_dir})")
+    if not recorded or os.path.isfile(recorded):
+        return recorded
+    tried.append(f"{recorded} (recorded at finetuning)")
+    raise FileNotFoundError(f"{checkpoint}: the text tokenizer is not found; tried {', '.join(tried)}; pass "
+                            "text_tokenizer= pointing at the SentencePiece file")
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage 1: the latent action quantizer.
 
@@ -243,9 +305,12 @@ class LoadedLAQ:
         lapa's H is the Meta-World / dataset gap of the LAQ's data config (``dataset_gap``)."""
         data = self.config.data
         if self.model.variant == "vipra":
-            return np.arange(self.model.num_frames) * int(data.clip_stride or 1)
-        from jaxvla.data.registry import dataset_gap, get_dataset_spec
-
+            seconds = float(data.get("clip_stride_seconds", 0.0) or 0.0)
+            if seconds and data.get("mixture"):
+                raise ValueError("the LAQ was trained on a mixture with config.data.clip_stride_seconds: its stride in "
+                                 "frames differs per dataset; pass the window explicitly")
+            stride = clip_stride(data.dataset, seconds, data.clip_stride) if seconds else int(data.clip_stride or 1)
+            return np.arange(self.model.num_frames) * stride
         spec = get_dataset_spec(data.dataset) if not data.get("mixture") else None
         if spec is None:
             if not data.gap_frames:

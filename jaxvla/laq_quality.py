@@ -56,11 +56,17 @@ import logging
 import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-# TensorFlow (the dataset readers), JAX and the LAQ load inside the functions that run the LAQ over data:
-# the predictors, report and gate need only numpy.
+from jaxvla.data.registry import get_dataset_spec
+from jaxvla.frozen import load_laq
+from jaxvla.losses.tokenizer import images_to_float
+
+# TensorFlow (the dataset readers) loads inside the function that reads episodes: the predictors,
+# report and gate need none of it.
 
 log = logging.getLogger("jaxvla")
 
@@ -446,11 +452,10 @@ def iter_episodes(data_config: Any, split: str, *, image_size: int | None = None
     """The episodes of ``data_config``'s dataset split in file order (one process reads all), with
     their actions whatever ``data.drop_actions`` says. ``episodes_per_task`` > 0 keeps the first N
     episodes of every task (instruction)."""
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow
 
-    from jaxvla.data import frame_transforms as ft
-    from jaxvla.data.pipeline import make_trajectory_dataset
-    from jaxvla.data.registry import get_dataset_spec
+    from jaxvla.data import frame_transforms as ft  # TensorFlow
+    from jaxvla.data.pipeline import make_trajectory_dataset  # TensorFlow
 
     get = data_config.get
     if get("mixture"):
@@ -483,8 +488,6 @@ def iter_episodes(data_config: Any, split: str, *, image_size: int | None = None
 
 def _load(laq):
     if isinstance(laq, str):
-        from jaxvla.frozen import load_laq
-
         return load_laq(laq)
     return laq
 
@@ -523,11 +526,6 @@ def collect(laq, data_config: Any, split: str, *, batch_size: int = 64, window_s
             ) -> tuple[LatentWindows, dict]:
     """Runs the LAQ over every window of ``split``'s episodes (every ``window_stride``-th start):
     (windows, reconstruction sums {"recon_se", "copy_se", "values"}, filled when ``reconstruction``)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxvla.losses.tokenizer import images_to_float
-
     laq = _load(laq)
     model = laq.model
     offsets = np.asarray(laq.frame_offsets, np.int64)
@@ -734,8 +732,6 @@ def frame_gap_scan(data_config: Any, gaps: Iterable[int], *, train_split: str = 
       features add over task x phase (the untrained analogue of the probe's gain);
     * ``pixels_gripper_acc``: gripper sign accuracy of the pixel + task x phase predictor.
     """
-    from jaxvla.data.registry import get_dataset_spec
-
     s = {**DEFAULT_SETTINGS, **dict(settings or {})}
     control_hz = get_dataset_spec(data_config.get("dataset")).control_hz
     gaps = sorted({int(g) for g in gaps})

@@ -157,9 +157,12 @@ def _finish(out_dir: str, process_index: int, process_count: int, splits: list[s
 
 
 def _laq_clip_stride_seconds(laq: Any) -> float:
-    """The spacing in seconds of the LAQ's training clips: ``clip_stride`` frames of its dataset's
-    rate (single-dataset LAQ configs whose dataset has a ``control_hz``)."""
+    """The spacing in seconds of the LAQ's training clips: its ``clip_stride_seconds`` when set, else
+    ``clip_stride`` frames of its dataset's rate (single-dataset LAQ configs whose dataset has a
+    ``control_hz``)."""
     data = laq.config.data
+    if float(data.get("clip_stride_seconds", 0.0) or 0.0) > 0:
+        return float(data.clip_stride_seconds)
     stride = int(data.get("clip_stride") or 1)
     hz = None
     if not data.get("mixture") and data.get("dataset"):

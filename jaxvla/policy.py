@@ -12,7 +12,9 @@ What the checkpoint's assets give (``jaxvla.stages.finetune`` writes them; the p
 frozen pieces from ``jaxvla.frozen`` and imports no training code): the head (``flow`` / ``bins``),
 the frozen image tokenizer's checkpoint (a copy bundled in the workdir, ``assets/tokenizer``, found
 relative to the checkpoint so a copied workdir serves; ``tokenizer_checkpoint=`` overrides it,
-``jaxvla.frozen.resolve_image_tokenizer``), the text tokenizer, the sequence layout and vocabulary
+``jaxvla.frozen.resolve_image_tokenizer``), the text tokenizer (the wheel's default, or a custom
+SentencePiece file bundled in ``assets/text_tokenizer``; ``text_tokenizer=`` overrides it), the
+sequence layout and vocabulary
 sizes, per-dataset action statistics and normalisation mask (flow), and the bin centres (bins).
 
 * ``flow``: the prefix (prompt + image tokens) is prefilled once into a KV cache, then
@@ -68,7 +70,7 @@ from jaxvla.data import stats as stats_lib
 from jaxvla.data.sequences import Vocab, batch_sequences, build_bins, build_flow
 from jaxvla.frame_history import FrameHistory
 from jaxvla.frozen import (DEFAULT_TEXT_CACHE_SIZE, LATENT_CODES, FinetuneModels, FrameTokenizer, TextPrompts,
-                           resolve_image_tokenizer)
+                           resolve_image_tokenizer, resolve_text_tokenizer)
 from jaxvla.losses import finetune as losses
 
 log = logging.getLogger("jaxvla")
@@ -126,7 +128,7 @@ class Policy:
     def __init__(self, params: Any, config, assets: Mapping[str, Any], *, step: int = 0, checkpoint: str = "",
                  dataset: str | None = None, execute_steps: int | None = None, seed: int = 0,
                  tokenizer_checkpoint: str | None = None, flow_steps: int | None = None,
-                 text_cache_size: int | None = None):
+                 text_cache_size: int | None = None, text_tokenizer: str | None = None):
         self.checkpoint = checkpoint
         self.step = int(step)
         self.head = str(assets["head"])
@@ -184,7 +186,9 @@ class Policy:
         if self.image_size != _scalar(assets["image_size"]):
             raise ValueError(f"{checkpoint}: trained on {_scalar(assets['image_size'])} px frames but the image "
                              f"tokenizer {tokenizer_dir} reads {self.image_size} px")
-        self.prompts = TextPrompts(str(assets.get("text_tokenizer", "")),
+        # text_tokenizer= > the copy bundled in the workdir > the path finetuning recorded ("": default).
+        self.prompts = TextPrompts(resolve_text_tokenizer(checkpoint, self.step if checkpoint else None, assets,
+                                                          text_tokenizer),
                                    cache_size=DEFAULT_TEXT_CACHE_SIZE if text_cache_size is None else text_cache_size)
 
         v = assets["vocab"]
@@ -210,7 +214,8 @@ class Policy:
         """The latest (or the given step directory's) finetuning checkpoint under ``path``.
         ``kwargs``: ``dataset`` (whose statistics map actions back; default the first),
         ``execute_steps``, ``seed``, ``tokenizer_checkpoint``, ``flow_steps``, ``text_cache_size``
-        (instructions whose prompt ids are kept; default 1024)."""
+        (instructions whose prompt ids are kept; default 1024), ``text_tokenizer`` (a SentencePiece
+        file overriding the checkpoint's)."""
         state, config_dict, assets, step = ckpt.load_checkpoint(path)
         if config_dict.get("stage") != "finetune":
             raise ValueError(f"{path}: a {config_dict.get('stage')!r} checkpoint; a policy needs a finetuning "

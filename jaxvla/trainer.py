@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from jaxvla import checkpoint as ckpt_lib
 from jaxvla import config as cfg_lib
 from jaxvla import optim, sharding, tracking
+from jaxvla.io.weights import load_param_tree
 from jaxvla.stages import Checkpoint, Stage, build_stage, prerequisites
 
 log = logging.getLogger("jaxvla")
@@ -557,8 +558,6 @@ def _init_from(config, params):
     (.npz / .msgpack; a bare backbone tree goes under ``backbone`` when the stage nests it so)."""
     path = config.init_from
     if os.path.isfile(path):
-        from jaxvla.io.weights import load_param_tree
-
         source = load_param_tree(path)
         if set(params) == {"backbone"} and "backbone" not in source:
             source = {"backbone": source}

@@ -5,6 +5,7 @@ synthetic RLDS datasets written here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import struct
@@ -30,10 +31,20 @@ from jaxvla.data.dataset import (
 from jaxvla.data.gaps import frame_gap
 from jaxvla.data.latent_labels import LatentLabelWriter
 from jaxvla.data.pipeline import (
+    batch_samples,
     dataset_statistics,
+    decode_samples,
     default_data_config,
     make_batches,
     make_trajectory_dataset,
+    mix_samples,
+    mixture_dims,
+    mixture_entries,
+    mixture_gaps,
+    mixture_statistics,
+    read_trajectories,
+    trajectory_samples,
+    with_defaults,
 )
 from jaxvla.data.registry import DatasetSpec, dataset_gap, get_dataset_spec
 
@@ -486,6 +497,40 @@ def test_same_seed_same_batches_and_resume(mw):
     )
     resumed = first(0, n=1, start_step=2)[0]
     tf.nest.map_structure(np.testing.assert_array_equal, resumed, a[2])
+
+
+def test_public_steps_composed_by_hand_equal_make_batches(mw, tmp_path):
+    """make_batches is its public steps: read -> trajectory transforms + samples -> mix -> decode ->
+    batches, composed here by hand, give the same first batch (a 2-dataset mixture with
+    normalisation, augmentation, history and a resume skip)."""
+    copy = dataclasses.replace(METAWORLD, name="metaworld_copy")
+    mixture = [(METAWORLD, 1.0), (copy, 0.5)]
+    cfg = data_config(data_dir=mw["out"], sample="pairs", gap_frames=3, augment=True, history=2, image_size=32,
+                      action_normalization="q01q99", stats_dir=str(tmp_path / "stats"))
+    kwargs = dict(train=True, seed=3, process_index=0, process_count=1)
+    batch_size, start_step = 4, 1
+    expected = next(iter(make_batches(cfg, batch_size=batch_size, start_step=start_step, mixture=mixture, **kwargs)))
+
+    full = with_defaults(cfg)
+    entries = mixture_entries(full, mixture)
+    statistics = mixture_statistics(full, entries)
+    gaps = mixture_gaps(full, entries)
+    assert gaps == {"metaworld": 3, "metaworld_copy": 3} and set(statistics) == set(gaps)
+    trajectories = read_trajectories(full, entries, **kwargs)
+    action_dim, proprio_dim = mixture_dims(trajectories.children)
+    streams = [
+        trajectory_samples(traj, spec, full, train=True, statistics=statistics[spec.name], action_dim=action_dim,
+                           proprio_dim=proprio_dim, gap=gaps[spec.name], max_gap=max(gaps.values()))
+        for spec, _, traj in trajectories.children
+    ]
+    ds = mix_samples(streams, [w for _, w, _ in trajectories.children], full, train=True, seed=3)
+    ds = decode_samples(ds, full, image_size=32, train=True, seed=3, skip=start_step * batch_size)
+    got = next(batch_samples(ds, batch_size, full).iterator())
+
+    tf.nest.assert_same_structure(got, expected)
+    for x, y in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    assert got["observation"]["image_primary"].shape == (batch_size, 3, 32, 32, 3)
 
 
 # --------------------------------------------------------------------------- statistics and bins
@@ -976,3 +1021,33 @@ def test_latent_labels_wrong_hash_or_missing_dir(mw, mw_train_trajs, tmp_path):
     cfg = data_config(data_dir=mw["out"], sample="pairs", gap_frames=3, latent_labels=missing)
     with pytest.raises(FileNotFoundError, match=f"{missing}: no latent label directory"):
         make_batches(cfg, batch_size=2, train=False, process_index=0, process_count=1)
+
+
+def test_clip_stride_in_seconds_per_dataset(metaworld_dataset):
+    """config.data.clip_stride_seconds becomes frames at each dataset's rate (registry.clip_stride):
+    a mixture of the 80 Hz Meta-World data and the same data registered at 40 Hz gets strides 8 and
+    4 for 0.1 s; the 40 Hz clips' actions are zero-padded to the longer span."""
+    from jaxvla.data.registry import clip_stride, register_dataset
+
+    metaworld = dataclasses.replace(get_dataset_spec("metaworld"), builder_dir=str(metaworld_dataset["version_dir"]))
+    register_dataset(dataclasses.replace(metaworld, name="mw_80hz"))
+    register_dataset(dataclasses.replace(metaworld, name="mw_40hz", control_hz=40.0))
+    assert clip_stride("mw_80hz", 0.1, 3) == 8 and clip_stride("mw_40hz", 0.1, 3) == 4
+    assert clip_stride("mw_80hz", 0.0, 3) == 3  # no seconds: the frames, for every dataset
+    with pytest.raises(ValueError, match="no control_hz"):
+        clip_stride(dataclasses.replace(metaworld, control_hz=None), 0.1)
+
+    data = {"mixture": "mw_80hz:1,mw_40hz:1", "sample": "clips", "clip_length": 2, "clip_stride_seconds": 0.1,
+            "shuffle_buffer": 16}
+    batches = make_batches(data, batch_size=16, train=True, seed=0)
+    assert batches.gaps == {"mw_80hz": 8, "mw_40hz": 4}
+    batch = next(iter(batches))
+    assert batch["action"].shape == (16, 16, 4)
+    names = [n.decode() for n in batch["dataset_name"]]
+    for row, name in enumerate(names):
+        stride = 8 if name == "mw_80hz" else 4
+        timesteps = batch["observation"]["timestep"][row]
+        np.testing.assert_array_equal(timesteps, timesteps[0] + stride * np.arange(3))
+        if name == "mw_40hz":
+            assert not batch["has_action"][row, 8:].any()
+    assert set(names) == {"mw_80hz", "mw_40hz"}

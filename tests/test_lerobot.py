@@ -220,7 +220,7 @@ def test_export_metaworld_demonstrations(metaworld_dataset, tmp_path):
 def test_pipeline_reads_a_registered_lerobot_dataset(tmp_path):
     """make_batches over a registered LeRobot dataset: chunks whose actions are the written ones at
     the sample's own timesteps, and pairs whose gap comes from info.json's fps."""
-    from jaxvla.data.lerobot import register_lerobot
+    from jaxvla.data.registry import register_lerobot
     from jaxvla.data.pipeline import make_batches
 
     lengths = (30, 26)
@@ -244,3 +244,26 @@ def test_pipeline_reads_a_registered_lerobot_dataset(tmp_path):
 
     pairs = next(iter(make_batches(dict(data, sample="pairs", gap_seconds=0.6), batch_size=4, train=False)))
     assert set(pairs["gap"].tolist()) == {6}  # 0.6 s at info.json's 10 fps
+
+
+@pytest.mark.skipif(not os.environ.get("JAXVLA_LEROBOT_PYTHON"),
+                    reason="set JAXVLA_LEROBOT_PYTHON to a Python with the lerobot package (it pins its own torch)")
+def test_lerobot_package_reads_what_we_write(tmp_path):
+    """LeRobot's own LeRobotDataset (scripts/lerobot_reader_check.py in lerobot's interpreter) reads
+    the written v3.0 dataset: every action, state and task equal, pixels within codec tolerance.
+    (lerobot 0.4 reads v3.0 only; it refuses v2.1 and points at its converter.)"""
+    import subprocess
+
+    episodes = make_episodes()
+    lr.write_lerobot_dataset(tmp_path / "ds", episodes, fps=FPS, version="v3.0")
+    np.savez(tmp_path / "expected.npz",
+             action=np.concatenate([e.action for e in episodes]), state=np.concatenate([e.state for e in episodes]),
+             frames=np.concatenate([e.frames["observation.image"] for e in episodes]),
+             task=np.asarray([e.task for e in episodes for _ in range(e.length)]))
+    result = subprocess.run(
+        [os.environ["JAXVLA_LEROBOT_PYTHON"], os.path.join(ROOT, "scripts", "lerobot_reader_check.py"),
+         str(tmp_path / "ds"), str(tmp_path / "expected.npz")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 28 frames: largest action/state difference 0.0" in result.stdout

@@ -525,3 +525,47 @@ def test_tokenizer_bundle_on_resume(finetuned, tiny_tokenizer, tmp_path):
     assert rewritten["tokenizer_relative"] == assets["tokenizer_relative"]
     find_checkpoint(os.path.join(checkpoints, step))  # verifies
     assert any(name.startswith(f"unverified-{step}-") for name in os.listdir(checkpoints))
+
+
+def test_custom_text_tokenizer_travels_with_the_checkpoint(policies, finetuned, metaworld_dataset, tmp_path):
+    """A custom SentencePiece file (config.model.text_tokenizer) is copied into
+    <workdir>/assets/text_tokenizer and found relative to the checkpoint when the original is gone;
+    a changed copy is refused by its SHA-256; text_tokenizer= overrides both; the default ("")
+    bundles nothing."""
+    import shutil
+
+    from jaxvla.checkpoint import CorruptCheckpointError
+    from jaxvla.data.text import default_tokenizer_path
+    from jaxvla.frozen import bundle_text_tokenizer, resolve_text_tokenizer
+    from jaxvla.policy import Policy
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(finetuned["bins_small"][0], workdir)
+    _, _, assets, step = load_checkpoint(workdir)
+    assert assets["text_tokenizer"] == "" and "text_tokenizer_relative" not in assets
+    assert bundle_text_tokenizer("", workdir) == {}
+
+    custom = str(tmp_path / "mine.model")
+    shutil.copyfile(default_tokenizer_path(), custom)
+    bundled_assets = {**assets, "text_tokenizer": custom, **bundle_text_tokenizer(custom, workdir)}
+    copy = os.path.join(workdir, "assets", "text_tokenizer", "mine.model")
+    with open(copy, "rb") as a, open(custom, "rb") as b:
+        assert a.read() == b.read()
+    assert bundled_assets["text_tokenizer_relative"] == "../../assets/text_tokenizer/mine.model"
+    os.remove(custom)  # the original is gone: the bundled copy is found from the step directory
+    assert resolve_text_tokenizer(workdir, step, bundled_assets) == copy
+    assert resolve_text_tokenizer(workdir, step, bundled_assets, default_tokenizer_path()) == default_tokenizer_path()
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CorruptCheckpointError, match="bundled text tokenizer .*mine.model"):
+        resolve_text_tokenizer(workdir, step, bundled_assets)
+    os.remove(copy)
+    with pytest.raises(FileNotFoundError, match=r"mine.model \(bundled.*mine.model \(recorded"):
+        resolve_text_tokenizer(workdir, step, bundled_assets)
+
+    # The policy's override: the same SentencePiece model under another path acts identically.
+    frames, instructions = _frames(metaworld_dataset)
+    shutil.copyfile(default_tokenizer_path(), custom)
+    policy = Policy.from_checkpoint(workdir, text_tokenizer=custom)
+    np.testing.assert_array_equal(policy.act({"image": frames[0]}, instructions[0]),
+                                  policies["bins"].act({"image": frames[0]}, instructions[0]))

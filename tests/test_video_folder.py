@@ -173,8 +173,12 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 from jaxvla.data.pipeline import default_data_config, make_batches
 folder, labels = sys.argv[1], sys.argv[2]
+native = len(sys.argv) > 3  # labels made at each clip's own rate (--fps=0): the folder read likewise
 out = {}
-for sample in ("frames", "pairs", "clips"):
+if native:
+    from jaxvla.data.registry import register_video_folder
+    register_video_folder("video_folder", folder, fps=None)  # the name the labeller gave the clips
+for sample in () if native else ("frames", "pairs", "clips"):
     data = default_data_config()
     data.update(dict(dataset="video_folder", data_dir=folder, sample=sample, image_size=32, clip_length=2,
                      clip_stride=6, shuffle_buffer=16, traj_shuffle_buffer=0))
@@ -197,11 +201,12 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_video_only_batches(folder, labels=""):
-    """make_batches on the video_folder entry in a subprocess (a crash must not take pytest down)."""
+def run_video_only_batches(folder, labels="", native=False):
+    """make_batches on the video_folder entry (``native``: only the labels' join, on the folder
+    registered with fps=None) in a subprocess (a crash must not take pytest down)."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", VIDEO_ONLY_BATCHES, folder, labels], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", VIDEO_ONLY_BATCHES, folder, labels] + (["native"] if native else []),
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(line[len("RESULT "):])
@@ -293,9 +298,15 @@ def test_label_video_folder_vipra_native_rates(clip_folder, tmp_path):
     assert summary["labelled"] == 3 and summary["reasons"] == {"too short": 1, "undecodable": 1}
     from jaxvla.data.latent_labels import load_latent_labels
 
-    info, _ = load_latent_labels(str(tmp_path / "labels"))
+    info, labels = load_latent_labels(str(tmp_path / "labels"))
     assert info["meta"]["fps"] is None and info["meta"]["frame_offsets"] is None
     assert info["meta"]["clip_stride_seconds"] == 0.4 and info["code_shape"] == [2, 4]
+    # Native-rate labels join onto the folder registered with fps=None (each clip at its own rate),
+    # named as the labeller names its trajectories (dataset_name, default video_folder).
+    joined = run_video_only_batches(clip_folder, str(tmp_path / "labels"), native=True)["labelled"]
+    assert all(joined["has"]) and len(joined["keys"]) == 4
+    for key, t, code in zip(joined["keys"], joined["t"], joined["codes"]):
+        np.testing.assert_array_equal(code, labels[key][1][list(labels[key][0]).index(t[0])])
 
 
 def test_label_script_video_dir(clip_folder, tmp_path, monkeypatch, capsys):

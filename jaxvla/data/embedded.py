@@ -21,7 +21,7 @@ def ensure_metaworld_dataset(data_dir: str, tasks: str = "mt10", episodes_per_ta
 
     With several processes only process 0 generates; the others wait for it at a barrier.
     """
-    from jaxvla.data.metaworld_rlds import dataset_version_dir
+    from jaxvla.data.metaworld_rlds import dataset_version_dir  # Meta-World (MuJoCo)
 
     version_dir = dataset_version_dir(data_dir)
     if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
@@ -32,8 +32,8 @@ def ensure_metaworld_dataset(data_dir: str, tasks: str = "mt10", episodes_per_ta
                 "no Meta-World dataset at %s: generating it now (tasks=%s, %d episodes per task, %d px)",
                 data_dir, tasks, episodes_per_task, image_size,
             )
-            from jaxvla.data.metaworld_rlds import make_metaworld_dataset
-            from jaxvla.sim import task_names
+            from jaxvla.data.metaworld_rlds import make_metaworld_dataset  # Meta-World (MuJoCo)
+            from jaxvla.sim import task_names  # Meta-World (MuJoCo)
 
             make_metaworld_dataset(task_names(tasks), episodes_per_task, image_size, data_dir, seed=seed)
         if jax.process_count() > 1:
@@ -58,7 +58,7 @@ class MetaWorldData:
 
     def version_dir(self) -> str:
         # Meta-World (MuJoCo) loads with the dataset builder: only where the dataset is looked at.
-        from jaxvla.data.metaworld_rlds import dataset_version_dir
+        from jaxvla.data.metaworld_rlds import dataset_version_dir  # Meta-World (MuJoCo)
 
         return dataset_version_dir(self.data_dir)
 

@@ -33,7 +33,7 @@ when none lies within half a frame (a video shorter than its table). Features of
 are read too.
 
 Reading (``LeRobotSource``, the ``trajectories_fn`` of a pipeline dataset entry; ``lerobot_spec``
-/ ``register_lerobot``; the built-in entry ``lerobot`` reads the directory named by
+/ ``registry.register_lerobot``; the built-in entry ``lerobot`` reads the directory named by
 ``config.data.data_dir``): one trajectory per episode in the schema of ``jaxvla.data.schema``,
 
     observation/image_primary     tf.string [T]  (JPEG of the camera mapped to ``primary``)
@@ -70,6 +70,7 @@ import numpy as np
 from PIL import Image
 
 from jaxvla.data.schema import IMAGE_CAMERAS
+from jaxvla.data.spec import DatasetSpec
 from jaxvla.data.video import encode_frames
 
 log = logging.getLogger(__name__)
@@ -761,9 +762,17 @@ def _write(out: str, root: str, episodes: Iterable[LeRobotEpisode], *, fps: floa
         for writer in videos.values():
             writer.close()
         pq.write_table(_table(columns, features), _mkdirs(os.path.join(out, V3_DATA_PATH.format(chunk_index=0, file_index=0))))
-        pq.write_table(pa.table({"task_index": pa.array(list(tasks.values()), pa.int64()),
-                                 "task": pa.array(list(tasks), pa.string())}),
-                       os.path.join(meta, "tasks.parquet"))
+        # LeRobot reads this with pandas and looks tasks up by the index: the pandas metadata makes
+        # the "task" column the index.
+        pandas_meta = {"index_columns": ["task"], "column_indexes": [], "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+             "metadata": None},
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
+             "metadata": None}]}
+        task_table = pa.table({"task_index": pa.array(list(tasks.values()), pa.int64()),
+                               "task": pa.array(list(tasks), pa.string())})
+        task_table = task_table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+        pq.write_table(task_table, os.path.join(meta, "tasks.parquet"))
         flat_rows = []
         for row, stats in zip(episode_rows, episode_stats):
             flat = dict(row)
@@ -802,15 +811,13 @@ def _mkdirs(path: str) -> str:
 
 def lerobot_spec(root: str | os.PathLike | None = None, name: str = "lerobot", *,
                  cameras: Mapping[str, str] | None = None, state_key: str = STATE_KEY, action_key: str = ACTION_KEY,
-                 gripper_dims: Sequence[int] = (), kind: str = "robot"):
-    """A ``registry.DatasetSpec`` reading the LeRobot dataset at ``root`` (None: the directory
+                 gripper_dims: Sequence[int] = (), kind: str = "robot") -> DatasetSpec:
+    """A ``DatasetSpec`` (``jaxvla.data.spec``) reading the LeRobot dataset at ``root`` (None: the directory
     ``config.data.data_dir`` names) through ``LeRobotSource``. With a ``root`` the spec's
     ``control_hz`` is info.json's ``fps`` (so gaps in seconds become frames); without one the rate
     is unknown until read, and pairs / clips need ``config.data.gap_frames``. ``gripper_dims``: the
     binary action dims (left unnormalised; e.g. ``(3,)`` for exported Meta-World). One split: the
     validation split reads the same episodes."""
-    from jaxvla.data.registry import DatasetSpec  # a cycle: jaxvla.data.registry imports this module
-
     source = LeRobotSource(None if root is None else os.fspath(root), name,
                            tuple(sorted((cameras or {}).items())), state_key, action_key)
     return DatasetSpec(
@@ -819,10 +826,3 @@ def lerobot_spec(root: str | os.PathLike | None = None, name: str = "lerobot", *
         trajectories_fn=source, fingerprint=repr(source),
     )
 
-
-def register_lerobot(name: str, root: str | os.PathLike, **settings: Any):
-    """Registers the LeRobot dataset at ``root`` as pipeline dataset ``name`` (``lerobot_spec``), so
-    ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the spec."""
-    from jaxvla.data.registry import register_dataset  # a cycle (see lerobot_spec)
-
-    return register_dataset(lerobot_spec(root, name, **settings))

@@ -16,26 +16,34 @@ yields (traj_key, uint8 [T, S, S, 3]) of every trajectory in file order, through
 reader (``make_trajectory_dataset``) and decode; the image tokenizer and the LAQ labeller read
 their frames with it.
 
-Stages of ``make_batches`` (per dataset of the mixture, then mixed):
+Stages of ``make_batches``: read -> trajectory transforms -> samples -> mix -> decode -> batches,
+one public step each (every step takes ``cfg = with_defaults(config.data)``; composing them as
+``make_batches`` does gives its batches):
 
-1. ``make_trajectory_dataset``: the dataset's RLDS files, this process's disjoint share
-   (``TrajDataset.from_rlds``), standardised to the schema; statistics of the TRAIN split
-   (``stats.compute_statistics``, cached on disk) when normalisation or bins are requested;
-   with ``latent_labels``, the latent action labels joined onto every trajectory
-   (``latent_labels.join_latent_labels``: ``latent_action`` [T, *code_shape], ``has_latent`` [T],
-   matched by traj_key and ``observation/timestep``; the label directory is read once and shared
-   by every dataset of the mixture).
-2. Per trajectory: action / proprio normalisation (action dims outside the spec's
-   ``normalize_mask``, by default the gripper dims, untouched; masked-out steps stay 0), optional
-   ``drop_actions``, zero-padding of action / proprio to the mixture's largest dims, dropping
-   the cameras not asked for, optional goal relabelling, then the sample transform of
-   ``config.data.sample`` (``traj_transforms``), an optional cap of samples per trajectory,
-   ``flatten`` (``flatten_samples``: zero-size keys such as the ``proprio [T, 0]`` of datasets
-   without proprioception bypass TensorFlow's ``unbatch``, which crashes on them; with
-   ``latent_labels``: then samples whose start frame has no label are dropped) and ``repeat``.
-3. Mixing (``TrajDataset.sample_from_datasets``, probability proportional to the weights), a
-   sample shuffle buffer (encoded images, so it is cheap), decode + resize (+ seeded augmentation
-   when training), ``batch(drop_remainder=True)``, prefetch, numpy.
+0. ``mixture_entries`` [(DatasetSpec, weight)] of the mixture; ``mixture_statistics``: statistics
+   of every dataset's TRAIN split (``stats.compute_statistics``, cached on disk) when normalisation
+   or bins are requested; ``mixture_gaps``: each dataset's pair gap (pairs only).
+1. ``read_trajectories`` (read): per dataset of the mixture, its RLDS files (or its
+   ``trajectories_fn``), this process's disjoint share (``make_trajectory_dataset``,
+   ``TrajDataset.from_rlds``), standardised to the schema; with ``latent_labels``, the latent action
+   labels joined onto every trajectory (``latent_labels.join_latent_labels``: ``latent_action``
+   [T, *code_shape], ``has_latent`` [T], matched by traj_key and ``observation/timestep``; the label
+   directory is read once and shared by every dataset of the mixture). -> ``Trajectories``
+   (children [(spec, weight, TrajDataset)], the labels, their join stats).
+2-3. ``trajectory_samples`` (trajectory transforms + samples), per dataset: action / proprio
+   normalisation (action dims outside the spec's ``normalize_mask``, by default the gripper dims,
+   untouched; masked-out steps stay 0), optional ``drop_actions``, zero-padding of action / proprio
+   to the mixture's largest dims (``mixture_dims``), dropping the cameras not asked for, optional
+   goal relabelling, then the sample transform of ``config.data.sample`` (``traj_transforms``), an
+   optional cap of samples per trajectory, ``flatten`` (``flatten_samples``: zero-size keys such as
+   the ``proprio [T, 0]`` of datasets without proprioception bypass TensorFlow's ``unbatch``, which
+   crashes on them; with ``latent_labels``: then samples whose start frame has no label are
+   dropped) and the ``check_nonempty`` probe.
+4. ``mix_samples`` (mix): ``repeat``, mixing (``TrajDataset.sample_from_datasets``, probability
+   proportional to the weights), a sample shuffle buffer (encoded images, so it is cheap).
+5. ``decode_samples`` (decode): the resume skip, decode + resize (+ seeded augmentation when
+   training).
+6. ``batch_samples`` (batches): ``batch(drop_remainder=True)``, prefetch; numpy from ``Batches``.
 
 Sample kinds (``config.data.sample``; B = batch size, S = image_size; see ``traj_transforms``):
 
@@ -46,7 +54,8 @@ Sample kinds (``config.data.sample``; B = batch size, S = image_size; see ``traj
   between the frames, zero-padded to the largest gap of the mixture), ``has_action`` [B, Hmax],
   ``gap`` [B].
 * ``clips``: ViPRA's L+1 frames; images [B, L+1, S, S, 3], ``action`` [B, L*stride, A],
-  ``has_action`` [B, L*stride].
+  ``has_action`` [B, L*stride] (a mixture whose datasets have different strides, with
+  ``clip_stride_seconds``: zero-padded to the largest L*stride, ``has_action`` False there).
 * pairs and clips with ``history > 1``: the W - 1 history frames of the anchor t first (images
   [B, (W-1) + 2 or (W-1) + L+1, S, S, 3], ``observation/pad_mask`` likewise), then the frames
   above; actions, labels and the anchor unchanged.
@@ -85,7 +94,10 @@ prerequisite keys, which it ignores):
                           ``gaps.HUMAN_GAP_SECONDS`` (2.4 s) for human video (spec ``kind``;
                           ``registry.dataset_gap``)
     gap_frames            > 0 overrides every dataset's gap (frames)
-    clip_length, clip_stride   L (clips have L+1 frames) and the frame stride
+    clip_length, clip_stride   L (clips have L+1 frames) and the stride in frames (steps)
+    clip_stride_seconds   > 0: the clip stride in seconds instead, converted per dataset at its
+                          control_hz / fps (``registry.clip_stride``), so a mixture's clips span
+                          the same time; their actions are zero-padded to the longest span
     chunk_size, chunk_pad      K and "zero" | "last"
     history               frame history W (1 = none): frames / chunks get a window of W frames
                           ending at t, pairs / clips their frames preceded by W - 1 history frames
@@ -132,7 +144,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -155,7 +167,7 @@ from jaxvla.data.dataset import (
     translate_error,
 )
 from jaxvla.data.mixtures import resolve_mixture
-from jaxvla.data.registry import DatasetSpec, dataset_gap, get_dataset_spec
+from jaxvla.data.registry import DatasetSpec, clip_stride, dataset_gap, get_dataset_spec
 
 log = logging.getLogger("jaxvla")
 
@@ -469,6 +481,7 @@ def default_data_config():
             gap_frames=0,
             clip_length=7,
             clip_stride=1,
+            clip_stride_seconds=0.0,
             chunk_size=14,
             chunk_pad="zero",
             history=1,
@@ -601,7 +614,8 @@ class Batches:
     """This process's numpy batches (iterable; each ``iter()`` starts the stream anew).
 
     Attributes: ``statistics`` {dataset name: stats dict} (empty unless normalisation or bins were
-    requested), ``specs`` [(DatasetSpec, weight)], ``gaps`` {dataset name: H}, ``dataset`` (the
+    requested), ``specs`` [(DatasetSpec, weight)], ``gaps`` {dataset name: steps between a
+    sample's frames: H for pairs, the clip stride for clips; ``mixture_gaps``}, ``dataset`` (the
     final ``TrajDataset`` of batches), ``batch_size``, ``sample``, ``latent_labels`` (the loaded
     ``LatentLabels`` or None) and ``latent_join_stats`` {dataset name: ``JoinStats``} (trajectories
     dropped for lack of labels with ``latent_labels_missing="skip"``, counted on every pass, the
@@ -682,7 +696,9 @@ def make_batches(
     mixture: Sequence[tuple[Any, float]] | None = None,
     progress: bool = False,
 ) -> Batches:
-    """Per-process numpy batches of ``config.data.sample`` samples (module docstring).
+    """Per-process numpy batches of ``config.data.sample`` samples (module docstring): the steps
+    ``mixture_statistics`` -> ``read_trajectories`` -> ``trajectory_samples`` (per dataset) ->
+    ``mix_samples`` -> ``decode_samples`` -> ``batch_samples``.
 
     Args:
       data_config: ``config.data`` (ConfigDict or dict; missing keys take ``default_data_config()``'s
@@ -696,58 +712,145 @@ def make_batches(
       mixture: [(spec or dataset name, weight)] overriding ``config.data.mixture`` / ``dataset``.
     """
     cfg = with_defaults(data_config)  # the defaults, once
-
-    def get(key):
-        return cfg[key]
-
-    sample = get("sample")
+    sample = cfg["sample"]
     if sample not in SAMPLE_KINDS:
         raise ValueError(f"config.data.sample={sample!r} is unknown; expected one of {SAMPLE_KINDS}")
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     process_index, process_count = _default_process(process_index, process_count)
-    deterministic = bool(get("deterministic")) or not train
-    cameras = [c.strip() for c in str(get("cameras")).split(",") if c.strip()]
+    _cameras(cfg)  # an empty camera list fails before anything is read
+    entries = mixture_entries(cfg, mixture)
+    image_size = _image_size(cfg["image_size"], entries, cfg["data_dir"])
+
+    statistics = mixture_statistics(cfg, entries, progress=progress)
+    gaps = mixture_gaps(cfg, entries)
+    max_gap = max(gaps.values()) if gaps else 0
+    trajectories = read_trajectories(
+        cfg, entries, train=train, seed=seed, process_index=process_index, process_count=process_count
+    )
+    children = trajectories.children
+    action_dim, proprio_dim = mixture_dims(children)
+    streams = [
+        trajectory_samples(
+            traj, spec, cfg, train=train, statistics=statistics.get(spec.name), action_dim=action_dim,
+            proprio_dim=proprio_dim, gap=gaps.get(spec.name, 0), max_gap=max_gap,
+        )
+        for spec, _, traj in children
+    ]
+    ds = mix_samples(streams, [w for _, w, _ in children], cfg, train=train, seed=seed)
+    ds = decode_samples(ds, cfg, image_size=image_size, train=train, seed=seed, skip=int(start_step) * batch_size)
+    ds = batch_samples(ds, batch_size, cfg)
+    return Batches(
+        ds, statistics=statistics, specs=[(s, w) for s, w, _ in children], gaps=gaps, batch_size=batch_size,
+        sample=sample, children=children, latent_labels=trajectories.latent_labels,
+        latent_join_stats=trajectories.latent_join_stats, ignore_errors=bool(cfg["ignore_errors"]),
+    )
+
+
+# --------------------------------------------------------------------------- the steps of make_batches
+# Each takes ``cfg = with_defaults(config.data)`` (a dict holding every key); composing them as
+# make_batches does gives its batches (tests/test_data_pipeline.py checks it).
+
+
+def _cameras(cfg: Mapping[str, Any]) -> list[str]:
+    """``config.data.cameras`` as a list of camera names; ValueError when it names none."""
+    cameras = [c.strip() for c in str(cfg["cameras"]).split(",") if c.strip()]
     if not cameras:
         raise ValueError("config.data.cameras is empty; name at least one camera (e.g. 'primary')")
-    data_dir = get("data_dir")
+    return cameras
 
+
+def mixture_entries(
+    cfg: Mapping[str, Any], mixture: Sequence[tuple[Any, float]] | None = None
+) -> list[tuple[DatasetSpec, float]]:
+    """[(DatasetSpec, weight > 0)] of ``mixture`` (None: ``config.data.mixture``, else
+    ``config.data.dataset`` with weight 1), resolved by ``mixtures.resolve_mixture``; entries with
+    weight <= 0 are dropped. ValueError when nothing names a dataset or no weight is positive."""
     if mixture is None:
-        name = get("mixture") or get("dataset")
+        name = cfg["mixture"] or cfg["dataset"]
         if not name:
             raise ValueError("config.data.mixture and config.data.dataset are both empty; name a dataset")
-        mixture = get("mixture") or [(name, 1.0)]
+        mixture = cfg["mixture"] or [(name, 1.0)]
     entries = [(s, float(w)) for s, w in resolve_mixture(mixture) if w > 0]
     if not entries:
         raise ValueError(f"mixture {mixture!r} has no dataset with a positive weight")
-    image_size = _image_size(get("image_size"), entries, data_dir)
+    return entries
 
-    action_norm = get("action_normalization") or "none"
-    proprio_norm = get("proprio_normalization") or "none"
-    num_bins = int(get("num_bins") or 0)
+
+def mixture_statistics(
+    cfg: Mapping[str, Any], entries: Sequence[tuple[DatasetSpec, float]], *, progress: bool = False
+) -> dict[str, Any]:
+    """{dataset name: ``dataset_statistics``} of every entry when ``action_normalization`` /
+    ``proprio_normalization`` is not "none" or ``num_bins`` > 0 (train split, cached under
+    ``stats_dir``; the first ``few_demos_per_task`` episodes of every task when set), else {}."""
+    action_norm = cfg["action_normalization"] or "none"
+    proprio_norm = cfg["proprio_normalization"] or "none"
+    num_bins = int(cfg["num_bins"] or 0)
     statistics: dict[str, Any] = {}
     if action_norm != "none" or proprio_norm != "none" or num_bins > 0:
         for spec, _ in entries:
             statistics[spec.name] = dataset_statistics(
-                spec, data_dir, stats_dir=get("stats_dir") or None, num_bins=num_bins, progress=progress,
-                few_demos_per_task=int(get("few_demos_per_task") or 0),
+                spec, cfg["data_dir"], stats_dir=cfg["stats_dir"] or None, num_bins=num_bins, progress=progress,
+                few_demos_per_task=int(cfg["few_demos_per_task"] or 0),
             )
+    return statistics
 
-    gaps = {}
-    if sample == "pairs":
-        gaps = {s.name: dataset_gap(s, get("gap_seconds"), get("gap_frames")) for s, _ in entries}
-    max_gap = max(gaps.values()) if gaps else 0
 
-    latent_labels, latent_join_stats = None, {}
-    label_dir = str(get("latent_labels") or "")
+def mixture_gaps(cfg: Mapping[str, Any], entries: Sequence[tuple[DatasetSpec, float]]) -> dict[str, int]:
+    """{dataset name: steps between a sample's consecutive frames}: for "pairs" the frame gap H
+    (``registry.dataset_gap`` with ``gap_seconds`` / ``gap_frames``), for "clips" the clip stride
+    (``registry.clip_stride`` with ``clip_stride_seconds`` / ``clip_stride``); {} for the other kinds."""
+    if cfg["sample"] == "pairs":
+        return {s.name: dataset_gap(s, cfg["gap_seconds"], cfg["gap_frames"]) for s, _ in entries}
+    if cfg["sample"] == "clips":
+        return {s.name: clip_stride(s, cfg["clip_stride_seconds"], cfg["clip_stride"]) for s, _ in entries}
+    return {}
+
+
+class Trajectories(NamedTuple):
+    """``read_trajectories``' result.
+
+    children: [(DatasetSpec, weight, TrajDataset)] in mixture order; each ``TrajDataset`` yields
+      this process's standardised trajectories (schema dicts of [T, ...] tensors: ``observation/
+      image_<cam>`` encoded bytes [T], ``observation/proprio`` [T, P], ``action`` [T, A],
+      ``has_action`` [T], ...) with, when ``latent_labels`` is set, ``latent_action``
+      [T, *code_shape] and ``has_latent`` [T] joined on.
+    latent_labels: the loaded ``latent_labels.LatentLabels`` or None.
+    latent_join_stats: {dataset name: ``latent_labels.JoinStats``} ({} without labels).
+    """
+
+    children: list[tuple[DatasetSpec, float, TrajDataset]]
+    latent_labels: Any
+    latent_join_stats: dict[str, Any]
+
+
+def read_trajectories(
+    cfg: Mapping[str, Any],
+    entries: Sequence[tuple[DatasetSpec, float]],
+    *,
+    train: bool,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Trajectories:
+    """Step 1 (read): every entry's trajectories, this process's disjoint share of its files
+    (``make_trajectory_dataset`` of the ``split`` / ``eval_split`` key, seeded per position in the
+    mixture; shuffled file order when ``train``), with the latent labels of ``latent_labels``
+    joined onto every trajectory (loaded once for the whole mixture; ``latent_labels_hash`` checked,
+    ``latent_labels_missing`` "error" | "skip").
+
+    Whole trajectories, before any sample transform: ``trajectory_samples`` then takes
+    ``latent_action`` / ``has_latent`` at each sample's start frame."""
+    latent_labels, latent_join_stats, expected_hash, missing_labels = None, {}, None, "error"
+    label_dir = str(cfg["latent_labels"] or "")
     if label_dir:
-        missing_labels = str(get("latent_labels_missing") or "error")
+        missing_labels = str(cfg["latent_labels_missing"] or "error")
         if missing_labels not in ("error", "skip"):
             raise ValueError(
                 f"config.data.latent_labels_missing={missing_labels!r} is unknown; expected 'error' or 'skip'"
             )
-        expected_hash = str(get("latent_labels_hash") or "") or None
+        expected_hash = str(cfg["latent_labels_hash"] or "") or None
         label_info, latent_labels = latent_lib.load_latent_labels(label_dir)  # once, for every dataset
         if expected_hash is not None and label_info["laq_config_hash"] != expected_hash:
             raise ValueError(
@@ -756,66 +859,200 @@ def make_batches(
                 "point config.data.latent_labels at the matching labels)"
             )
 
-    split_key = "split" if train else "eval_split"
+    split = cfg["split" if train else "eval_split"] or None
     children = []
     for position, (spec, weight) in enumerate(entries):
-        child_seed = _derive_seed(seed, 1000 + position)
         traj = make_trajectory_dataset(
             spec,
-            get(split_key) or None,
+            split,
             train,
-            child_seed,
+            _derive_seed(seed, 1000 + position),
             process_index,
             process_count,
-            data_dir=data_dir,
-            deterministic=deterministic,
-            ignore_errors=bool(get("ignore_errors")),
-            few_demos_per_task=int(get("few_demos_per_task") or 0),
-            num_parallel_reads=_parallel(get("num_parallel_reads")),
-            num_parallel_calls=_parallel(get("num_parallel_calls")),
+            data_dir=cfg["data_dir"],
+            deterministic=bool(cfg["deterministic"]) or not train,
+            ignore_errors=bool(cfg["ignore_errors"]),
+            few_demos_per_task=int(cfg["few_demos_per_task"] or 0),
+            num_parallel_reads=_parallel(cfg["num_parallel_reads"]),
+            num_parallel_calls=_parallel(cfg["num_parallel_calls"]),
         )
         if latent_labels is not None:
-            # Whole trajectories, before any sample transform: the transforms then take
-            # latent_action / has_latent at each sample's start frame.
             latent_join_stats[spec.name] = latent_lib.JoinStats()
             traj = traj._derive(
                 latent_lib.join_latent_labels(
                     traj.dataset, latent_labels, expected_hash, missing_labels,
                     stats=latent_join_stats[spec.name],
-                    num_parallel_calls=traj._calls(_parallel(get("num_parallel_calls"))),
+                    num_parallel_calls=traj._calls(_parallel(cfg["num_parallel_calls"])),
                 )
             )
         children.append((spec, weight, traj))
+    return Trajectories(children, latent_labels, latent_join_stats)
 
+
+def mixture_dims(children: Sequence[tuple[DatasetSpec, float, TrajDataset]]) -> tuple[int, int]:
+    """(A, P): the largest action and proprio widths of the mixture's trajectories, to which
+    ``trajectory_samples`` zero-pads every dataset."""
     action_dim = max(int(t.element_spec["action"].shape[-1]) for _, _, t in children)
     proprio_dim = max(int(t.element_spec["observation"]["proprio"].shape[-1]) for _, _, t in children)
+    return action_dim, proprio_dim
 
-    streams = []
-    for spec, weight, traj in children:
-        stream = _samples(
-            traj, spec, get, train=train, sample=sample, cameras=cameras, statistics=statistics.get(spec.name),
-            action_norm=action_norm, proprio_norm=proprio_norm, action_dim=action_dim, proprio_dim=proprio_dim,
-            gap=gaps.get(spec.name, 0), max_gap=max_gap,
+
+def trajectory_samples(
+    traj: TrajDataset,
+    spec: DatasetSpec,
+    cfg: Mapping[str, Any],
+    *,
+    train: bool,
+    statistics: Mapping[str, Any] | None,
+    action_dim: int,
+    proprio_dim: int,
+    gap: int = 0,
+    max_gap: int = 0,
+) -> TrajDataset:
+    """Steps 2-3 (trajectory transforms, samples): one dataset's trajectories -> its flat stream of
+    encoded ``config.data.sample`` samples, before mixing.
+
+    Per trajectory: action / proprio normalisation with ``statistics`` (``mixture_statistics``;
+    action dims outside the spec's ``normalize_mask``, by default the gripper dims, untouched;
+    steps without an action stay 0), ``drop_actions``, zero-padding of ``action`` to [T, action_dim]
+    and ``observation/proprio`` to [T, proprio_dim] (``mixture_dims``), dropping the cameras not in
+    ``config.data.cameras``, the ``traj_shuffle_buffer`` (train), ``goal_relabel``, the sample
+    transform (``traj_transforms``: frames with ``history``, pairs with ``gap`` and actions padded
+    to ``max_gap``, clips, chunks), ``max_samples_per_traj``; then ``flatten_samples`` (one element
+    per sample: the shapes of the module docstring without the batch dim B, images still encoded
+    bytes, plus ``_image_shape`` int32 [2], the spec's expected (H, W) checked at decode), and the
+    filters: chunks whose first action is missing, samples whose start frame has no latent label.
+    With ``check_nonempty``: ValueError naming the dataset when the stream yields no sample."""
+    name = spec.name
+    sample = cfg["sample"]
+    cameras = _cameras(cfg)
+    action_norm = cfg["action_normalization"] or "none"
+    proprio_norm = cfg["proprio_normalization"] or "none"
+    available = set(traj.element_spec["observation"])
+    missing = [c for c in cameras if f"image_{c}" not in available]
+    if missing:
+        raise KeyError(
+            f"dataset {name!r}: no camera(s) {missing} (config.data.cameras); it has "
+            f"{sorted(k[len('image_'):] for k in available if k.startswith('image_'))}"
         )
-        if get("check_nonempty"):
-            _check_nonempty(stream, spec, traj, sample, gaps.get(spec.name, 0), get)
-        if train or get("eval_repeat"):
-            stream = stream.repeat()
-        streams.append(stream)
+    action_dims = int(traj.element_spec["action"].shape[-1])
+    if spec.normalize_mask is not None:
+        if len(spec.normalize_mask) != action_dims:
+            raise ValueError(
+                f"dataset {name!r}: normalize_mask has {len(spec.normalize_mask)} entries, actions have {action_dims}"
+            )
+        norm_mask = np.asarray(spec.normalize_mask, bool)
+    else:
+        norm_mask = np.ones((action_dims,), bool)
+        for d in spec.gripper_dims:
+            if -action_dims <= d < action_dims:
+                norm_mask[d] = False
+    image_shape = np.asarray(list(spec.image_shape or (0, 0))[:2], np.int32)
+    drop = bool(cfg["drop_actions"])
 
+    def prepare(t):
+        t = dict(t)
+        observation = dict(t["observation"])
+        if statistics is not None and action_norm != "none":
+            action = stats_lib.normalize(t["action"], statistics["action"], action_norm, mask=norm_mask)
+            t["action"] = tf.where(t["has_action"][:, None], action, tf.zeros_like(action))
+        if statistics is not None and proprio_norm != "none" and proprio_dim > 0:
+            observation["proprio"] = stats_lib.normalize(
+                observation["proprio"], statistics["observation/proprio"], proprio_norm
+            )
+        if drop:
+            t = tt.drop_actions(t)
+        t["action"] = _pad_last(t["action"], action_dim)
+        observation["proprio"] = _pad_last(observation["proprio"], proprio_dim)
+        for key in list(observation):
+            if key.startswith("image_") and key[len("image_"):] not in cameras:
+                del observation[key]
+        t["observation"] = observation
+        return t
+
+    ds = traj.traj_map(prepare)
+    traj_buffer = int(cfg["traj_shuffle_buffer"] or 0)
+    if train and traj_buffer > 1:
+        ds = ds.shuffle(traj_buffer)
+    if cfg["goal_relabel"]:
+        ds = ds.traj_map_seeded(tt.goal_relabel_uniform)
+
+    history = int(cfg["history"] or 1)
+    history_stride = int(cfg["history_stride"] or 1)
+    if history < 1 or history_stride < 1:
+        raise ValueError(f"config.data.history={history} and config.data.history_stride={history_stride}: "
+                         "expected >= 1 (history 1: no history frames)")
+    if sample == "frames":
+        if history > 1:
+            ds = ds.traj_map(lambda t: tt.history_windows(t, history, history_stride))
+    elif sample == "pairs":
+        ds = ds.traj_map(lambda t: tt.frame_pairs(t, gap, action_window=max_gap, history=history,
+                                                  history_stride=history_stride))
+    elif sample == "clips":
+        length = int(cfg["clip_length"])
+        stride = int(gap) if gap else clip_stride(spec, cfg["clip_stride_seconds"], cfg["clip_stride"])
+        window = length * max(int(max_gap), stride)
+        ds = ds.traj_map(lambda t: tt.clips(t, length, stride, history=history, history_stride=history_stride,
+                                            action_window=window))
+    elif sample == "chunks":
+        chunk, pad = int(cfg["chunk_size"]), str(cfg["chunk_pad"] or "zero")
+
+        def chunks(t):
+            t = tt.action_chunks(t, chunk, pad)
+            if history > 1:
+                t = tt.history_windows(t, history, history_stride)
+            return t
+
+        ds = ds.traj_map(chunks)
+    else:
+        raise ValueError(f"config.data.sample={sample!r} is unknown; expected one of {SAMPLE_KINDS}")
+    max_samples = int(cfg["max_samples_per_traj"] or 0)
+    if max_samples > 0:
+        ds = ds.traj_map_seeded(lambda t, s: tt.subsample(t, max_samples, s))
+    ds = ds.traj_map(lambda t: {**t, "_image_shape": tf.tile(image_shape[None], [tf.shape(t["traj_key"])[0], 1])})
+    ds = flatten_samples(ds)
+    if sample == "chunks":
+        ds = ds.filter(lambda s: s["action_pad_mask"][0])
+    if "has_latent" in ds.element_spec:
+        # Labels exist only for frames with a full LAQ window ahead; has_latent is the start frame's.
+        ds = ds.filter(lambda s: s["has_latent"])
+    if cfg["check_nonempty"]:
+        _check_nonempty(ds, spec, traj, sample, gap, cfg.get)
+    return ds
+
+
+def mix_samples(
+    streams: Sequence[TrajDataset], weights: Sequence[float], cfg: Mapping[str, Any], *, train: bool, seed: int
+) -> TrajDataset:
+    """Step 4 (mix): the datasets' sample streams (``trajectory_samples``) -> one stream. Each is
+    repeated when ``train`` or ``eval_repeat``; several are interleaved at random with probability
+    proportional to ``weights`` (``TrajDataset.sample_from_datasets``); then a seeded shuffle
+    buffer of ``shuffle_buffer`` samples (encoded images, so it is cheap). Elements unchanged."""
+    if train or cfg["eval_repeat"]:
+        streams = [stream.repeat() for stream in streams]
     if len(streams) == 1:
         ds = streams[0]
     else:
-        ds = TrajDataset.sample_from_datasets(
-            streams, [w for _, w, _ in children], seed=_derive_seed(seed, 3)
-        )
-    shuffle_buffer = int(get("shuffle_buffer") or 0)
+        ds = TrajDataset.sample_from_datasets(list(streams), list(weights), seed=_derive_seed(seed, 3))
+    shuffle_buffer = int(cfg["shuffle_buffer"] or 0)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=_derive_seed(seed, 4 if train else 5))
+    return ds
 
-    # Per-sample seeds from the sample's position in the stream (stable under start_step).
-    augment = bool(get("augment")) and train
-    augment_config = ft.AugmentConfig.from_mapping(get("augmentation")) if augment else None
+
+def decode_samples(
+    ds: TrajDataset, cfg: Mapping[str, Any], *, image_size: int, train: bool, seed: int, skip: int = 0
+) -> TrajDataset:
+    """Step 5 (decode): the mixed stream of encoded samples -> samples with images decoded,
+    checked against ``_image_shape`` (dropped) and resized to uint8 [..., S, S, 3] (S =
+    ``image_size``; ``observation/image_<cam>`` and ``task/image_<cam>``), with seeded augmentation
+    (``augment`` and ``train``; ``augmentation.*`` ranges).
+
+    The first ``skip`` samples (``start_step * batch_size`` on resume) are skipped before decoding;
+    each sample's augmentation seed is its position in the stream, so a resumed stream's samples
+    equal the uninterrupted one's."""
+    augment = bool(cfg["augment"]) and train
+    augment_config = ft.AugmentConfig.from_mapping(cfg["augmentation"]) if augment else None
     aug_seed = _derive_seed(seed, 6)
 
     def decode(index, sample_dict):
@@ -840,122 +1077,20 @@ def make_batches(
             out[group] = tree
         return out
 
+    # Per-sample seeds from the sample's position in the stream (stable under start_step).
     ds = ds._derive(ds.dataset.enumerate())
-    if start_step > 0:
-        ds = ds.skip(int(start_step) * batch_size)
-    ds = ds.traj_map(decode, num_parallel_calls=_parallel(get("num_parallel_calls")))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    prefetch = int(get("prefetch"))
-    ds = ds.prefetch(AUTOTUNE if prefetch < 0 else prefetch)
-    return Batches(
-        ds, statistics=statistics, specs=[(s, w) for s, w, _ in children], gaps=gaps, batch_size=batch_size,
-        sample=sample, children=children, latent_labels=latent_labels, latent_join_stats=latent_join_stats,
-        ignore_errors=bool(get("ignore_errors")),
-    )
+    if skip > 0:
+        ds = ds.skip(int(skip))
+    return ds.traj_map(decode, num_parallel_calls=_parallel(cfg["num_parallel_calls"]))
 
 
-def _samples(
-    traj: TrajDataset,
-    spec: DatasetSpec,
-    get: Callable[[str], Any],
-    *,
-    train: bool,
-    sample: str,
-    cameras: Sequence[str],
-    statistics: Mapping[str, Any] | None,
-    action_norm: str,
-    proprio_norm: str,
-    action_dim: int,
-    proprio_dim: int,
-    gap: int,
-    max_gap: int,
-) -> TrajDataset:
-    """One dataset's trajectories -> flat stream of encoded samples (before mixing)."""
-    name = spec.name
-    available = set(traj.element_spec["observation"])
-    missing = [c for c in cameras if f"image_{c}" not in available]
-    if missing:
-        raise KeyError(
-            f"dataset {name!r}: no camera(s) {missing} (config.data.cameras); it has "
-            f"{sorted(k[len('image_'):] for k in available if k.startswith('image_'))}"
-        )
-    action_dims = int(traj.element_spec["action"].shape[-1])
-    if spec.normalize_mask is not None:
-        if len(spec.normalize_mask) != action_dims:
-            raise ValueError(
-                f"dataset {name!r}: normalize_mask has {len(spec.normalize_mask)} entries, actions have {action_dims}"
-            )
-        norm_mask = np.asarray(spec.normalize_mask, bool)
-    else:
-        norm_mask = np.ones((action_dims,), bool)
-        for d in spec.gripper_dims:
-            if -action_dims <= d < action_dims:
-                norm_mask[d] = False
-    image_shape = np.asarray(list(spec.image_shape or (0, 0))[:2], np.int32)
-    drop = bool(get("drop_actions"))
-
-    def prepare(t):
-        t = dict(t)
-        observation = dict(t["observation"])
-        if statistics is not None and action_norm != "none":
-            action = stats_lib.normalize(t["action"], statistics["action"], action_norm, mask=norm_mask)
-            t["action"] = tf.where(t["has_action"][:, None], action, tf.zeros_like(action))
-        if statistics is not None and proprio_norm != "none" and proprio_dim > 0:
-            observation["proprio"] = stats_lib.normalize(
-                observation["proprio"], statistics["observation/proprio"], proprio_norm
-            )
-        if drop:
-            t = tt.drop_actions(t)
-        t["action"] = _pad_last(t["action"], action_dim)
-        observation["proprio"] = _pad_last(observation["proprio"], proprio_dim)
-        for key in list(observation):
-            if key.startswith("image_") and key[len("image_"):] not in cameras:
-                del observation[key]
-        t["observation"] = observation
-        return t
-
-    ds = traj.traj_map(prepare)
-    traj_buffer = int(get("traj_shuffle_buffer") or 0)
-    if train and traj_buffer > 1:
-        ds = ds.shuffle(traj_buffer)
-    if get("goal_relabel"):
-        ds = ds.traj_map_seeded(tt.goal_relabel_uniform)
-
-    history = int(get("history") or 1)
-    history_stride = int(get("history_stride") or 1)
-    if history < 1 or history_stride < 1:
-        raise ValueError(f"config.data.history={history} and config.data.history_stride={history_stride}: "
-                         "expected >= 1 (history 1: no history frames)")
-    if sample == "frames":
-        if history > 1:
-            ds = ds.traj_map(lambda t: tt.history_windows(t, history, history_stride))
-    elif sample == "pairs":
-        ds = ds.traj_map(lambda t: tt.frame_pairs(t, gap, action_window=max_gap, history=history,
-                                                  history_stride=history_stride))
-    elif sample == "clips":
-        length, stride = int(get("clip_length")), int(get("clip_stride") or 1)
-        ds = ds.traj_map(lambda t: tt.clips(t, length, stride, history=history, history_stride=history_stride))
-    elif sample == "chunks":
-        chunk, pad = int(get("chunk_size")), str(get("chunk_pad") or "zero")
-
-        def chunks(t):
-            t = tt.action_chunks(t, chunk, pad)
-            if history > 1:
-                t = tt.history_windows(t, history, history_stride)
-            return t
-
-        ds = ds.traj_map(chunks)
-    max_samples = int(get("max_samples_per_traj") or 0)
-    if max_samples > 0:
-        ds = ds.traj_map_seeded(lambda t, s: tt.subsample(t, max_samples, s))
-    ds = ds.traj_map(lambda t: {**t, "_image_shape": tf.tile(image_shape[None], [tf.shape(t["traj_key"])[0], 1])})
-    ds = flatten_samples(ds)
-    if sample == "chunks":
-        ds = ds.filter(lambda s: s["action_pad_mask"][0])
-    if "has_latent" in ds.element_spec:
-        # Labels exist only for frames with a full LAQ window ahead; has_latent is the start frame's.
-        ds = ds.filter(lambda s: s["has_latent"])
-    return ds
+def batch_samples(ds: TrajDataset, batch_size: int, cfg: Mapping[str, Any]) -> TrajDataset:
+    """Step 6 (batches): decoded samples -> batches of ``batch_size`` rows (every key gains the
+    leading dim B; the last partial batch is dropped), ``prefetch`` batches ahead (-1 = AUTOTUNE);
+    ``TrajDataset.iterator()`` / ``Batches`` yield them as numpy dicts."""
+    ds = ds.batch(int(batch_size), drop_remainder=True)
+    prefetch = int(cfg["prefetch"])
+    return ds.prefetch(AUTOTUNE if prefetch < 0 else prefetch)
 
 
 def _zero_size_paths(spec: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], tf.TensorSpec]]:
@@ -1021,7 +1156,7 @@ def _check_nonempty(stream: TrajDataset, spec: DatasetSpec, traj: TrajDataset, s
     need = {
         "pairs": f"pairs need trajectories of at least gap + 1 = {gap + 1} frames",
         "clips": f"clips need at least clip_length * clip_stride + 1 = "
-        f"{int(get('clip_length')) * int(get('clip_stride') or 1) + 1} frames",
+        f"{int(get('clip_length')) * (gap or int(get('clip_stride') or 1)) + 1} frames",
         "chunks": "chunks need steps with actions (has_action)",
         "frames": "frames need non-empty trajectories",
     }[sample]

@@ -17,8 +17,11 @@ TFDS builder lives, the function that standardises a raw RLDS trajectory to the 
 * ``video_folder``: any folder of clips named by ``config.data.data_dir`` (``jaxvla.data.video``);
 * ``lerobot``: any LeRobot dataset directory named by ``config.data.data_dir``
   (``jaxvla.data.lerobot``);
-* whatever ``register_dataset`` adds (e.g. ``video.register_video_folder``,
-  ``lerobot.register_lerobot``).
+* whatever ``register_dataset`` adds (``register_video_folder``: a folder of clips,
+  ``register_lerobot``: a LeRobot directory, under names of their own).
+
+``DatasetSpec`` itself is defined in ``jaxvla.data.spec`` (no dependencies, so ``video`` and
+``lerobot`` build specs without importing this module) and re-exported here.
 
 ``get_dataset_spec`` accepts registry names and ``ALIASES``, case-insensitively; unknown names
 raise a KeyError listing close and known names. Mixtures of these names are resolved by
@@ -30,72 +33,16 @@ No TensorFlow here (``jaxvla.data.oxe`` imports it lazily).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from typing import Any, Callable, Mapping
+import os
+from typing import Any, Mapping
 
 from jaxvla.data import lerobot as lerobot_lib
 from jaxvla.data import oxe
 from jaxvla.data import video as video_lib
 from jaxvla.data.gaps import HUMAN_GAP_SECONDS, ROBOT_GAP_SECONDS, frame_gap
 from jaxvla.data.oxe import RawLayout
-
-DATASET_KINDS = ("robot", "human")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """How to read one dataset.
-
-    name: dataset name (traj keys, statistics, logs).
-    builder_dir: TFDS version dir; absolute, or relative to ``data_dir``; "" -> ``<data_dir>/<name>``
-      (its newest version), or ``data_dir`` itself when that is a version dir.
-    standardize_fn: raw RLDS trajectory -> schema dict (callable, e.g. a ``RawLayout``, or
-      "module:function").
-    control_hz: control frequency (robot) or frames per second (video), for the frame gap.
-    kind: "robot" (default gap ``gaps.ROBOT_GAP_SECONDS``) or "human" (``gaps.HUMAN_GAP_SECONDS``).
-    gap_frames: a fixed gap in frames (e.g. 3 on Bridge), overriding seconds x hz.
-    train_split, val_split: split names (TFDS slices allowed).
-    image_shape: expected decoded (H, W) of this dataset's images (checked), or None.
-    gripper_dims: binary action dims (bin edges; left unnormalised by default).
-    normalize_mask: per action dim, True = normalised (None: every dim but ``gripper_dims``).
-    fingerprint: a hash of the standardisation mapping (part of the statistics cache key).
-    few_demo_task_key / few_demo_order_key: keys identifying an episode's task and its order for
-      ``few_demos_per_task`` ("episode_metadata/..." keys read the raw layout).
-    trajectories_fn: for non-RLDS sources (e.g. human video): ``(split=, train=, seed=,
-      process_index=, process_count=, data_dir=) -> TrajDataset`` of schema trajectories;
-      replaces the RLDS reader. ``data_dir`` is ``config.data.data_dir`` (the
-      ``video_folder`` entry's ``video.VideoFolderSource`` reads that folder; others may ignore it).
-    layout: the ``oxe.RawLayout`` behind ``standardize_fn`` when there is one (its ``raw_keys()``,
-      cameras, action parts, conventions), else None.
-    """
-
-    name: str
-    builder_dir: str = ""
-    standardize_fn: Callable | str | None = None
-    control_hz: float | None = None
-    kind: str = "robot"
-    gap_frames: int | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    image_shape: tuple[int, ...] | None = None
-    gripper_dims: tuple[int, ...] = (-1,)
-    normalize_mask: tuple[bool, ...] | None = None
-    fingerprint: str = ""
-    few_demo_task_key: str = "task/language_instruction"
-    few_demo_order_key: str | None = None
-    trajectories_fn: Callable[..., Any] | None = None
-    layout: RawLayout | None = None
-
-    def __post_init__(self):
-        if self.kind not in DATASET_KINDS:
-            raise ValueError(f"dataset {self.name!r}: kind {self.kind!r} not in {DATASET_KINDS}")
-        # Sequences given as lists become tuples (the spec stays hashable).
-        for field in ("gripper_dims", "image_shape", "normalize_mask"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, tuple):
-                cast = bool if field == "normalize_mask" else int
-                object.__setattr__(self, field, tuple(cast(v) for v in value))
+from jaxvla.data.spec import DatasetSpec  # defined there (no dependencies), re-exported here
 
 
 def spec_from_layout(layout: RawLayout, **overrides: Any) -> DatasetSpec:
@@ -125,11 +72,11 @@ METAWORLD_SPEC = spec_from_layout(
 )
 
 # Any folder of clips, named by config.data.data_dir (jaxvla.data.video: 12 fps, center-cropped
-# square frames, the folder's labels.json as instructions when present); video.register_video_folder
+# square frames, the folder's labels.json as instructions when present); register_video_folder
 # adds folders under names of their own (other rates, crops, labels, or several in a mixture).
 VIDEO_FOLDER_SPEC = video_lib.video_folder_spec()
 # Any LeRobot dataset directory (v2.x / v3.0), named by config.data.data_dir (jaxvla.data.lerobot);
-# lerobot.register_lerobot adds directories under names of their own (with their fps, cameras, gripper).
+# register_lerobot adds directories under names of their own (with their fps, cameras, gripper).
 LEROBOT_SPEC = lerobot_lib.lerobot_spec()
 
 _DATASETS: dict[str, DatasetSpec] = {
@@ -177,6 +124,21 @@ def register_dataset(spec: DatasetSpec | RawLayout) -> DatasetSpec:
         raise ValueError(f"dataset name {spec.name!r} is an alias of {ALIASES[spec.name]!r}")
     _DATASETS[spec.name] = spec
     return spec
+
+
+def register_video_folder(name: str, video_dir: str | os.PathLike, **settings: Any) -> DatasetSpec:
+    """Registers a folder of clips as pipeline dataset ``name`` (``video.video_folder_spec(video_dir,
+    name, **settings)``: labels, fps, crop, image_size, extensions, recursive, num_workers,
+    action_dim), so ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the
+    spec."""
+    return register_dataset(video_lib.video_folder_spec(video_dir, name, **settings))
+
+
+def register_lerobot(name: str, root: str | os.PathLike, **settings: Any) -> DatasetSpec:
+    """Registers the LeRobot dataset at ``root`` as pipeline dataset ``name``
+    (``lerobot.lerobot_spec(root, name, **settings)``: cameras, state_key, action_key, gripper_dims,
+    kind), so ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the spec."""
+    return register_dataset(lerobot_lib.lerobot_spec(root, name, **settings))
 
 
 def dataset_names(include_aliases: bool = False) -> list[str]:
@@ -236,3 +198,18 @@ def dataset_gap(spec: DatasetSpec | str, gap_seconds: float = 0.0, gap_frames: i
             "from seconds; set the spec's gap_frames or config.data.gap_frames"
         )
     return frame_gap(spec.control_hz, seconds)
+
+
+def clip_stride(spec: DatasetSpec | str, clip_stride_seconds: float = 0.0, clip_stride_frames: int = 1) -> int:
+    """Steps between consecutive frames of a ViPRA clip of ``spec``: ``gaps.frame_gap(control_hz,
+    clip_stride_seconds)`` when the seconds are > 0 (datasets at different rates then span the
+    same time), else ``clip_stride_frames`` (config.data.clip_stride) for every dataset."""
+    spec = get_dataset_spec(spec)
+    if clip_stride_seconds and float(clip_stride_seconds) > 0:
+        if not spec.control_hz:
+            raise ValueError(
+                f"dataset {spec.name!r}: no control_hz / fps in its spec, so config.data.clip_stride_seconds "
+                "cannot become frames; set config.data.clip_stride (frames) instead"
+            )
+        return frame_gap(spec.control_hz, float(clip_stride_seconds))
+    return max(1, int(clip_stride_frames or 1))

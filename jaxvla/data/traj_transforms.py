@@ -154,20 +154,26 @@ def frame_pairs(traj: Traj, gap: int, action_window: int | None = None, history:
     return out
 
 
-def clips(traj: Traj, length: int, stride: int = 1, history: int = 1, history_stride: int = 1) -> Traj:
-    """L+1 = ``length + 1`` frames t, t+stride, ..., with every step's action in between, preceded
-    by ``history`` - 1 history frames ``history_stride`` steps apart (module docstring)."""
+def clips(traj: Traj, length: int, stride: int = 1, history: int = 1, history_stride: int = 1,
+          action_window: int | None = None) -> Traj:
+    """L+1 = ``length + 1`` frames t, t+stride, ..., with every step's action in between (zero-padded
+    to ``action_window`` >= L * stride steps, so datasets of a mixture with different strides share
+    one shape), preceded by ``history`` - 1 history frames ``history_stride`` steps apart (module
+    docstring)."""
     length, stride = int(length), int(stride)
     if length < 1 or stride < 1:
         raise ValueError(f"clips: length and stride must be >= 1, got length={length}, stride={stride}")
     observation, _, others = _split(traj)
     span = length * stride
+    window = span if action_window is None else int(action_window)
+    if window < span:
+        raise ValueError(f"clips: action_window ({window}) must be >= clip_length * stride ({span})")
     num = tf.maximum(traj_length(traj) - span, 0)
     starts = tf.range(num, dtype=tf.int32)
     frame_index = starts[:, None] + tf.range(0, span + 1, stride, dtype=tf.int32)[None, :]
     out = _gather(others, starts)
     out["observation"] = _with_history(observation, frame_index, history, history_stride, "clips")
-    out["action"], out["has_action"] = _action_window(traj, starts, span, span)
+    out["action"], out["has_action"] = _action_window(traj, starts, window, span)
     return out
 
 

@@ -40,7 +40,7 @@ center-cropped (``crop="center"``, default), black-padded (``"pad"``) or left as
 (``"none"``) to the aspect ratio of the output size (square without one), so the pipeline's square
 resize never squashes them.
 
-As a dataset (``video_folder_spec`` / ``register_video_folder``, and the built-in pipeline entry
+As a dataset (``video_folder_spec`` / ``registry.register_video_folder``, and the built-in pipeline entry
 ``video_folder`` that reads the folder named by ``config.data.data_dir``): kind "human", frames
 resampled to ``fps`` (12 by default, SSv2's rate), which is the spec's ``control_hz``, so
 ``config.data.gap_seconds`` (0: 2.4 s) becomes frames. Video trajectories have no proprioception:
@@ -64,6 +64,7 @@ import numpy as np
 from PIL import Image
 
 from jaxvla.data.schema import IMAGE_CAMERAS
+from jaxvla.data.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -683,7 +684,7 @@ def video_trajectory_dataset(
 
 @dataclasses.dataclass(frozen=True)
 class VideoFolderSource:
-    """The ``trajectories_fn`` of a video folder dataset spec (``registry.DatasetSpec``): reads
+    """The ``trajectories_fn`` of a video folder dataset spec (``DatasetSpec``): reads
     ``video_dir`` (None: the ``data_dir`` the pipeline passes, i.e. ``config.data.data_dir``) with a
     ``VideoFolderReader``; undecodable clips and labelled ids without a file are skipped and
     counted. The labels file is ``labels`` (a relative path that does not exist is taken inside the
@@ -736,13 +737,13 @@ class VideoFolderSource:
         return reader.as_dataset()
 
 
-def video_folder_spec(video_dir: str | os.PathLike | None = None, name: str = "video_folder", **settings: Any):
-    """A ``registry.DatasetSpec`` reading a folder of clips (``VideoFolderSource(video_dir, name,
+def video_folder_spec(
+    video_dir: str | os.PathLike | None = None, name: str = "video_folder", **settings: Any
+) -> DatasetSpec:
+    """A ``DatasetSpec`` (``jaxvla.data.spec``) reading a folder of clips (``VideoFolderSource(video_dir, name,
     **settings)``: labels, fps, crop, image_size, extensions, recursive, num_workers, action_dim):
     kind "human", ``control_hz`` = fps (gaps in seconds become frames at it), one split (the
     validation split reads the same clips)."""
-    from jaxvla.data.registry import DatasetSpec  # a cycle: jaxvla.data.registry imports this module
-
     if "extensions" in settings and settings["extensions"] is not None:
         settings["extensions"] = _extensions(settings["extensions"])
     source = VideoFolderSource(None if video_dir is None else os.fspath(video_dir), name, **settings)
@@ -754,12 +755,3 @@ def video_folder_spec(video_dir: str | os.PathLike | None = None, name: str = "v
         fingerprint=repr(source),
     )
 
-
-def register_video_folder(name: str, video_dir: str | os.PathLike, **settings: Any):
-    """Registers a folder of clips as pipeline dataset ``name`` (``video_folder_spec``), so
-    ``config.data.dataset = name`` (or a mixture naming it) reads it; returns the spec."""
-    from jaxvla.data.registry import register_dataset  # a cycle (see video_folder_spec)
-
-    spec = video_folder_spec(video_dir, name, **settings)
-    register_dataset(spec)
-    return spec

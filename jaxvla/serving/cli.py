@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from jaxvla import compilation_cache
+from jaxvla.policy import Policy
 from jaxvla.serving.server import DEFAULT_MAX_INSTRUCTION_CHARS, TOKEN_ENV, PolicyServer
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the image tokenizer's checkpoint, overriding the one the checkpoint bundles "
         "(<workdir>/assets/tokenizer, found relative to it) and the path finetuning recorded (older "
         "checkpoints copied to another machine)",
+    )
+    parser.add_argument(
+        "--text_tokenizer",
+        default=None,
+        help="a SentencePiece file overriding the checkpoint's text tokenizer (its bundled copy in "
+        "<workdir>/assets/text_tokenizer, or the default of the mistral-common wheel)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -66,15 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.verbose:  # our per-request timings, not websockets' frame dumps
         logging.getLogger("jaxvla.serving").setLevel(logging.DEBUG)
 
-    # The heavy part (JAX, the model code), imported only once the arguments are good.
-    from jaxvla import compilation_cache
-    from jaxvla.policy import Policy
-
     logger.info("compilation cache: %s", compilation_cache.enable(args.compilation_cache) or "off")
 
     logger.info("Loading policy from %s", args.checkpoint)
     policy = Policy.from_checkpoint(args.checkpoint, text_cache_size=args.text_cache_size,
-                                    tokenizer_checkpoint=args.tokenizer_checkpoint)
+                                    tokenizer_checkpoint=args.tokenizer_checkpoint, text_tokenizer=args.text_tokenizer)
     # Compile before the first client connects, so its first request is as fast as the rest.
     start = time.perf_counter()
     warmup = {key: np.zeros(shape, dtype) for key, (shape, dtype) in policy.observation_spec().items()}

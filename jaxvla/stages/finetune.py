@@ -93,7 +93,8 @@ import numpy as np
 from jaxvla.data import sequences as seq
 from jaxvla.data import stats as stats_lib
 from jaxvla.data.embedded import configured_dataset
-from jaxvla.frozen import LATENT_CODES, TEXT_VOCAB, FinetuneModels, TextPrompts, bundle_image_tokenizer, make_vocab
+from jaxvla.frozen import (LATENT_CODES, TEXT_VOCAB, FinetuneModels, TextPrompts, bundle_image_tokenizer,
+                           bundle_text_tokenizer, make_vocab)
 from jaxvla.losses import finetune as losses
 from jaxvla.losses.actions import bin_centres
 from jaxvla.losses.pretrain import target_counts
@@ -407,6 +408,13 @@ def prerequisites(config) -> list:
     return ([data] if data is not None else []) + [image_tokenizer_checkpoint(config)]
 
 
+def _bundle_tokenizers(image_tokenizer: str, text_tokenizer: str, workdir: str) -> dict:
+    """The tokenizers travel with the checkpoints: the image tokenizer under
+    ``<workdir>/assets/tokenizer``, a custom SentencePiece model under
+    ``<workdir>/assets/text_tokenizer`` (``jaxvla.frozen``)."""
+    return {**bundle_image_tokenizer(image_tokenizer, workdir), **bundle_text_tokenizer(text_tokenizer, workdir)}
+
+
 def build(config) -> Stage:
     from jaxvla.data.pipeline import make_batches as pipeline_batches  # TensorFlow
 
@@ -554,5 +562,5 @@ def build(config) -> Stage:
         eval_fn=eval_fn,
         assets=assets,
         # The image tokenizer travels with the checkpoints: <workdir>/assets/tokenizer.
-        workdir_assets=functools.partial(bundle_image_tokenizer, frames.checkpoint),
+        workdir_assets=functools.partial(_bundle_tokenizers, frames.checkpoint, str(mc.text_tokenizer or "")),
     )

@@ -25,6 +25,7 @@ import numpy as np
 from jaxvla.data.embedded import configured_dataset
 from jaxvla.frozen import laq_model
 from jaxvla.losses.laq import FAR_STEP, laq_eval_metrics, make_laq_loss, make_nsvq_replacement
+from jaxvla.losses.lpips import load_lpips
 from jaxvla.losses.tokenizer import images_to_float
 from jaxvla.models.laq import LAQ
 from jaxvla.models.nsvq import LAPA_SCHEDULE
@@ -67,7 +68,7 @@ def laq_batch(batch: dict, step: int | None) -> dict:
 
 def make_batches(config, *, train: bool, start_step: int = 0, seed_offset: int = 0):
     """Iterator of loss batches for this process (train: the training stream from ``start_step``)."""
-    from jaxvla.data.pipeline import make_batches as pipeline_batches
+    from jaxvla.data.pipeline import make_batches as pipeline_batches  # TensorFlow
 
     per_process = config.batch_size // jax.process_count()
     batches = pipeline_batches(
@@ -82,8 +83,6 @@ def make_batches(config, *, train: bool, start_step: int = 0, seed_offset: int =
 def load_lpips_fn(model_config):
     if model_config.lpips_weight <= 0:
         return None
-    from jaxvla.losses.lpips import load_lpips
-
     fn = load_lpips(model_config.lpips_net, model_config.lpips_weights_dir or None)
     if fn is None:
         log.warning("LPIPS weights not found: the LPIPS term is off (config.model.lpips_weight ignored)")

@@ -58,7 +58,7 @@ from jaxvla.stages import (Checkpoint, DataStream, Stage, data_with_history, his
 
 log = logging.getLogger("jaxvla")
 
-WINDOW_KEYS = ("sample", "gap_seconds", "gap_frames", "clip_length", "clip_stride")
+WINDOW_KEYS = ("sample", "gap_seconds", "gap_frames", "clip_length", "clip_stride", "clip_stride_seconds")
 
 
 def _reads_laq(config) -> bool:
@@ -129,8 +129,8 @@ def data_config_for(config, laq, labels_info) -> ml_collections.ConfigDict:
     if config.model.objective == "actionvla":
         data.sample = "frames"
     elif laq is not None:
-        for key in WINDOW_KEYS:
-            data[key] = laq.config.data[key]
+        for key in WINDOW_KEYS:  # an LAQ from before a key existed: that key's default
+            data[key] = laq.config.data.get(key, data[key])
     else:
         data.sample = "pairs"
         data.gap_frames = int(labels_info["meta"]["frame_offsets"][-1])

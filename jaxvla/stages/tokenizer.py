@@ -30,7 +30,9 @@ import numpy as np
 from jaxvla.data.embedded import MetaWorldData
 from jaxvla.data.frames import FrameDataset
 from jaxvla.data.procedural import render_scenes
+from jaxvla.data.mixtures import resolve_mixture
 from jaxvla.frozen import vqgan_model
+from jaxvla.losses.lpips import load_lpips
 from jaxvla.losses.tokenizer import images_to_float, make_code_restarts, make_tokenizer_loss
 from jaxvla.stages import Stage, require
 
@@ -66,7 +68,6 @@ def load_frames(data_config, image_size: int) -> tuple[FrameDataset, FrameDatase
     if source not in SOURCES:
         raise ValueError(f"config.data.source={source!r} is unknown; expected one of {', '.join(SOURCES)}")
     from jaxvla.data import pipeline  # TensorFlow
-    from jaxvla.data.mixtures import resolve_mixture
 
     reader = dict(data_config)
     if source == "metaworld":
@@ -119,7 +120,7 @@ def _has_split(pipeline, spec, data_dir, split: str) -> bool:
     function (``trajectories_fn``) are assumed to."""
     if spec.trajectories_fn is not None:
         return True
-    from jaxvla.data.dataset import load_builder
+    from jaxvla.data.dataset import load_builder  # TensorFlow
 
     builder = load_builder(pipeline.resolve_builder_dir(spec, data_dir), spec.name)
     return split.split("[")[0] in builder.info.splits
@@ -147,8 +148,6 @@ def build(config) -> Stage:
 
     lpips_fn = None
     if config.model.lpips_weight > 0:
-        from jaxvla.losses.lpips import load_lpips
-
         lpips_fn = load_lpips(config.model.lpips_net, config.model.lpips_weights_dir or None)
         if lpips_fn is None:
             log.warning("LPIPS weights not found: the LPIPS term is off (config.model.lpips_weight ignored)")
