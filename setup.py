@@ -33,8 +33,11 @@ CORE = [
     "msgpack>=1.0",
     # Policy serving (jaxvla/serving/): asyncio server + sync client API, proxy= kwarg (15+).
     "websockets>=15,<18",
-    # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py).
+    # PyAV (bundles FFmpeg): decodes Something-Something .webm / .mp4 (jaxvla/data/video.py) and
+    # writes / reads LeRobot datasets' MP4 (jaxvla/data/lerobot.py).
     "av>=14,<20",
+    # LeRobot datasets' Parquet tables (jaxvla/data/lerobot.py); orbax and tfds need it too.
+    "pyarrow>=14",
     # tfds 4.9.x imports it when a builder defined inside a package prepares data.
     "importlib_resources",
     # Ships the LPIPS AlexNet / VGG16 weights; jaxvla reads them through its restricted

@@ -6,6 +6,7 @@ action-free video pool, finetune on K demonstrations per task, evaluate at fixed
         [--seeds=0,1,2] [--demos_per_task=5] [--videos_per_task=20[,50,...]] [--finetune_tasks=mt10]
         [--eval_tasks=mt10] [--eval_placements=10] [--out=docs/results/<date>-day]
     python scripts/reproduce.py --from_records=docs/results/<date>-day/episodes.jsonl --out=DIR
+    python scripts/reproduce.py --finished_only --run_dir=runs/day --out=DIR   # what is done so far
 
 Protocols (``jaxvla.experiment.PROTOCOLS``): ``day`` (the full comparison: ML45 pool of 20 videos
 per task, K=5 demonstrations per MT10 task, 8 rows x 3 seeds, at most 10 hours on 2 cores; every
@@ -47,6 +48,8 @@ flags.DEFINE_integer("eval_placements", 0, "Fixed evaluation placements per task
 flags.DEFINE_string("out", "", "Where the results go (default <run_dir>/results).")
 flags.DEFINE_string("from_records", "", "Regenerate results.json / RESULTS.md / comparison.png from this "
                                         "episodes.jsonl instead of running anything.")
+flags.DEFINE_boolean("finished_only", False, "Publish the evaluations already finished in --run_dir (of --rows / "
+                     "--seeds) without training or evaluating anything: partial results while a long run goes on.")
 flags.DEFINE_integer("bootstrap", 10_000, "Bootstrap replicates.")
 flags.DEFINE_enum("until", None, ["tokenizer", "labels", "pretrain"],
                   "Run only the shared stages up to this one (labels: LAQs, gates and labels too; pretrain: "
@@ -137,6 +140,9 @@ def markdown(stats: dict, meta: dict) -> str:
 
     lines = [f"# LAPA / ViPRA comparison on Meta-World ({meta.get('date', '')}, protocol {meta.get('protocol', '')})",
              ""]
+    if meta.get("partial"):
+        lines += [f"**Partial results** (`--finished_only`, the run still going): {meta['partial']}. Rows with one "
+                  "seed have no seed spread; contrasts need both rows.", ""]
     if meta.get("plan_text"):
         lines += ["```", meta["plan_text"], "```", ""]
     lines += ["Success rate in %, 95 % interval from a cluster bootstrap over finetuning seeds (clusters) and "
@@ -250,8 +256,24 @@ def main(argv):
         print("\n\n".join(plans))
         return
 
-    compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     start = time.time()
+    if FLAGS.finished_only:
+        records = []
+        for exp in experiments:
+            chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+            records.extend(exp.records(chosen))
+        if not records:
+            raise app.UsageError(f"--finished_only: no finished evaluation of {rows or 'the protocol rows'} "
+                                 f"in {run_dir}")
+        unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
+        out = FLAGS.out or os.path.join(run_dir, "results")
+        done = sorted({(r["row"], r["seed"]) for r in unique.values()})
+        meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
+                "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
+                "partial": f"{len(done)} finished (row, seed) evaluations: {done}"}
+        print(publish(list(unique.values()), out, meta, FLAGS.bootstrap)["markdown"])
+        return
+    compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     if FLAGS.until:
         for exp in experiments:
             exp.prepare(FLAGS.until, rows)

@@ -312,3 +312,32 @@ def test_finished_stage_trained_with_another_config_is_refused(tmp_path, monkeyp
                         {"model": {"a": 1, "b": {"c": 3}, "d": 4}, "data": {"sample": "pairs"}, "seed": 2})
     assert [(k, a, b) for k, a, b in differ if k != "model.d"] == [("model.b.c", 2, 3)]
     assert [k for k, _, _ in differ] == ["model.b.c", "model.d"]
+
+
+def test_finished_only_publishes_what_is_done(tmp_path):
+    """--finished_only: the finished evaluations of a run, published without training anything (a
+    run with none is refused, naming the run directory)."""
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    exp = Experiment(str(tmp_path / "run"), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    successes = [True, False, True, True, False, False, True, False]
+    episodes = [{"row": "SCRATCH-bins", "seed": 0, "task": task, "placement": i, "env_seed": i, "success": ok,
+                 "length": 50 if ok else 150}
+                for task, oks in (("reach", successes[:4]), ("push", successes[4:])) for i, ok in enumerate(oks)]
+    name = "eval_" + exp.finetune_name("SCRATCH-bins", 0)[len("finetune_"):]
+    os.makedirs(tmp_path / "run" / name)
+    (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"stage": name, "episodes": episodes}))
+    script = os.path.join(REPO, "scripts", "reproduce.py")
+    common = [sys.executable, script, "--finished_only", f"--data_root={tmp_path / 'data'}", "--bootstrap=200",
+              "--rows=SCRATCH-bins,VIPRA-flow"]
+    out = subprocess.run(common + [f"--run_dir={tmp_path / 'run'}", f"--out={tmp_path / 'res'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert results["statistics"]["rows"]["SCRATCH-bins"]["success_rate"] == pytest.approx(np.mean(successes))
+    assert set(results["statistics"]["rows"]) == {"SCRATCH-bins"}
+    assert "[('SCRATCH-bins', 0)]" in results["partial"] and "**Partial results**" in out.stdout
+    assert not os.path.exists(tmp_path / "data")  # nothing generated, trained or evaluated
+    empty = subprocess.run(common + [f"--run_dir={tmp_path / 'empty'}"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+    assert empty.returncode != 0 and "no finished evaluation" in empty.stderr and "empty" in empty.stderr
