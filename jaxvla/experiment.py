@@ -46,7 +46,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxvla import laq_quality, trainer
@@ -55,6 +55,7 @@ from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
 from jaxvla.frozen import load_laq
 from jaxvla.io.files import write_json
+from jaxvla.io.weights import flatten_dict
 from jaxvla.latent_actions import label_dataset
 from jaxvla.tracking import save_figure
 
@@ -201,12 +202,7 @@ def stale_keys(saved: dict, wanted: dict, identity: Sequence[str] = STAGE_IDENTI
     dicts differ; a key missing on one side counts as different."""
 
     def leaves(tree: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(tree, dict):
-            out = {}
-            for key, value in tree.items():
-                out.update(leaves(value, f"{prefix}.{key}"))
-            return out
-        return {prefix: tree}
+        return flatten_dict(tree, ".", prefix) if isinstance(tree, Mapping) else {prefix: tree}
 
     def lookup(tree: dict, dotted: str) -> Any:
         for part in dotted.split("."):

@@ -37,6 +37,7 @@ from jaxvla.data.latent_labels import config_hash
 from jaxvla.data.registry import clip_stride, dataset_gap, get_dataset_spec
 from jaxvla.data.sequences import Vocab
 from jaxvla.data import text as text_lib
+from jaxvla.losses.tokenizer import images_to_float
 from jaxvla.models.action_heads import ActionEncoder, VelocityHead
 from jaxvla.models.laq import LAQ, laq_size
 from jaxvla.models.llama import Llama, llama_config
@@ -50,11 +51,6 @@ LATENT_CODES = 8  # the latent table finetuning's vocabulary keeps (the backbone
 
 _LAQ_SIZE_KEYS = ("image_size", "patch_size", "dim", "num_heads", "head_dim", "encoder_depth", "temporal_depth",
                   "decoder_depth", "quant_dim", "code_grid", "codebook_size", "num_frames")
-
-
-def _unit_range(frames: jax.Array) -> jax.Array:
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1] (``jaxvla.losses.tokenizer.images_to_float``)."""
-    return frames.astype(jnp.float32) / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +79,7 @@ class FrameTokenizer:
         self.tokens_per_frame = grid * grid
 
         def encode(params, frames):
-            return model.apply({"params": params}, _unit_range(frames), method=model.encode)
+            return model.apply({"params": params}, images_to_float(frames), method=model.encode)
 
         self._encode = jax.jit(encode)
 
@@ -326,7 +322,7 @@ class LoadedLAQ:
         model = self.model
 
         def encode(params, frames):
-            return model.apply({"params": params}, _unit_range(frames), method=model.encode)["indices"]
+            return model.apply({"params": params}, images_to_float(frames), method=model.encode)["indices"]
 
         if mesh is None:
             params = jax.device_put(self.params)
