@@ -71,7 +71,7 @@ from PIL import Image
 
 from jaxvla.data.schema import IMAGE_CAMERAS
 from jaxvla.data.spec import DatasetSpec
-from jaxvla.data.video import encode_frames
+from jaxvla.data.video import encode_frames, trajectory_signature
 
 log = logging.getLogger(__name__)
 
@@ -485,20 +485,7 @@ class LeRobotSource:
 
     def signature(self, info: LeRobotInfo) -> dict[str, Any]:
         """``tf.TensorSpec`` tree of ``episode_trajectory``'s output."""
-        import tensorflow as tf
-
-        string = tf.TensorSpec([None], tf.string)
-        observation = {f"image_{camera}": string for camera in IMAGE_CAMERAS}
-        observation["proprio"] = tf.TensorSpec([None, info.vector_dim(self.state_key)], tf.float32)
-        observation["timestep"] = tf.TensorSpec([None], tf.int32)
-        return {
-            "observation": observation,
-            "action": tf.TensorSpec([None, info.vector_dim(self.action_key) or 1], tf.float32),
-            "has_action": tf.TensorSpec([None], tf.bool),
-            "task": {"language_instruction": string},
-            "dataset_name": string,
-            "traj_key": string,
-        }
+        return trajectory_signature(info.vector_dim(self.action_key) or 1, info.vector_dim(self.state_key))
 
     def __call__(self, split: str, train: bool, seed: int | None, process_index: int | None,
                  process_count: int | None, data_dir: str | os.PathLike | None = None):

@@ -310,13 +310,14 @@ def video_trajectory(
     }
 
 
-def trajectory_signature(action_dim: int = DEFAULT_ACTION_DIM) -> dict[str, Any]:
-    """``tf.TensorSpec`` tree of ``video_trajectory``'s output (for ``from_generator``)."""
+def trajectory_signature(action_dim: int = DEFAULT_ACTION_DIM, proprio_dim: int = 0) -> dict[str, Any]:
+    """``tf.TensorSpec`` tree of a schema trajectory built in numpy (``video_trajectory``'s output:
+    ``proprio_dim`` 0; LeRobot episodes: their state width), for ``from_generator``."""
     import tensorflow as tf
 
     string = tf.TensorSpec([None], tf.string)
     observation = {f"image_{camera}": string for camera in IMAGE_CAMERAS}
-    observation["proprio"] = tf.TensorSpec([None, 0], tf.float32)
+    observation["proprio"] = tf.TensorSpec([None, int(proprio_dim)], tf.float32)
     observation["timestep"] = tf.TensorSpec([None], tf.int32)
     return {
         "observation": observation,
