@@ -53,10 +53,11 @@ from jaxvla import laq_quality, trainer
 from jaxvla.checkpoint import resolve_checkpoint
 from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to_json
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
-from jaxvla.frozen import load_laq
+from jaxvla.frozen import TextPrompts, load_laq
 from jaxvla.io.files import write_json
 from jaxvla.io.weights import flatten_dict
 from jaxvla.latent_actions import label_dataset
+from jaxvla.sim.instructions import instruction
 from jaxvla.tracking import save_figure
 
 log = logging.getLogger("jaxvla")
@@ -593,13 +594,21 @@ class Experiment:
         if p.history_stride:
             overrides["model.history_stride"] = p.history_stride
         if not finetuning:
-            return {**overrides, "model.seq_len": 384 if p.history_stride else 256}
+            return {**overrides, "model.seq_len": 384 if p.history_stride else 256,
+                    "model.pack_prompt_tokens": self.pool_prompt_tokens()}
         overrides["model.seq_len"] = 528
         if p.state_dims:
             # The state text takes up to 19 more prompt ids for 4 dims (stages.finetune checks it),
             # and MT50's longest instruction 5 more than MT10's: 60 fits every Meta-World task.
             overrides.update({"model.state_dims": p.state_dims, "model.prompt_tokens": 60})
         return overrides
+
+    def pool_prompt_tokens(self) -> int:
+        """Pretraining's prompt budget (``model.pack_prompt_tokens``): the longest prompt of the
+        pool's tasks, at least the config's 36 (MT10's longest is 34; ML45's pick-place-wall is 41)."""
+        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
+        prompts = TextPrompts()
+        return max([36] + [len(prompts(instruction(task))) for task in task_names(self.protocol.pool_tasks)])
 
     def pretrain_overrides(self, objective: str) -> dict:
         n = self.protocol.pretrain_steps

@@ -45,6 +45,28 @@ def test_day_plan_meets_the_protocol(tmp_path):
     assert 0 < plan["estimated_hours"] <= 10
 
 
+def test_pretraining_prompt_budget_fits_every_pool_instruction(tmp_path):
+    """ML45's pool has longer instructions than MT10 (pick-place-wall: 41 ids): pretraining's
+    packed prompt budget must hold each of them (a 36-id budget crashed the first ``day``
+    pretraining), and is no larger than the longest."""
+    from jaxvla.experiment import PROTOCOLS, Experiment
+    from jaxvla.frozen import TextPrompts
+    from jaxvla.sim.instructions import instruction
+    from jaxvla.sim.metaworld_env import task_names
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    for objective in ("lapa", "vipra", "actionvla"):
+        config = exp.stage_config(exp.pretrain_name(objective), f"configs/pretrain.py:{objective}_small",
+                                  exp.pretrain_overrides(objective))
+        budget = int(config.model.pack_prompt_tokens)
+        fits = TextPrompts(max_tokens=budget)
+        for task in task_names("ml45"):
+            fits(instruction(task))  # raises ValueError when the prompt does not fit
+        with pytest.raises(ValueError, match="pack_prompt_tokens|max_tokens"):
+            TextPrompts(max_tokens=budget - 1)(instruction("pick-place-wall"))
+    assert budget == 41
+
+
 def test_seed_streams_are_disjoint_and_tasks_overlap(tmp_path):
     """MT10's tasks are in the ML45 pool, so disjointness must come from the seeds."""
     from jaxvla.experiment import PROTOCOLS, Experiment
