@@ -375,3 +375,26 @@ def test_latent_labels_join_onto_video(ssv2, tmp_path):
         assert list(traj["has_latent"]) == [True] * (length - gap) + [False] * gap
         np.testing.assert_array_equal(traj["latent_action"][: length - gap], codes[video_id])
         assert not traj["latent_action"][length - gap :].any()
+
+
+def test_schema_trajectory_fills_the_schema_and_refuses_mismatched_lengths():
+    frames = np.array([b"a", b"b", b"c"], dtype=object)
+    action = np.arange(6, dtype=np.float32).reshape(3, 2)
+    traj = video.schema_trajectory({"wrist": frames}, ["x", "y", "z"], "toy/train/0", "toy", action=action,
+                                   proprio=np.ones((3, 1)), timestep=np.array([4, 5, 6]))
+    assert list(traj["observation"]["image_wrist"]) == [b"a", b"b", b"c"]
+    assert list(traj["observation"]["image_primary"]) == [b""] * 3
+    np.testing.assert_array_equal(traj["action"], action)
+    assert traj["has_action"].tolist() == [True] * 3
+    assert traj["observation"]["timestep"].tolist() == [4, 5, 6]
+    assert list(traj["task"]["language_instruction"]) == [b"x", b"y", b"z"]
+    assert list(traj["traj_key"]) == [b"toy/train/0"] * 3
+    free = video.video_trajectory(frames, "go", "k", "toy", action_dim=7)
+    assert free["action"].shape == (3, 7) and not free["action"].any() and not free["has_action"].any()
+    assert free["observation"]["proprio"].shape == (3, 0) and free["observation"]["timestep"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="camera 'wrist' has 2 frames, expected 3"):
+        video.schema_trajectory({"primary": frames, "wrist": frames[:2]}, "go", "k", "toy")
+    with pytest.raises(ValueError, match="2 strings for a trajectory of 3 steps"):
+        video.schema_trajectory({"primary": frames}, ["a", "b"], "k", "toy")
+    with pytest.raises(ValueError, match="cameras \\['side'\\]"):
+        video.schema_trajectory({"side": frames}, "go", "k", "toy")

@@ -71,7 +71,7 @@ from PIL import Image
 
 from jaxvla.data.schema import IMAGE_CAMERAS
 from jaxvla.data.spec import DatasetSpec
-from jaxvla.data.video import encode_frames, trajectory_signature
+from jaxvla.data.video import encode_frames, schema_trajectory, trajectory_signature
 
 log = logging.getLogger(__name__)
 
@@ -457,12 +457,7 @@ class LeRobotSource:
         else:
             instructions = [episode["tasks"][0] if episode["tasks"] else ""] * length
 
-        def text(values: Sequence[str]) -> np.ndarray:
-            out = np.empty(length, dtype=object)
-            out[:] = [v.encode("utf-8") for v in values]
-            return out
-
-        observation = {f"image_{camera}": text([""] * length) for camera in IMAGE_CAMERAS}
+        images = {}
         for camera, key in cameras.items():
             if info.features[key]["dtype"] == "video":
                 video, start = episode["videos"][key]
@@ -471,17 +466,10 @@ class LeRobotSource:
                 if key not in table:
                     raise LeRobotFormatError(f"{path}: no image column {key!r}")
                 frames = np.stack([_decode_image_cell(table[key][r], f"{path}:{key}") for r in rows])
-            observation[f"image_{camera}"] = encode_frames(frames, "jpeg", self.jpeg_quality)
-        observation["proprio"] = proprio
-        observation["timestep"] = np.asarray(frame_index[np.argsort(frame_index, kind="stable")], np.int32)
-        return {
-            "observation": observation,
-            "action": action if action_dim else np.zeros((length, 1), np.float32),
-            "has_action": np.full(length, bool(action_dim)),
-            "task": {"language_instruction": text(instructions)},
-            "dataset_name": text([self.name] * length),
-            "traj_key": text([f"{self.name}/{split}/{episode['episode_index']}"] * length),
-        }
+            images[camera] = encode_frames(frames, "jpeg", self.jpeg_quality)
+        return schema_trajectory(images, instructions, f"{self.name}/{split}/{episode['episode_index']}", self.name,
+                                 action=action if action_dim else None, action_dim=1, proprio=proprio,
+                                 timestep=frame_index[np.argsort(frame_index, kind="stable")])
 
     def signature(self, info: LeRobotInfo) -> dict[str, Any]:
         """``tf.TensorSpec`` tree of ``episode_trajectory``'s output."""

@@ -58,7 +58,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -281,6 +281,62 @@ def encode_frames(frames: np.ndarray, encode: str = "jpeg", quality: int = 95) -
     return out
 
 
+def schema_trajectory(
+    images: Mapping[str, np.ndarray],
+    instructions: str | Sequence[str],
+    traj_key: str,
+    dataset_name: str,
+    *,
+    action: np.ndarray | None = None,
+    action_dim: int = DEFAULT_ACTION_DIM,
+    proprio: np.ndarray | None = None,
+    timestep: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The standardised (schema.py) trajectory of one episode, built in numpy (nested dicts), the
+    layout ``trajectory_signature`` describes.
+
+    ``images``: camera name (``"primary"``, ``"wrist"``, ... of ``IMAGE_CAMERAS``) -> encoded
+    frames, an object array ``[T]`` of bytes; cameras left out are ``b""``. ``instructions``: one
+    string, or one per step. ``action`` float ``[T, A]`` (``has_action`` true), or None for an
+    action-free video (zeros ``[T, action_dim]``, ``has_action`` false). ``proprio`` float
+    ``[T, P]`` (default ``[T, 0]``); ``timestep`` int ``[T]`` (default ``0 .. T-1``).
+    """
+    unknown = sorted(set(images) - set(IMAGE_CAMERAS))
+    if unknown:
+        raise ValueError(f"cameras {unknown}: expected some of {list(IMAGE_CAMERAS)}")
+    sized = [*images.values(), *(a for a in (action, proprio, timestep) if a is not None)]
+    if not sized:
+        raise ValueError(f"{traj_key}: no frames, actions, state or timesteps to size the trajectory")
+    length = len(sized[0])
+
+    def text(values: str | Sequence[str]) -> np.ndarray:
+        values = [values] * length if isinstance(values, str) else list(values)
+        if len(values) != length:
+            raise ValueError(f"{traj_key}: {len(values)} strings for a trajectory of {length} steps")
+        out = np.empty(length, dtype=object)
+        out[:] = [v.encode("utf-8") for v in values]
+        return out
+
+    observation = {f"image_{camera}": text("") for camera in IMAGE_CAMERAS}
+    for camera, frames in images.items():
+        if len(frames) != length:
+            raise ValueError(f"{traj_key}: camera {camera!r} has {len(frames)} frames, expected {length}")
+        observation[f"image_{camera}"] = np.asarray(frames, dtype=object)
+    observation["proprio"] = (np.zeros((length, 0), np.float32) if proprio is None
+                              else np.asarray(proprio, np.float32).reshape(length, -1))
+    observation["timestep"] = (np.arange(length, dtype=np.int32) if timestep is None
+                               else np.asarray(timestep, np.int32))
+    return {
+        "observation": observation,
+        "action": (np.zeros((length, action_dim), np.float32) if action is None
+                   else np.asarray(action, np.float32).reshape(length, -1)),
+        "has_action": np.full(length, action is not None),
+        "task": {"language_instruction": text(instructions)},
+        "dataset_name": text(dataset_name),
+        "traj_key": text(traj_key),
+    }
+
+
 def video_trajectory(
     encoded_frames: np.ndarray,
     instruction: str,
@@ -288,26 +344,10 @@ def video_trajectory(
     dataset_name: str,
     action_dim: int = DEFAULT_ACTION_DIM,
 ) -> dict[str, Any]:
-    """The standardised (schema.py) trajectory of one action-free video (numpy, nested dicts)."""
-    length = len(encoded_frames)
-
-    def text(value: str) -> np.ndarray:
-        out = np.empty(length, dtype=object)
-        out[:] = [value.encode("utf-8")] * length
-        return out
-
-    observation = {f"image_{camera}": text("") for camera in IMAGE_CAMERAS}
-    observation["image_primary"] = np.asarray(encoded_frames, dtype=object)
-    observation["proprio"] = np.zeros((length, 0), np.float32)
-    observation["timestep"] = np.arange(length, dtype=np.int32)
-    return {
-        "observation": observation,
-        "action": np.zeros((length, action_dim), np.float32),
-        "has_action": np.zeros(length, bool),
-        "task": {"language_instruction": text(instruction)},
-        "dataset_name": text(dataset_name),
-        "traj_key": text(traj_key),
-    }
+    """The schema trajectory of one action-free video: ``encoded_frames`` ``[T]`` as the primary
+    camera, zero actions ``[T, action_dim]`` with ``has_action`` false, no state."""
+    return schema_trajectory({"primary": encoded_frames}, instruction, traj_key, dataset_name,
+                             action_dim=action_dim)
 
 
 def trajectory_signature(action_dim: int = DEFAULT_ACTION_DIM, proprio_dim: int = 0) -> dict[str, Any]:
