@@ -71,7 +71,7 @@ from PIL import Image
 
 from jaxvla.data.schema import IMAGE_CAMERAS
 from jaxvla.data.spec import DatasetSpec
-from jaxvla.data.video import encode_frames, schema_trajectory, trajectory_signature
+from jaxvla.data.video import decode_timed, encode_frames, schema_trajectory, trajectory_signature
 
 log = logging.getLogger(__name__)
 
@@ -303,35 +303,25 @@ def split_episodes(info: LeRobotInfo, episodes: Sequence[dict], split: str) -> l
 def decode_video_span(path: str, start: float, timestamps: np.ndarray, fps: float) -> np.ndarray:
     """Frames of ``path`` nearest to ``start + timestamps`` (seconds) -> uint8 [T, H, W, 3].
 
-    Seeks to the keyframe before ``start`` and decodes until the last wanted time. Raises
-    FileNotFoundError for a missing file and ``LeRobotFormatError`` naming the file when a wanted
-    time has no frame within half a frame period (the video is shorter than its table)."""
-    import av  # PyAV (bundles FFmpeg)
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: video file missing")
+    Seeks to the keyframe before ``start`` and decodes until the last wanted time
+    (``video.decode_timed``). Raises FileNotFoundError for a missing file, ``VideoDecodeError`` for
+    one that cannot be decoded or has no video stream, and ``LeRobotFormatError`` naming the file
+    when a wanted time has no frame within half a frame period (the video is shorter than its
+    table); both are ValueErrors."""
     wanted = float(start) + np.asarray(timestamps, np.float64)
     tolerance = 0.5 / fps + 1e-4
+    first = float(wanted.min()) if len(wanted) else float(start)
     last = float(wanted.max()) if len(wanted) else float(start)
     decoded_times: list[float] = []
     decoded: list[Any] = []
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise LeRobotFormatError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if start > tolerance:
-            container.seek(int(max(0.0, start - 1.0) / float(stream.time_base)), stream=stream, backward=True)
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            t = float(Fraction(frame.pts) * Fraction(frame.time_base or stream.time_base))
-            if t < float(wanted.min()) - tolerance:
-                continue
-            if t > last + tolerance:
-                break
-            decoded_times.append(t)
-            decoded.append(frame)
+    # Seek a second early: the keyframe before the span may be up to a GOP before it.
+    for t, frame, _ in decode_timed(path, seek_seconds=max(0.0, start - 1.0) if start > tolerance else 0.0):
+        if t < first - tolerance:
+            continue
+        if t > last + tolerance:
+            break
+        decoded_times.append(float(t))
+        decoded.append(frame)
     times = np.asarray(decoded_times)
     out = []
     for t in wanted:

@@ -149,9 +149,20 @@ def _fit_aspect(image: np.ndarray, aspect: float, crop: str) -> np.ndarray:
     return out
 
 
-def _to_rgb(frame, size: tuple[int, int] | None, crop: str = "none", quarter_turns: int = 0) -> np.ndarray:
-    """A decoded frame -> uint8 [H, W, 3]: turned upright, cropped / padded to the aspect of
-    ``size`` (square without a size), resized to ``size``."""
+def _to_rgb(frame, size: tuple[int, int] | None, crop: str = "none", quarter_turns: int = 0,
+            path: str = "") -> np.ndarray:
+    """A decoded frame of ``path`` -> uint8 [H, W, 3]: turned upright, cropped / padded to the
+    aspect of ``size`` (square without a size), resized to ``size``. A frame FFmpeg cannot convert
+    raises ``VideoDecodeError`` naming ``path``."""
+    import av  # PyAV, already loaded by whoever decoded the frame
+
+    try:
+        return _convert_frame(frame, size, crop, quarter_turns)
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise VideoDecodeError(f"{path}: cannot convert a frame ({type(error).__name__}: {error})") from error
+
+
+def _convert_frame(frame, size: tuple[int, int] | None, crop: str, quarter_turns: int) -> np.ndarray:
     if not quarter_turns and (crop == "none" or size is None and frame.width == frame.height
                               or size is not None and frame.width * size[0] == frame.height * size[1]):
         if size is None:
@@ -169,6 +180,45 @@ def _to_rgb(frame, size: tuple[int, int] | None, crop: str = "none", quarter_tur
         method = Image.Resampling.BOX if downscale else Image.Resampling.BICUBIC
         image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), method))
     return np.ascontiguousarray(image)
+
+
+def decode_timed(path: str | os.PathLike, seek_seconds: float = 0.0) -> Iterator[tuple[Fraction, Any, Any]]:
+    """Every decoded frame of ``path``'s first video stream, in decode order, as ``(t, frame,
+    stream)``: ``t`` the frame's time in seconds (a Fraction: its pts, or without one its index over
+    the stream's rate), ``frame`` an ``av.VideoFrame``, ``stream`` the ``av`` video stream. With
+    ``seek_seconds`` > 0 decoding starts at the keyframe at or before that time.
+
+    Raises FileNotFoundError for a missing file and ``VideoDecodeError`` (a ValueError) naming the
+    file for one that cannot be opened or decoded or has no video stream. The one PyAV decode loop
+    of ``read_video`` (resampling) and ``lerobot.decode_video_span`` (nearest frames to timestamps).
+    """
+    import av  # PyAV: imported here so the rest of jaxvla works without it
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        with av.open(path, mode="r") as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if seek_seconds > 0:
+                container.seek(int(seek_seconds / float(stream.time_base)), stream=stream, backward=True)
+            for index, frame in enumerate(container.decode(stream)):
+                time_base = frame.time_base or stream.time_base
+                if frame.pts is not None and time_base is not None:
+                    t = Fraction(frame.pts) * Fraction(time_base)
+                elif rate:
+                    t = Fraction(index) / Fraction(rate)
+                else:
+                    t = Fraction(index)
+                yield t, frame, stream
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as error:
+        raise VideoDecodeError(f"{path}: cannot decode video ({type(error).__name__}: {error})") from error
 
 
 def read_video(
@@ -194,11 +244,7 @@ def read_video(
     file for one that cannot be opened, has no video stream, or yields no frame. A truncated file
     yields the frames before the damage (FFmpeg decodes what it can).
     """
-    import av  # PyAV: imported here so the rest of jaxvla works without it
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path}")
     target = None if target_fps is None else _as_fraction(target_fps, "target_fps")
     if max_frames is not None and max_frames <= 0:
         raise ValueError(f"max_frames must be positive, got {max_frames}")
@@ -208,53 +254,34 @@ def read_video(
 
     frames: list[np.ndarray] = []
     turns = None  # quarter turns to display orientation, from the first decoded frame
-    try:
-        with av.open(path, mode="r") as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+    rate = None
+    t0 = None
+    previous = None  # (time, av.VideoFrame) of the last decoded frame, converted lazily
+    k = 0  # next output frame
+    for t, frame, stream in decode_timed(path):
+        if turns is None:
+            turns = _display_quarter_turns(frame, stream) if autorotate else 0
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            time_base = stream.time_base
-            t0 = None
-            previous = None  # (time, av.VideoFrame) of the last decoded frame, converted lazily
-            index = 0  # decoded frames, for streams without timestamps
-            k = 0  # next output frame
-            for frame in container.decode(stream):
-                frame_time_base = frame.time_base or time_base
-                if frame.pts is not None and frame_time_base is not None:
-                    t = Fraction(frame.pts) * Fraction(frame_time_base)
-                elif rate:
-                    t = Fraction(index) / Fraction(rate)
-                else:
-                    t = Fraction(index)
-                index += 1
-                if turns is None:
-                    turns = _display_quarter_turns(frame, stream) if autorotate else 0
-                if t0 is None:
-                    t0 = t
-                t -= t0
-                if previous is not None and t <= previous[0]:
-                    continue  # a repeated or out-of-order timestamp: keep the first
-                if target is None:
-                    frames.append(_to_rgb(frame, size_hw, crop, turns))
-                else:
-                    while Fraction(k) / target <= t:
-                        wanted = Fraction(k) / target
-                        chosen = frame
-                        if previous is not None and wanted - previous[0] <= t - wanted:
-                            chosen = previous[1]
-                        frames.append(_to_rgb(chosen, size_hw, crop, turns))
-                        k += 1
-                        if max_frames is not None and len(frames) >= max_frames:
-                            break
+        if t0 is None:
+            t0 = t
+        t -= t0
+        if previous is not None and t <= previous[0]:
+            continue  # a repeated or out-of-order timestamp: keep the first
+        if target is None:
+            frames.append(_to_rgb(frame, size_hw, crop, turns, path))
+        else:
+            while Fraction(k) / target <= t:
+                wanted = Fraction(k) / target
+                chosen = frame
+                if previous is not None and wanted - previous[0] <= t - wanted:
+                    chosen = previous[1]
+                frames.append(_to_rgb(chosen, size_hw, crop, turns, path))
+                k += 1
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-                previous = (t, frame)
-    except VideoDecodeError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError, EOFError) as error:
-        raise VideoDecodeError(f"{path}: cannot decode video ({type(error).__name__}: {error})") from error
+        if max_frames is not None and len(frames) >= max_frames:
+            break
+        previous = (t, frame)
     if not frames:
         raise VideoDecodeError(f"{path}: no frames decoded")
     if target is not None:
