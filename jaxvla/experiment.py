@@ -172,8 +172,9 @@ class Protocol:
 
 PROTOCOLS = {
     # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool, under 20 minutes.
-    "demo": Protocol("demo", tokenizer_steps=200, laq_steps=200, pretrain_steps=100, finetune_steps=600,
-                     select_every=100, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
+    # Finetuning gets most of the 20 minutes: 1200 steps (24 epochs of the 50 demonstrations).
+    "demo": Protocol("demo", tokenizer_steps=150, laq_steps=150, pretrain_steps=100, finetune_steps=1200,
+                     select_every=200, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
                      heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
                      heads=("flow",), enforce_laq_gate=False),
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos, at most 10 hours on

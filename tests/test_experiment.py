@@ -176,7 +176,8 @@ def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
     exp = Experiment(str(tmp_path), PROTOCOLS["demo"], data_root=str(tmp_path / "data"))
     os.makedirs(tmp_path / "tokenizer_pool4")
     with open(tmp_path / "tokenizer_pool4" / "stage.json", "w") as f:
-        json.dump({"stage": "tokenizer_pool4", "wall_seconds": 12.0, "metrics": {"eval/psnr": 20.0}, "steps": 200}, f)
+        json.dump({"stage": "tokenizer_pool4", "wall_seconds": 12.0, "metrics": {"eval/psnr": 20.0},
+                   "steps": PROTOCOLS["demo"].tokenizer_steps}, f)
     monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
     calls = []
 
