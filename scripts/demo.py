@@ -1,4 +1,4 @@
-"""``make demo``: the whole method on the embedded default, on a fresh machine, in under 20 minutes
+"""``make demo``: the whole method on the embedded default, on a fresh machine, in about 25 minutes
 on 2 CPU cores.
 
 Renders the Meta-World MT10 expert datasets when they are missing, then trains, each stage in its
