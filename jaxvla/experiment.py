@@ -177,18 +177,20 @@ PROTOCOLS = {
                      select_every=200, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
                      heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
                      heads=("flow",), enforce_laq_gate=False),
-    # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos, at most 10 hours on
-    # 2 cores (scripts/reproduce.py --plan prints the estimate).
+    # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos; scripts/reproduce.py --plan
+    # estimates 11.5 hours on 2 cores from scratch (the issue's budget is 10).
     "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
                     select_every=200),
 }
 
 # Seconds per training step of the small configs on 2 CPU cores with the protocol's inputs (frame
-# history, state), measured 2026-12-01 (make demo's stages: ViPRA pretraining 1.0 s, flow
-# finetuning 0.57 s; bins rows are longer); finished stages are excluded from the estimate.
-# Evaluation and data generation in seconds per episode (rendering 64 px: ~1 s; make demo's
-# batched evaluation: 20 episodes in 43 s).
-STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune": 0.65}
+# history, state), held-out evaluations included: flow finetuning 0.73 s (make demo's 1200 steps in
+# 872 s on a quiet machine, 2026-12-01); bins finetuning 1.3x flow (scripts/bench_train_step.py,
+# one example a row: 1384 against 1067 ms); ViPRA pretraining 1.0 s. Finished stages are excluded
+# from the estimate. Evaluation and data generation in seconds per episode (rendering 64 px: ~1 s;
+# the day run's evaluations: 100 episodes in about 3 minutes).
+STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune_flow": 0.73,
+                "finetune_bins": 0.95}
 EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
 
 
@@ -197,11 +199,15 @@ EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
 STAGE_IDENTITY = ("model", "optimizer", "batch_size", "data.sample", "data.image_size", "data.gap_frames",
                   "data.gap_seconds", "data.clip_length", "data.clip_stride", "data.chunk_size", "data.history",
                   "data.history_stride")
+# ... except the row length: it decides how examples are laid out into rows, never what is
+# computed (packed loss and gradients equal the mean over the examples alone: tests/test_packing.py).
+LAYOUT_KEYS = ("model.seq_len",)
 
 
-def stale_keys(saved: dict, wanted: dict, identity: Sequence[str] = STAGE_IDENTITY) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, wanted value) for every leaf under ``identity`` where two config
-    dicts differ; a key missing on one side counts as different."""
+def stale_keys(saved: dict, wanted: dict, identity: Sequence[str] = STAGE_IDENTITY,
+               ignore: Sequence[str] = LAYOUT_KEYS) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, wanted value) for every leaf under ``identity`` but not in
+    ``ignore`` where two config dicts differ; a key missing on one side counts as different."""
 
     def leaves(tree: Any, prefix: str) -> dict[str, Any]:
         return flatten_dict(tree, ".", prefix) if isinstance(tree, Mapping) else {prefix: tree}
@@ -217,7 +223,7 @@ def stale_keys(saved: dict, wanted: dict, identity: Sequence[str] = STAGE_IDENTI
     for key in identity:
         a, b = leaves(lookup(saved, key), key), leaves(lookup(wanted, key), key)
         for leaf in sorted(set(a) | set(b)):
-            if a.get(leaf, _MISSING) != b.get(leaf, _MISSING):
+            if leaf not in ignore and a.get(leaf, _MISSING) != b.get(leaf, _MISSING):
                 differ.append((leaf, a.get(leaf, _MISSING), b.get(leaf, _MISSING)))
     return differ
 
@@ -394,7 +400,8 @@ class Experiment:
                 total += STEP_SECONDS["pretrain"] * p.pretrain_steps
             elif kind == "finetune":
                 steps = int(name.split("_")[-2].replace("steps", ""))
-                total += STEP_SECONDS["finetune"] * steps
+                head = name.split("_")[1].split("-")[-1]  # finetune_<pretraining>-<head>_...
+                total += STEP_SECONDS[f"finetune_{head}"] * steps
             elif kind == "eval":
                 total += EPISODE_SECONDS["evaluate"] * eval_tasks * p.eval_placements
         return total
@@ -585,19 +592,21 @@ class Experiment:
 
     def input_overrides(self, finetuning: bool) -> dict:
         """The protocol's inputs (frame history; state when ``finetuning``) as config overrides, with
-        the sequence caps they need. The caps only bound a row: rows are sized to the longest
-        example (``jaxvla.stages``' packing layouts), so a generous cap wastes nothing. At small
-        with k = 7 a LAPA / ACTIONVLA example is 182 tokens (2 a row of 384), a ViPRA one 296 (one a
-        row); in finetuning, with state (a 60-id prompt), a bins example is at most 258 tokens (2 a row of
-        528) and a flow one 210 (flow rows hold one)."""
+        the row lengths they need. Rows hold one example each: the packing layout gives every
+        example of a row a slot of the longest example's length, so two a row pad exactly as much
+        as one a row and only add the dense attention between them (measured with
+        ``scripts/bench_train_step.py``: a bins finetuning step 2087 -> 1384 ms, a LAPA pretraining
+        step 1530 -> 1321 ms). With k = 7 a LAPA / ACTIONVLA example is about 187 tokens, a ViPRA
+        one about 301 (a 41-id ML45 prompt; rows of 320); in finetuning, with state (a 60-id
+        prompt), a bins example is at most 258 tokens and a flow one 210 (rows of 272)."""
         p = self.protocol
         overrides = {"model.history_frames": 1 if p.history_stride else 0}
         if p.history_stride:
             overrides["model.history_stride"] = p.history_stride
         if not finetuning:
-            return {**overrides, "model.seq_len": 384 if p.history_stride else 256,
+            return {**overrides, "model.seq_len": 320 if p.history_stride else 256,
                     "model.pack_prompt_tokens": self.pool_prompt_tokens()}
-        overrides["model.seq_len"] = 528
+        overrides["model.seq_len"] = 272
         if p.state_dims:
             # The state text takes up to 19 more prompt ids for 4 dims (stages.finetune checks it),
             # and MT50's longest instruction 5 more than MT10's: 60 fits every Meta-World task.
