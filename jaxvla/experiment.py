@@ -171,8 +171,8 @@ class Protocol:
 
 
 PROTOCOLS = {
-    # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool, under 20 minutes.
-    # Finetuning gets most of the 20 minutes: 1200 steps (24 epochs of the 50 demonstrations).
+    # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool; 25.6 minutes on a quiet
+    # 2-core machine (target 20), most of it finetuning: 1200 steps (24 epochs of the 50 demos).
     "demo": Protocol("demo", tokenizer_steps=150, laq_steps=150, pretrain_steps=100, finetune_steps=1200,
                      select_every=200, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
                      heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
