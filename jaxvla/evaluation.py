@@ -89,7 +89,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     denom = 1.0 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval holds p exactly; rounding alone would leave e.g. 10 / 10 at hi = 1 - 1e-16.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def summarize(episodes: Sequence[dict], tasks: Sequence[str], calls: Sequence[tuple[float, int]] | None = None,

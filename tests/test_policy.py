@@ -268,6 +268,24 @@ def test_wilson_interval():
     np.testing.assert_allclose(wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
     np.testing.assert_allclose(wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
     np.testing.assert_allclose(wilson_interval(10, 10), (0.7225, 1.0), atol=1e-4)
+    # The interval always holds the rate itself, exactly: computed in floats, 10 / 10's upper bound
+    # came out 1 - 1e-16, and the success plot's error bars (rate - lo, hi - rate) went negative,
+    # which matplotlib refuses after every episode had run.
+    for trials in range(1, 201):
+        for successes in range(trials + 1):
+            lo, hi = wilson_interval(successes, trials)
+            assert 0.0 <= lo <= successes / trials <= hi <= 1.0, (successes, trials, lo, hi)
+
+
+def test_success_plot_of_perfect_and_failed_tasks(tmp_path):
+    """A task at 10 / 10 and one at 0 / 10 plot (their error bars are one-sided)."""
+    from PIL import Image
+
+    from jaxvla.evaluation import bar_plot, wilson_interval
+
+    cis = [wilson_interval(10, 10), wilson_interval(0, 10), wilson_interval(4, 10)]
+    path = bar_plot(str(tmp_path / "success.png"), ["a", "b", "c"], [1.0, 0.0, 0.4], cis, "t")
+    assert Image.open(path).size[0] > 100
 
 
 def test_evaluate_one_short_episode(finetuned, tmp_path):
