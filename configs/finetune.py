@@ -19,9 +19,10 @@ Variants (``[scratch_]<head>_<size>``):
 
 Sequences are sized to the real need: the longest example has a ``model.prompt_tokens``-id prompt
 (a longer instruction is an error naming the key). Flow keeps one example a row of exactly that
-length (its fixed prefix feeds the KV-cached sampler); bins packs ``model.pack`` several examples
-a row of at most ``model.seq_len`` tokens (``jaxvla/stages/finetune.py``): at small an example is
-169 tokens with 14-action chunks (2 a row of at most 384), 117 with ``chunk=1``.
+length (its fixed prefix feeds the KV-cached sampler); bins (``model.pack``) uses pretraining's
+packed layout, rows of at most ``model.seq_len`` tokens (``jaxvla/stages/finetune.py``), one
+example a row unless several pad less: at small an example is 169 tokens with 14-action chunks,
+117 with ``chunk=1``.
 
 ``init_from`` is "" in every variant: finetuning from latent pretraining is the command line's
 ``--config.init_from=<pretrain workdir>`` (the backbone is kept; the latent table / head are
@@ -95,9 +96,9 @@ def get_config(variant: str = "flow_small"):
             # parameter layout is the same. 1: fully unrolled, the KV-cached flow sampler was no faster
             # on the 2-core CPU (scripts/bench_flow_inference.py --config.model.scan_unroll=0).
             scan_unroll=1,
-            # The most tokens a row may hold: packed bins rows take as many examples as fit (and
-            # divide the batch, as in pretraining: 2 of 169 tokens at small with 14-action chunks);
-            # flow's one-example rows (121 tokens at small) must fit it.
+            # The most tokens a row may hold: the longest example (bins 169 tokens at small with
+            # 14-action chunks, flow 121) must fit it; packed bins rows hold it once (several only
+            # where that would pad less: sequences.packing_layout).
             seq_len=(192 if flow else 384) if small else 768,
             # The prompt budget in ids (bos and LAPA's template included; pretraining's
             # pack_prompt_tokens): the longest example, the one every row is sized to, is
@@ -107,9 +108,9 @@ def get_config(variant: str = "flow_small"):
             # A longer instruction is an error naming this key; a policy gets the same budget from
             # its checkpoint. Meta-World MT10's prompts are 26-34 ids (MT50's up to 41).
             prompt_tokens=36 if small else 64,
-            # bins: several examples a row (jaxvla/data/sequences.py pack_examples: segment ids
-            # 1, 2, ..., positions restarting per example), the loss the mean over examples. False:
-            # one example a row. Flow never packs (its KV-cached sampler reads one prefix a row).
+            # bins: the packed layout (jaxvla/data/sequences.py pack_examples: segment ids, rows
+            # sized to the longest example, the loss the mean over examples). False: always one
+            # example a row (the same layout while rows are not rounded). Flow never packs (its KV-cached sampler reads one prefix a row).
             pack=not flow,
             # K actions per chunk: flow (ViPRA-FM) and bins (ViPRA-AR) K = 14; LAPA / OpenVLA's bins
             # predict one action: chunk=1. data.chunk_size is linked to it (a FieldReference).

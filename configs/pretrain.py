@@ -76,7 +76,8 @@ def get_config(variant: str = "vipra_small"):
             # The row length; packed (pack=True), the most tokens a row of packed examples holds.
             seq_len=256 if small else (1536 if vipra else 384),
             # Packing (jaxvla/data/sequences.py pack_examples): the batch's batch_size examples go
-            # several a row (segment ids 1, 2, ...) into rows sized to the longest possible example,
+            # into rows sized to the longest possible example (segment ids 1, 2, ... where a row
+            # holds several: only where that pads less, packing_layout; one a row here),
             # the one with a pack_prompt_tokens-id prompt (bos and template included; a longer
             # prompt is an error naming this key; Meta-World MT10's prompts are 26-34 ids, MT50's
             # up to 41). The loss's per-row target caps follow from that example (max_targets is

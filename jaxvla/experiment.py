@@ -42,6 +42,7 @@ them wrongly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -293,15 +294,25 @@ class Experiment:
 
     def stage_names(self, row: str, seed: int) -> list[str]:
         """The stages ``row`` with ``seed`` needs, in training order (shared ones included)."""
+        return [name for name, _ in self.stage_costs(row, seed)]
+
+    def stage_costs(self, row: str, seed: int) -> list[tuple[str, float]]:
+        """(stage, estimated seconds to run it from nothing) for the stages ``row`` with ``seed``
+        needs, in training order: steps x :data:`STEP_SECONDS`, episodes x :data:`EPISODE_SECONDS`."""
+        p = self.protocol
         pretraining, head = parse_row(row)
         _, laq, _ = PRETRAININGS[pretraining]
-        names = [f"tokenizer_{self.pool_tag}"]
+        costs = [(f"tokenizer_{self.pool_tag}", STEP_SECONDS["tokenizer"] * p.tokenizer_steps)]
         if laq:
-            names += [f"laq_{laq}_{self.pool_tag}", f"labels_{laq}_{self.pool_tag}"]
+            costs += [(f"laq_{laq}_{self.pool_tag}", STEP_SECONDS[f"laq_{laq}"] * p.laq_steps),
+                      (f"labels_{laq}_{self.pool_tag}",
+                       EPISODE_SECONDS["label"] * len(self.tasks["pool"]) * p.videos_per_task)]
         if pretraining != "none":
-            names.append(self.pretrain_name(pretraining))
+            costs.append((self.pretrain_name(pretraining), STEP_SECONDS["pretrain"] * p.pretrain_steps))
         finetune = self.finetune_name(row, seed)
-        return names + [finetune, "eval_" + finetune[len("finetune_"):]]
+        evaluations = len(self.tasks["eval"]) * p.eval_placements
+        return costs + [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)),
+                        ("eval_" + finetune[len("finetune_"):], EPISODE_SECONDS["evaluate"] * evaluations)]
 
     def pretrain_name(self, objective: str) -> str:
         inputs = self.protocol.inputs_tag
@@ -318,19 +329,28 @@ class Experiment:
 
     # ------------------------------------------------------------------ the plan
 
+    @functools.cached_property
+    def tasks(self) -> dict[str, list[str]]:
+        """The Meta-World task names of the pool, the finetuning demonstrations and the evaluation."""
+        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
+
+        p = self.protocol
+        return {"pool": task_names(p.pool_tasks), "finetune": task_names(p.finetune_tasks),
+                "eval": task_names(p.eval_tasks)}
+
     def seed_streams(self) -> dict[str, set[int]]:
         """Environment seeds of the pool, the demonstrations (train and held-out) and the evaluation
         placements; disjoint by construction, checked here."""
         # Meta-World (and MuJoCo) load only where a simulator's tasks or episodes are needed.
-        from jaxvla.sim.metaworld_env import episode_seed, task_names  # Meta-World (MuJoCo)
+        from jaxvla.sim.metaworld_env import episode_seed  # Meta-World (MuJoCo)
 
         p = self.protocol
         streams = {
-            "pool": {episode_seed(POOL_SEED, t, i) for t in task_names(p.pool_tasks)
+            "pool": {episode_seed(POOL_SEED, t, i) for t in self.tasks["pool"]
                      for i in range(p.videos_per_task + 1)},
-            "demos": {episode_seed(DEMO_SEED, t, i) for t in task_names(p.finetune_tasks)
+            "demos": {episode_seed(DEMO_SEED, t, i) for t in self.tasks["finetune"]
                       for i in range(p.demos_per_task + p.heldout_demos_per_task)},
-            "eval": {episode_seed(EVAL_SEED_BASE, t, i) for t in task_names(p.eval_tasks)
+            "eval": {episode_seed(EVAL_SEED_BASE, t, i) for t in self.tasks["eval"]
                      for i in range(p.eval_placements)},
         }
         names = list(streams)
@@ -343,11 +363,9 @@ class Experiment:
 
     def plan(self) -> dict[str, Any]:
         """Everything the protocol would run, with estimated hours; trains nothing."""
-        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
-
         p = self.protocol
         self.seed_streams()
-        pool_tasks, ft_tasks, eval_tasks = task_names(p.pool_tasks), task_names(p.finetune_tasks), task_names(p.eval_tasks)
+        pool_tasks, ft_tasks, eval_tasks = self.tasks["pool"], self.tasks["finetune"], self.tasks["eval"]
         videos = len(pool_tasks) * p.videos_per_task
         demos = len(ft_tasks) * p.demos_per_task
         rows = [{"row": r, "pretraining": parse_row(r)[0], "head": parse_row(r)[1], "seeds": list(p.seeds),
@@ -357,7 +375,7 @@ class Experiment:
                      p.pretrain_steps if parse_row(r)[0] != "none" else 0)}
                 for r in p.rows()]
         stages = sorted({name for r in p.rows() for s in p.seeds for name in self.stage_names(r, s)})
-        hours = self._estimate_seconds(stages, videos, demos, len(eval_tasks)) / 3600
+        hours = self._estimate_seconds() / 3600
         return {
             "protocol": dataclasses.asdict(p),
             "datasets": {
@@ -377,34 +395,18 @@ class Experiment:
             "estimated_hours": hours,
         }
 
-    def _estimate_seconds(self, stages: Sequence[str], videos: int, demos: int, eval_tasks: int) -> float:
-        p = self.protocol
+    def _estimate_seconds(self) -> float:
+        """Seconds to finish the protocol from what ``run_dir`` holds: the data still to generate
+        and every stage of every (row, seed) not yet done, each shared stage counted once."""
         streams = self.seed_streams()
         total = 0.0
-        if not os.path.exists(os.path.join(self.pool_data, "metaworld")):
-            total += EPISODE_SECONDS["generate"] * len(streams["pool"]) if self.protocol.videos_per_task else 0.0
+        if self.protocol.videos_per_task and not os.path.exists(os.path.join(self.pool_data, "metaworld")):
+            total += EPISODE_SECONDS["generate"] * len(streams["pool"])
         if not os.path.exists(os.path.join(self.demo_data, "metaworld")):
             total += EPISODE_SECONDS["generate"] * len(streams["demos"])
-        for name in stages:
-            done = self._done(name)
-            if done is not None:
-                continue
-            kind = name.split("_")[0]
-            if kind == "tokenizer":
-                total += STEP_SECONDS["tokenizer"] * p.tokenizer_steps
-            elif kind == "laq":
-                total += STEP_SECONDS[f"laq_{name.split('_')[1]}"] * p.laq_steps
-            elif kind == "labels":
-                total += EPISODE_SECONDS["label"] * videos
-            elif kind == "pretrain":
-                total += STEP_SECONDS["pretrain"] * p.pretrain_steps
-            elif kind == "finetune":
-                steps = int(name.split("_")[-2].replace("steps", ""))
-                head = name.split("_")[1].split("-")[-1]  # finetune_<pretraining>-<head>_...
-                total += STEP_SECONDS[f"finetune_{head}"] * steps
-            elif kind == "eval":
-                total += EPISODE_SECONDS["evaluate"] * eval_tasks * p.eval_placements
-        return total
+        costs = dict(pair for row in self.protocol.rows() for seed in self.protocol.seeds
+                     for pair in self.stage_costs(row, seed))
+        return total + sum(seconds for name, seconds in costs.items() if self._done(name) is None)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -605,7 +607,7 @@ class Experiment:
             overrides["model.history_stride"] = p.history_stride
         if not finetuning:
             return {**overrides, "model.seq_len": 320 if p.history_stride else 256,
-                    "model.pack_prompt_tokens": self.pool_prompt_tokens()}
+                    "model.pack_prompt_tokens": self.pool_prompt_tokens}
         overrides["model.seq_len"] = 272
         if p.state_dims:
             # The state text takes up to 19 more prompt ids for 4 dims (stages.finetune checks it),
@@ -613,12 +615,12 @@ class Experiment:
             overrides.update({"model.state_dims": p.state_dims, "model.prompt_tokens": 60})
         return overrides
 
+    @functools.cached_property
     def pool_prompt_tokens(self) -> int:
         """Pretraining's prompt budget (``model.pack_prompt_tokens``): the longest prompt of the
         pool's tasks, at least the config's 36 (MT10's longest is 34; ML45's pick-place-wall is 41)."""
-        from jaxvla.sim.metaworld_env import task_names  # Meta-World (MuJoCo)
         prompts = TextPrompts()
-        return max([36] + [len(prompts(instruction(task))) for task in task_names(self.protocol.pool_tasks)])
+        return max([36] + [len(prompts(instruction(task))) for task in self.tasks["pool"]])
 
     def pretrain_overrides(self, objective: str) -> dict:
         n = self.protocol.pretrain_steps

@@ -197,7 +197,8 @@ def test_bench_train_step_backbone_json(script_runs):
     _finite_positive(results, "mfu", "real_tokens_per_s", "step_s", "peak_gflops", "flops_per_step")
     # Real Meta-World prompts (26-34 ids) packed in rows sized for a 36-id prompt: a little padding.
     assert 0 < results["padding_fraction"] < 0.2
-    assert results["rows"] == 2 and results["row_len"] < 256
+    # One example of <= 117 tokens a row (two a row would pad as much).
+    assert results["rows"] == 4 and results["row_len"] < 128
     assert last.startswith("MFU (real tokens") and last.endswith(f"{results['mfu']:.3f}")
 
 

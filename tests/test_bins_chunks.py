@@ -48,8 +48,7 @@ def pack(examples, bins, masks, per_row, **extra):
     n = S.example_length(longest)
     # Every example holds T action targets when all its steps are real: the cap of the longest.
     caps = dict(S.example_target_counts(longest), action=T)
-    layout = S.packing_layout(len(examples), n, caps, per_row * n)
-    assert layout.examples_per_row == per_row
+    layout = S.packing_layout(len(examples), n, caps, per_row * n, examples_per_row=per_row)
     per_example = {"action_bins": bins.reshape(len(bins), T), "action_pad_mask": masks, **extra}
     return pack_bins(examples, per_example, layout), layout
 
@@ -225,8 +224,9 @@ def test_bins_eval_metrics_first_action_and_chunk():
 
 def test_stage_packer_bins_14_action_chunks_with_padding():
     """``bins_small``'s packer: 14 x 4 bins an example (those of ``stats.bin_actions`` of the
-    chunk, time-major) at ``action_positions``, 2 examples a row of 2 x 169 tokens, and loss weight
-    1 / 56 on the real steps' bins, 0 on the padded steps'."""
+    chunk, time-major) at ``action_positions``, and loss weight 1 / 56 on the real steps' bins, 0 on
+    the padded steps'. The config's layout is one 169-token example a row; the packer is run on 2 a
+    row (forced), so examples' arrays must follow them into their slots."""
     from configs.finetune import get_config
     from jaxvla.data import stats as stats_lib
     from jaxvla.losses.actions import bin_centres
@@ -240,8 +240,11 @@ def test_stage_packer_bins_14_action_chunks_with_padding():
     longest = longest_example("bins", int(config.model.prompt_tokens), prompts.markers, vocab, 64, chunk=chunk,
                               action_dim=A)
     layout = layout_for(config, longest, 4, group=4)
-    assert (layout.example_len, layout.examples_per_row, layout.row_len) == (169, 2, 338)
-    assert layout.row_caps["action"] == 2 * chunk * A
+    assert (layout.example_len, layout.examples_per_row, layout.row_len) == (169, 1, 169)
+    assert layout.row_caps["action"] == chunk * A
+    layout = S.packing_layout(4, 169, S.example_target_counts(longest), int(config.model.seq_len),
+                              examples_per_row=2)
+    assert (layout.row_len, layout.row_caps["action"]) == (338, 2 * chunk * A)
     edges = np.tile(np.linspace(-1, 1, 257, dtype=np.float32), (A, 1))
     datasets = {"metaworld": {"edges": edges, "gripper_dims": (-1,), "centres": bin_centres(edges, (-1,))}}
     packer = SequencePacker(config, StubFrames(), prompts, vocab, datasets, layout)

@@ -152,14 +152,30 @@ def test_packed_row_layout_by_hand():
 
 def test_packing_layout_rows_and_caps():
     caps = {"text": 31, "image": 0, "latent": 4, "action": 0}
+    # Every example gets the longest one's 101 tokens: two a row (202) pad as much as one, so one.
     layout = S.packing_layout(8, 101, caps, 256)
-    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (2, 202, 4)
-    assert layout.row_caps == {"text": 62, "image": 0, "latent": 8, "action": 0}
-    # group 2 (e.g. 4 data devices for 8 examples): at most 2 a row and the rows stay a multiple of 4.
-    assert S.packing_layout(8, 50, caps, 256, group=2).num_rows == 4
-    # 4 of 60 fit 256 but 4 does not divide 6: 3 a row, 180 tokens rounded up to 184.
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (1, 101, 8)
+    assert layout.row_caps == caps
+    forced = S.packing_layout(8, 101, caps, 256, examples_per_row=2)
+    assert (forced.examples_per_row, forced.row_len, forced.num_rows) == (2, 202, 4)
+    assert forced.row_caps == {"text": 62, "image": 0, "latent": 8, "action": 0}
+    # Rows rounded to 64: one of 100 takes 128 tokens, two 256 (128 each), four 448 (112 each, the
+    # least); eight would not fit 512.
+    layout = S.packing_layout(8, 100, caps, 512, row_multiple=64)
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (4, 448, 2)
+    # Rounded to 8, 6 examples of 60: 64 (one), 120 (two: 60 each, the least), 184 (three: 61.3).
     layout = S.packing_layout(6, 60, caps, 256, row_multiple=8)
-    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (3, 184, 2)
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (2, 120, 3)
+    # group 2 (e.g. 4 data devices for 8 examples): d must divide 2. 100 tokens rounded to 64: two
+    # take 256 (128 each), as one does: one. 60 rounded to 128: one pads to 128, two fill it: two.
+    layout = S.packing_layout(8, 100, caps, 512, row_multiple=64, group=2)
+    assert (layout.examples_per_row, layout.num_rows) == (1, 8)
+    layout = S.packing_layout(8, 60, caps, 512, row_multiple=128, group=2)
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == (2, 128, 4)
+    with pytest.raises(ValueError, match=r"examples_per_row=4 must divide group=2 .* one of \[1, 2\]"):
+        S.packing_layout(8, 50, caps, 256, group=2, examples_per_row=4)
+    with pytest.raises(ValueError, match=r"examples_per_row=3 .* one of \[1, 2\]"):
+        S.packing_layout(6, 101, caps, 256, examples_per_row=3)
     with pytest.raises(ValueError, match="raise config.model.seq_len"):
         S.packing_layout(8, 300, caps, 256, where="config.model.seq_len")
 
@@ -218,7 +234,8 @@ def test_real_layout_with_metaworld_prompts(objective, frames, latent_shape):
         real = int((unpacked["segment_ids"] > 0).sum())
         assert int((packed["segment_ids"] > 0).sum()) == real
         assert 1 - real / packed["tokens"].size <= 0.10
-    assert packer.max_targets["image"] == (packer.layout.examples_per_row * 64 if objective == "vipra" else 0)
+    assert packer.layout.examples_per_row == 1  # two a row would pad as much
+    assert packer.max_targets["image"] == (64 if objective == "vipra" else 0)
     # A prompt beyond the budget is refused by name.
     with pytest.raises(ValueError, match="config.model.pack_prompt_tokens"):
         packer(pipeline_batch(["pick up the " + "very " * 40 + "small block"] * 8, frames, latent_shape))
@@ -258,8 +275,8 @@ def packed_bins(examples, bins, per_row):
 
     longest = max(examples, key=S.example_length)
     n = S.example_length(longest)
-    layout = S.packing_layout(len(examples), n, S.example_target_counts(longest), per_row * n)
-    assert layout.examples_per_row == per_row
+    layout = S.packing_layout(len(examples), n, S.example_target_counts(longest), per_row * n,
+                              examples_per_row=per_row)
     return pack_bins(examples, {"action_bins": bins}, layout), layout
 
 
@@ -357,8 +374,8 @@ def finetune_pipeline_batch(instructions, chunk, seed=0):
 @pytest.mark.parametrize("head", ["bins", "flow"])
 def test_finetune_real_layout_with_metaworld_prompts(head):
     """The small finetuning configs' layout (8 x 8 image codes, 4 action dims, MT10's instructions,
-    batches of 8 on one device): bins packed 2 a row, flow one a row of the real need; padding at
-    most 10 % in every batch; an instruction over the budget is refused by name."""
+    batches of 8 on one device): one example a row of the real need (bins' packed layout too: two
+    a row would pad as much); padding at most 10 % in every batch; an instruction over the budget is refused by name."""
     from configs.finetune import get_config as finetune_config
     from jaxvla.losses.actions import bin_centres
     from jaxvla.sim.instructions import instruction
@@ -371,8 +388,8 @@ def test_finetune_real_layout_with_metaworld_prompts(head):
                               action_dim=ACTION_DIM)
     layout = layout_for(config, longest, 8, group=8)
     # 36 prompt ids + <vision> 3 + 64 codes + eov + </vision> 3, then 14 flow slots (121) or
-    # <delta> 3 + 14 x 4 bins + </delta> 3 (169, two a row of at most 384).
-    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == ((2, 338, 4) if head == "bins" else (1, 121, 8))
+    # <delta> 3 + 14 x 4 bins + </delta> 3 (169).
+    assert (layout.examples_per_row, layout.row_len, layout.num_rows) == ((1, 169, 8) if head == "bins" else (1, 121, 8))
     edges = np.tile(np.linspace(-1, 1, 257, dtype=np.float32), (ACTION_DIM, 1))
     datasets = {"metaworld": {"edges": edges, "gripper_dims": (-1,), "centres": bin_centres(edges, (-1,))}}
     packer = SequencePacker(config, StubFrames(), prompts, vocab, datasets, layout)
@@ -385,10 +402,10 @@ def test_finetune_real_layout_with_metaworld_prompts(head):
         assert int((out["segment_ids"] > 0).sum()) == real  # every example whole, none dropped
         assert 1 - real / out["tokens"].size <= 0.10
         if head == "bins":
-            assert out["num_examples"].tolist() == [2] * 4
-            assert out["action"].shape == (4, 2, 14, ACTION_DIM) and out["bin_centres"].shape == (4, 2, ACTION_DIM, 256)
-            assert out["action_bins"].shape == (4, 2, 14 * ACTION_DIM)
-            picked = out["tokens"][np.arange(4)[:, None, None], out["action_positions"]]
+            assert out["num_examples"].tolist() == [1] * 8
+            assert out["action"].shape == (8, 1, 14, ACTION_DIM) and out["bin_centres"].shape == (8, 1, ACTION_DIM, 256)
+            assert out["action_bins"].shape == (8, 1, 14 * ACTION_DIM)
+            picked = out["tokens"][np.arange(8)[:, None, None], out["action_positions"]]
             np.testing.assert_array_equal(picked, out["action_bins"])
         else:
             np.testing.assert_array_equal(out["action_positions"][:, -1], out["segment_ids"].sum(axis=1) - 1)

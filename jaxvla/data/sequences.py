@@ -50,7 +50,8 @@ has ``segment_ids`` ``k`` (1, 2, ...), its own ``positions`` from 0, its own bid
 (the attention rule asks for the same segment too, so equal block ids of two examples never see
 each other) and its own target shift (its last token has weight 0); a row also carries
 ``num_examples``, so a loss can stay a mean over examples. :func:`packing_layout` sizes the rows
-from the longest example a batch may hold. ``pack_examples(..., with_placement=True)`` also says
+from the longest example a batch may hold, and puts several in a row only where that pads less
+(rows rounded to a multiple): every example gets the longest one's tokens either way. ``pack_examples(..., with_placement=True)`` also says
 where each example went (row, slot, first index), so per-example arrays (bins finetuning's
 ``action_positions``, its bins and actions) can follow their examples into the rows.
 
@@ -392,25 +393,42 @@ class PackingLayout:
 
 
 def packing_layout(num_examples: int, example_len: int, example_caps: Mapping[str, int], max_row_len: int, *,
-                   group: int | None = None, row_multiple: int = 1, where: str = "max_row_len") -> PackingLayout:
+                   group: int | None = None, row_multiple: int = 1, examples_per_row: int | None = None,
+                   where: str = "max_row_len") -> PackingLayout:
     """The layout that packs ``num_examples`` examples of at most ``example_len`` tokens.
 
-    Examples per row ``d``: the largest divisor of ``group`` (default ``num_examples``; pass a
-    divisor of it to keep the row count a multiple of ``num_examples // group``, e.g. the data
-    devices) with ``d * example_len <= max_row_len``. Rows: ``num_examples // d``, each exactly
-    ``d`` examples when :func:`pack_examples` gets ``max_per_row=d``. Row length: ``d *
-    example_len`` rounded up to ``row_multiple`` (at most ``max_row_len``). ``where`` names the
-    setting that bounds ``max_row_len`` in the error raised when one example does not fit.
+    Examples per row ``d``: a divisor of ``group`` (default ``num_examples``; pass a divisor of it
+    to keep the row count a multiple of ``num_examples // group``, e.g. the data devices) with ``d *
+    example_len <= max_row_len``. Row length: ``d * example_len`` rounded up to ``row_multiple``.
+    Of those ``d``, the one with the fewest row tokens per example (``row_len / d``), the smallest
+    on a tie. Every example is given the longest example's tokens, so two a row pad exactly as
+    much as one a row and only add attention between them that the mask throws away: more than one
+    a row wins only where rounding to ``row_multiple`` pads less (e.g. 4 examples of 100 tokens fill
+    448 of a 64-multiple, where one pads to 128). ``examples_per_row`` forces ``d`` (tests and
+    benchmarks comparing layouts); it must divide ``group`` and fit. Rows: ``num_examples // d``,
+    each exactly ``d`` examples when :func:`pack_examples` gets ``max_per_row=d``. ``where`` names
+    the setting that bounds ``max_row_len`` in the error raised when one example does not fit.
     """
     group = num_examples if group is None else int(group)
     if num_examples < 1 or group < 1 or num_examples % group:
         raise ValueError(f"packing_layout: num_examples={num_examples} must be a positive multiple of group={group}")
+    if row_multiple < 1:
+        raise ValueError(f"packing_layout: row_multiple={row_multiple} must be >= 1")
     if example_len > max_row_len:
         raise ValueError(f"an example of {example_len} tokens does not fit in a row of {max_row_len}: raise {where}")
-    fits = max(1, max_row_len // max(example_len, 1))
-    per_row = max(d for d in range(1, group + 1) if group % d == 0 and d <= fits)
-    row_len = min(-(-per_row * example_len // row_multiple) * row_multiple, max_row_len)
-    return PackingLayout(per_row, row_len, num_examples // per_row, example_len, dict(example_caps))
+
+    def row_len(d: int) -> int:
+        return min(-(-d * example_len // row_multiple) * row_multiple, max_row_len)
+
+    fitting = [d for d in range(1, group + 1) if group % d == 0 and d * example_len <= max_row_len]
+    if examples_per_row is None:
+        per_row = min(fitting, key=lambda d: (row_len(d) / d, d))
+    elif int(examples_per_row) in fitting:
+        per_row = int(examples_per_row)
+    else:
+        raise ValueError(f"packing_layout: examples_per_row={examples_per_row} must divide group={group} and fit "
+                         f"{max_row_len} tokens ({example_len} each): one of {fitting}")
+    return PackingLayout(per_row, row_len(per_row), num_examples // per_row, example_len, dict(example_caps))
 
 
 def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], row_len: int, num_rows: int, *,

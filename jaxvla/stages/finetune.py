@@ -52,11 +52,13 @@ the same prompt budget.
 * flow: one example a row of exactly that length (its fixed prefix layout: the KV-cached sampler
   prefills the prefix once and appends the action block); padding only where a prompt is shorter
   than the budget.
-* bins, ``model.pack`` (default): the examples packed ``d`` a row
-  (``jaxvla.data.sequences.pack_examples``, the mechanism of packed pretraining): ``d`` the largest
+* bins, ``model.pack`` (default): the packed layout of pretraining
+  (``jaxvla.data.sequences.pack_examples``, ``packing_layout``): ``d`` examples a row, ``d`` a
   divisor of pretraining's :func:`~jaxvla.stages.pretrain.packing_group` with ``d`` examples in
-  ``model.seq_len`` tokens, rows of ``d`` x the longest example, the loss's action gather ``d`` x
-  K * A a row and the loss normalised by the examples. ``pack=False``: ``d`` = 1.
+  ``model.seq_len`` tokens, the one that pads least (1: every example takes the longest one's
+  tokens, so more a row would only add attention the mask discards), rows of ``d`` x the longest
+  example, the loss's action gather ``d`` x K * A a row and the loss normalised by the examples.
+  ``pack=False``: ``d`` = 1.
 
 Batch (numpy, per process): the ``SEQUENCE_KEYS`` arrays ``[R, L]`` (flow: R = B). Flow adds
 ``action_positions`` ``[B, K]``, ``action`` ``[B, K, A]`` float32 and ``action_pad_mask`` ``[B, K]``.
@@ -219,9 +221,10 @@ def layout_for(config, longest: dict, num_examples: int, group: int | None = Non
     """The rows of ``num_examples`` (a process's batch) examples no longer than ``longest``.
     bins with ``model.pack``: ``d`` a row, ``d`` dividing ``group`` (default pretraining's
     :func:`~jaxvla.stages.pretrain.packing_group`, which keeps rows divisible by processes and data
-    x fsdp x gradient accumulation) and ``d`` examples within ``model.seq_len``; otherwise one a
-    row. Either way rows hold ``d`` x the longest example's tokens; one longer than
-    ``model.seq_len`` is an error naming it."""
+    x fsdp x gradient accumulation), ``d`` examples within ``model.seq_len``, chosen by
+    :func:`~jaxvla.data.sequences.packing_layout` to pad least (one a row: every example takes the
+    longest one's tokens anyway); flow: one a row. Rows hold ``d`` x the longest example's tokens;
+    one longer than ``model.seq_len`` is an error naming it."""
     mc = config.model
     if mc.head == "bins" and mc.get("pack", False):
         group = math.gcd(packing_group(config) if group is None else int(group), num_examples)

@@ -11,7 +11,8 @@ Each batch: pipeline samples -> frames through the frozen image tokenizer (stage
 actions from the LAQ (stage 1: encoded on the fly, or read from the labeller's output) or, for
 ACTIONVLA, the ground-truth action bins -> the LAPA / ViPRA / ACTIONVLA sequence of every sample
 -> ``[B, seq_len]`` arrays, one example a row, or (``config.model.pack``) the batch's examples
-packed several a row into rows sized to the real examples (``SequencePacker``). Parameters are
+in the packed layout: rows sized to the longest possible example, several a row only where that
+pads less (``SequencePacker``, :func:`jaxvla.data.sequences.packing_layout`). Parameters are
 ``{"backbone": <Llama params>}``, the layout the finetuning stage's ``init_from`` expects.
 
 Windows follow the latent actions: with ``latent_source="laq"`` the data sample is the LAQ's own
@@ -181,8 +182,9 @@ class SequencePacker:
     ``pack=True``: the examples packed by :func:`jaxvla.data.sequences.pack_examples` into the
     :class:`~jaxvla.data.sequences.PackingLayout` that the first batch fixes: its first example
     rebuilt with a prompt of ``pack_prompt_tokens`` ids is the longest example any batch can hold
-    (longer prompts raise, naming that key), at most ``seq_len`` tokens a row; the per-row target
-    caps follow from it (:attr:`max_targets`).
+    (longer prompts raise, naming that key), at most ``seq_len`` tokens a row, as many a row as
+    pad least (one, unless rows are rounded); the per-row target caps follow from it
+    (:attr:`max_targets`).
     """
 
     def __init__(self, config, frames: frozen.FrameTokenizer, laq, vocab: seq.Vocab, bin_edges=None):
