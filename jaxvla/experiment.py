@@ -594,9 +594,10 @@ class Experiment:
 
     def input_overrides(self, finetuning: bool) -> dict:
         """The protocol's inputs (frame history; state when ``finetuning``) as config overrides, with
-        the row lengths they need. Rows hold one example each: the packing layout gives every
-        example of a row a slot of the longest example's length, so two a row pad exactly as much
-        as one a row and only add the dense attention between them (measured with
+        the row lengths they need. Rows hold one example each (``sequences.packing_layout``'s
+        choice, and these lengths leave room for no second): every example of a row takes the
+        longest example's length, so two a row pad exactly as much as one a row and only add the
+        dense attention between them (measured with
         ``scripts/bench_train_step.py``: a bins finetuning step 2087 -> 1384 ms, a LAPA pretraining
         step 1530 -> 1321 ms). With k = 7 a LAPA / ACTIONVLA example is about 187 tokens, a ViPRA
         one about 301 (a 41-id ML45 prompt; rows of 320); in finetuning, with state (a 60-id

@@ -19,8 +19,9 @@ step of each of the four, so background load falls on all alike):
   top of the one ``--vocab`` table (as LWM shares one vocabulary). Loss: the mean cross-entropy
   over the example's LAPA targets (text after ``<s>``, the markers and the latent codes; image
   tokens are context only), the same targets on both sides. jaxvla trains the way its
-  pretraining does: the examples packed several a row (``jaxvla.data.sequences.pack_examples``,
-  rows of at most ``--row_len``, sized for the longest possible example), attention within each
+  pretraining does: the examples in the packed layout (``jaxvla.data.sequences.pack_examples``,
+  rows of at most ``--row_len`` sized for the longest possible example, as many a row as pad least:
+  one), attention within each
   example only, the text head applied only at the gathered targets
   (``jaxvla.losses.pretrain.modality_cross_entropy``). torch is batched the way its users batch
   on CPU: padded (right) to the batch's longest example with an ``attention_mask``, ``labels``
