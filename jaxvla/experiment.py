@@ -755,6 +755,25 @@ class Experiment:
                     out.extend(done["episodes"])
         return out
 
+    def selection_curves(self, rows: Sequence[str] | None = None) -> list[dict]:
+        """For every finetuning of ``rows`` (default: the protocol's) whose stage record is written:
+        ``row``, ``seed``, ``selected_step`` and ``curve``, the held-out selection metric
+        (:data:`SELECTION_METRIC`) at each evaluated step as ``[step, value]`` pairs: how each row's
+        finetuning converged, beside its success."""
+        out = []
+        for row in rows or self.protocol.rows():
+            for seed in self.protocol.seeds:
+                path = os.path.join(self._path(self.finetune_name(row, seed)), "stage.json")
+                if not os.path.exists(path):
+                    continue
+                with open(path) as f:
+                    record = json.load(f)
+                if "selection_curve" in record:
+                    out.append({"row": row, "seed": seed, "metric": SELECTION_METRIC,
+                                "selected_step": int(record["selected_step"]),
+                                "curve": [[int(step), float(value)] for step, value in record["selection_curve"]]})
+        return out
+
 
 def format_plan(plan: dict) -> str:
     """The plan as text: datasets, rows, steps, selection, estimated hours."""

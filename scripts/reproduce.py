@@ -163,6 +163,17 @@ def markdown(stats: dict, meta: dict) -> str:
         for name, g in stats["gaps"].items():
             lines.append(f"| {name} | {g['gap_closed']:.2f} | [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] | "
                          f"{g['undefined_fraction']:.3f} |")
+    curves = meta.get("finetuning") or []
+    if curves:
+        steps = sorted({step for c in curves for step, _ in c["curve"]})
+        lines += ["", f"Finetuning: `{curves[0]['metric']}` on the held-out demonstrations at each evaluated step "
+                  "(* the step chosen and evaluated):", "",
+                  "| row | seed | " + " | ".join(str(step) for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+        for c in curves:
+            values = dict((step, value) for step, value in c["curve"])
+            cells = [f"{values[step]:.4f}" + ("*" if step == c["selected_step"] else "") if step in values else "-"
+                     for step in steps]
+            lines.append(f"| {c['row']} | {c['seed']} | " + " | ".join(cells) + " |")
     tasks = sorted({t for r in stats["rows"].values() for t in r["tasks"]})
     lines += ["", "Per task (success %):", "", "| row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for row, r in stats["rows"].items():
@@ -179,8 +190,37 @@ def plot(path: str, stats: dict, title: str) -> str:
                     [stats["rows"][r]["ci95"] for r in rows], title)
 
 
+def plot_curves(path: str, curves: list[dict], title: str) -> str:
+    """The held-out selection metric against the finetuning step, one line per (row, seed), a star
+    at the chosen step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxvla.tracking import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    colours = {}
+    for c in curves:
+        first = c["row"] not in colours
+        colour = colours.setdefault(c["row"], f"C{len(colours) % 10}")
+        steps, values = zip(*c["curve"])
+        ax.plot(steps, values, marker=".", color=colour, alpha=0.8, label=c["row"] if first else None)
+        ax.plot([c["selected_step"]], [dict(c["curve"])[c["selected_step"]]], marker="*", color=colour, markersize=10)
+    ax.set_xlabel("finetuning step")
+    ax.set_ylabel(f"held-out {curves[0]['metric']}")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def publish(records: list[dict], out: str, meta: dict, replicates: int) -> dict:
-    """Writes episodes.jsonl (unless it is the input), results.json, RESULTS.md, comparison.png."""
+    """Writes episodes.jsonl (unless it is the input), results.json, RESULTS.md, comparison.png and,
+    with ``meta["finetuning"]`` (the held-out selection curves), finetuning.png."""
     from jaxvla.io.files import write_json, write_text
 
     os.makedirs(out, exist_ok=True)
@@ -193,7 +233,24 @@ def publish(records: list[dict], out: str, meta: dict, replicates: int) -> dict:
     write_text(os.path.join(out, "RESULTS.md"), text)
     plot(os.path.join(out, "comparison.png"), stats,
          f"Meta-World success, 95 % cluster-bootstrap CI ({meta.get('date', '')})")
+    if meta.get("finetuning"):
+        plot_curves(os.path.join(out, "finetuning.png"), meta["finetuning"],
+                    f"Finetuning on the held-out demonstrations (* chosen) ({meta.get('date', '')})")
     return {"statistics": stats, "markdown": text}
+
+
+def selection_curves(experiments, rows) -> list[dict]:
+    """The finetunings' held-out selection curves of every experiment (rows suffixed ``@videos``
+    like the records when several video counts run; SCRATCH rows once)."""
+    curves = {}
+    for exp in experiments:
+        suffix = "" if len(experiments) == 1 else f"@{exp.protocol.videos_per_task}"
+        chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+        for curve in exp.selection_curves(chosen):
+            if suffix and not curve["row"].startswith("SCRATCH"):
+                curve = {**curve, "row": curve["row"] + suffix}
+            curves[(curve["row"], curve["seed"])] = curve
+    return list(curves.values())
 
 
 def read_records(path: str) -> list[dict]:
@@ -270,7 +327,8 @@ def main(argv):
         done = sorted({(r["row"], r["seed"]) for r in unique.values()})
         meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
                 "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
-                "partial": f"{len(done)} finished (row, seed) evaluations: {done}"}
+                "partial": f"{len(done)} finished (row, seed) evaluations: {done}",
+                "finetuning": selection_curves(experiments, rows)}
         print(publish(list(unique.values()), out, meta, FLAGS.bootstrap)["markdown"])
         return
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
@@ -295,7 +353,8 @@ def main(argv):
     out = FLAGS.out or os.path.join(run_dir, "results")
     meta = {"date": date, "protocol": FLAGS.protocol,
             "protocols": [dataclasses.asdict(e.protocol) for e in experiments],
-            "plan_text": "\n\n".join(plans), "wall_seconds": time.time() - start}
+            "plan_text": "\n\n".join(plans), "wall_seconds": time.time() - start,
+            "finetuning": selection_curves(experiments, rows)}
     print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
     print(f"Files: {out}/RESULTS.md, comparison.png, results.json, episodes.jsonl")
 

@@ -263,7 +263,10 @@ def test_publish_regenerates_from_raw_records(tmp_path):
                 "success": bool(rng.random() < p), "length": 100}
                for row, p in rates.items() for s in range(3) for task in ("reach", "push") for i in range(5)]
     out = tmp_path / "res"
-    first = reproduce.publish(records, str(out), {"date": "2026-12-01", "protocol": "day"}, replicates=500)
+    curves = [{"row": "VIPRA-flow", "seed": 1, "metric": "eval/action_mse", "selected_step": 400,
+               "curve": [[200, 0.25], [400, 0.125]]}]
+    first = reproduce.publish(records, str(out), {"date": "2026-12-01", "protocol": "day", "finetuning": curves},
+                              replicates=500)
     stats = first["statistics"]
     assert set(stats["contrasts"]) == {"VIPRA-flow - SCRATCH-flow", "LAPA-flow - SCRATCH-flow",
                                        "VIPRA-flow - LAPA-flow"}
@@ -276,6 +279,7 @@ def test_publish_regenerates_from_raw_records(tmp_path):
     assert len(lines) == len(records) and json.loads(lines[0]) == records[0]
     markdown = (out / "RESULTS.md").read_text()
     assert "| VIPRA-flow - SCRATCH-flow |" in markdown and os.path.getsize(out / "comparison.png") > 1000
+    assert "| VIPRA-flow | 1 | 0.2500 | 0.1250* |" in markdown and os.path.getsize(out / "finetuning.png") > 1000
     results = json.loads((out / "results.json").read_text())
     again = tmp_path / "again"
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce.py"),
@@ -368,6 +372,11 @@ def test_finished_only_publishes_what_is_done(tmp_path):
     name = "eval_" + exp.finetune_name("SCRATCH-bins", 0)[len("finetune_"):]
     os.makedirs(tmp_path / "run" / name)
     (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"stage": name, "episodes": episodes}))
+    # The finetuning's held-out curve travels with the results: step 400 chosen.
+    finetune = exp.finetune_name("SCRATCH-bins", 0)
+    os.makedirs(tmp_path / "run" / finetune)
+    (tmp_path / "run" / finetune / "stage.json").write_text(json.dumps(
+        {"stage": finetune, "selected_step": 400, "selection_curve": [[200, 0.2], [400, 0.1], [600, 0.15]]}))
     script = os.path.join(REPO, "scripts", "reproduce.py")
     common = [sys.executable, script, "--finished_only", f"--data_root={tmp_path / 'data'}", "--bootstrap=200",
               "--rows=SCRATCH-bins,VIPRA-flow"]
@@ -378,6 +387,10 @@ def test_finished_only_publishes_what_is_done(tmp_path):
     assert results["statistics"]["rows"]["SCRATCH-bins"]["success_rate"] == pytest.approx(np.mean(successes))
     assert set(results["statistics"]["rows"]) == {"SCRATCH-bins"}
     assert "[('SCRATCH-bins', 0)]" in results["partial"] and "**Partial results**" in out.stdout
+    assert results["finetuning"] == [{"row": "SCRATCH-bins", "seed": 0, "metric": "eval/action_mse",
+                                      "selected_step": 400, "curve": [[200, 0.2], [400, 0.1], [600, 0.15]]}]
+    assert "| SCRATCH-bins | 0 | 0.2000 | 0.1000* | 0.1500 |" in out.stdout
+    assert os.path.getsize(tmp_path / "res" / "finetuning.png") > 1000
     assert not os.path.exists(tmp_path / "data")  # nothing generated, trained or evaluated
     empty = subprocess.run(common + [f"--run_dir={tmp_path / 'empty'}"], capture_output=True, text=True, cwd=REPO,
                            timeout=300)
