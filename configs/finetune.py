@@ -110,7 +110,8 @@ def get_config(variant: str = "flow_small"):
             prompt_tokens=36 if small else 64,
             # bins: the packed layout (jaxvla/data/sequences.py pack_examples: segment ids, rows
             # sized to the longest example, the loss the mean over examples). False: always one
-            # example a row (the same layout while rows are not rounded). Flow never packs (its KV-cached sampler reads one prefix a row).
+            # example a row (the same layout while rows are not rounded). Flow never packs (its
+            # KV-cached sampler reads one prefix a row).
             pack=not flow,
             # K actions per chunk: flow (ViPRA-FM) and bins (ViPRA-AR) K = 14; LAPA / OpenVLA's bins
             # predict one action: chunk=1. data.chunk_size is linked to it (a FieldReference).

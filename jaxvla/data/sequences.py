@@ -51,9 +51,10 @@ has ``segment_ids`` ``k`` (1, 2, ...), its own ``positions`` from 0, its own bid
 each other) and its own target shift (its last token has weight 0); a row also carries
 ``num_examples``, so a loss can stay a mean over examples. :func:`packing_layout` sizes the rows
 from the longest example a batch may hold, and puts several in a row only where that pads less
-(rows rounded to a multiple): every example gets the longest one's tokens either way. ``pack_examples(..., with_placement=True)`` also says
-where each example went (row, slot, first index), so per-example arrays (bins finetuning's
-``action_positions``, its bins and actions) can follow their examples into the rows.
+(rows rounded to a multiple): every example gets the longest one's tokens either way.
+``pack_examples(..., with_placement=True)`` also says where each example went (row, slot, first
+index), so per-example arrays (bins finetuning's ``action_positions``, its bins and actions) can
+follow their examples into the rows.
 
 Extra index arrays (int32, indices into the sequence, i.e. of the tokens themselves; the logits
 that predict token ``p`` sit at ``p - 1``): ``latent_positions`` (LAPA, ViPRA: codes only),
