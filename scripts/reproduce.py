@@ -239,16 +239,22 @@ def publish(records: list[dict], out: str, meta: dict, replicates: int) -> dict:
     return {"statistics": stats, "markdown": text}
 
 
+def labelled(experiments, exp, item: dict) -> dict:
+    """``item`` (an episode record or a selection curve) with its row named as published: suffixed
+    ``@videos`` when several video counts run, except SCRATCH rows, which do not depend on the pool."""
+    if len(experiments) == 1 or item["row"].startswith("SCRATCH"):
+        return dict(item)
+    return {**item, "row": f"{item['row']}@{exp.protocol.videos_per_task}"}
+
+
 def selection_curves(experiments, rows) -> list[dict]:
-    """The finetunings' held-out selection curves of every experiment (rows suffixed ``@videos``
-    like the records when several video counts run; SCRATCH rows once)."""
+    """The finetunings' held-out selection curves of every experiment (rows named like the records;
+    SCRATCH rows once)."""
     curves = {}
     for exp in experiments:
-        suffix = "" if len(experiments) == 1 else f"@{exp.protocol.videos_per_task}"
         chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
         for curve in exp.selection_curves(chosen):
-            if suffix and not curve["row"].startswith("SCRATCH"):
-                curve = {**curve, "row": curve["row"] + suffix}
+            curve = labelled(experiments, exp, curve)
             curves[(curve["row"], curve["seed"])] = curve
     return list(curves.values())
 
@@ -339,13 +345,8 @@ def main(argv):
         return
     records = []
     for exp in experiments:
-        suffix = "" if len(experiments) == 1 else f"@{exp.protocol.videos_per_task}"
         chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
-        for record in exp.run(chosen):
-            record = dict(record)
-            if suffix and not record["row"].startswith("SCRATCH"):
-                record["row"] += suffix
-            records.append(record)
+        records.extend(labelled(experiments, exp, record) for record in exp.run(chosen))
     # SCRATCH rows do not depend on the pool: keep one copy of each.
     unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
     records = list(unique.values())
