@@ -378,6 +378,13 @@ def _candidates(path: str, step: int | None) -> tuple[list[tuple[str, int]], boo
     return [(os.path.join(directory, str(s)), s) for s in steps], False
 
 
+def finished_steps(path: str) -> list[int]:
+    """The finished checkpoint steps under a workdir or its checkpoints directory, ascending;
+    [] when there are none."""
+    directory = _checkpoints_dir(os.path.abspath(path))
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory else []
+
+
 def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     """(step directory, step) from a workdir, its checkpoints dir, or a step dir: ``step``, or
     else the latest finished step. Does not verify digests (``find_checkpoint`` does).

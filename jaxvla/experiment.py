@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxvla import laq_quality, trainer
-from jaxvla.checkpoint import resolve_checkpoint
+from jaxvla.checkpoint import finished_steps, resolve_checkpoint
 from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to_json
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
 from jaxvla.frozen import TextPrompts, load_laq
@@ -106,6 +106,10 @@ class Protocol:
     pretrain_steps: int
     finetune_steps: int  # the pretrained rows'; SCRATCH gets pretrain_steps more
     select_every: int  # held-out evaluation and checkpoint interval while finetuning
+    # Held-out batches (of the finetuning batch size) per check: the chunks the stopping point is
+    # chosen on, the same at every check. 2 batches (16 chunks) chose steps whose error on 32 was
+    # 1.4x the best kept one (SCRATCH-bins, day seed 0: step 800, 0.240 against 0.166 at 1400).
+    select_batches: int = 32
     pool_tasks: str = "ml45"
     videos_per_task: int = 20
     finetune_tasks: str = "mt10"
@@ -145,6 +149,9 @@ class Protocol:
             raise ValueError(f"videos_per_task must be >= 0, got {self.videos_per_task}")
         if not self.seeds:
             raise ValueError("seeds: at least one finetuning seed")
+        if self.select_every < 1 or self.select_batches < 1:
+            raise ValueError(f"select_every and select_batches must be >= 1, got {self.select_every} and "
+                             f"{self.select_batches}")
         if self.history_stride < 0:
             raise ValueError(f"history_stride must be >= 0 (0: no frame history), got {self.history_stride}")
 
@@ -177,7 +184,10 @@ PROTOCOLS = {
     "demo": Protocol("demo", tokenizer_steps=150, laq_steps=150, pretrain_steps=100, finetune_steps=1200,
                      select_every=200, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
                      heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
-                     heads=("flow",), enforce_laq_gate=False),
+                     heads=("flow",), enforce_laq_gate=False,
+                     # One row, nothing compared: its 30 % and 25.6 min were measured choosing on 2
+                     # held-out batches, and 32 would add about a minute (6 checks).
+                     select_batches=2),
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos; scripts/reproduce.py --plan
     # estimates 11.5 hours on 2 cores from scratch (the issue's budget is 10).
     "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
@@ -193,6 +203,9 @@ PROTOCOLS = {
 STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune_flow": 0.73,
                 "finetune_bins": 0.95}
 EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
+# Seconds per held-out batch of a finetuning check (8 examples, forward only; the 2 batches the
+# step figures above include are not subtracted): measured on 2 quiet cores, 2026-12-02.
+CHECK_BATCH_SECONDS = {"flow": 0.36, "bins": 0.78}
 
 
 # What a finished stage must share with the configuration asking for it before it is reused: the
@@ -311,8 +324,17 @@ class Experiment:
             costs.append((self.pretrain_name(pretraining), STEP_SECONDS["pretrain"] * p.pretrain_steps))
         finetune = self.finetune_name(row, seed)
         evaluations = len(self.tasks["eval"]) * p.eval_placements
-        return costs + [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)),
+        return costs + [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
+                         + self.check_seconds(row)),
                         ("eval_" + finetune[len("finetune_"):], EPISODE_SECONDS["evaluate"] * evaluations)]
+
+    def check_seconds(self, row: str) -> float:
+        """Estimated seconds of one finetuning's held-out checks: ``select_batches`` batches at each
+        of its ``finetune_steps_of / select_every`` checks."""
+        p = self.protocol
+        pretraining, head = parse_row(row)
+        checks = -(-p.finetune_steps_of(pretraining) // p.select_every)
+        return checks * p.select_batches * CHECK_BATCH_SECONDS[head]
 
     def pretrain_name(self, objective: str) -> str:
         inputs = self.protocol.inputs_tag
@@ -391,7 +413,8 @@ class Experiment:
             "videos_per_demo": videos / demos,
             "rows": rows,
             "stages": stages,
-            "selection": f"argmin {SELECTION_METRIC} on the held-out demonstrations every {p.select_every} steps",
+            "selection": f"argmin {SELECTION_METRIC} on {p.select_batches} batches of held-out demonstration "
+                         f"chunks every {p.select_every} steps",
             "estimated_hours": hours,
         }
 
@@ -406,7 +429,15 @@ class Experiment:
             total += EPISODE_SECONDS["generate"] * len(streams["demos"])
         costs = dict(pair for row in self.protocol.rows() for seed in self.protocol.seeds
                      for pair in self.stage_costs(row, seed))
-        return total + sum(seconds for name, seconds in costs.items() if self._done(name) is None)
+        total += sum(seconds for name, seconds in costs.items() if self._done(name) is None)
+        # Finished finetunings whose stopping point was chosen on another number of held-out
+        # batches are measured again (Experiment.select).
+        for row in self.protocol.rows():
+            for seed in self.protocol.seeds:
+                done = self._done(self.finetune_name(row, seed))
+                if done is not None and done.get("selection_batches") != self.protocol.select_batches:
+                    total += self.check_seconds(row)
+        return total
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -455,6 +486,14 @@ class Experiment:
             raise ValueError(f"{self._path(name)} was trained with another configuration than {name} now has "
                              f"({shown}{'; ...' if len(differ) > 6 else ''}); remove that directory to train "
                              "it again, or choose another run_dir")
+
+    def _trained_eval_batches(self, name: str) -> int | None:
+        """``eval_batches`` of the config stage ``name`` was last trained with (None: no config)."""
+        path = os.path.join(self._path(name), "config.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f).get("eval_batches")
 
     def _train(self, name: str, config_spec: str, overrides: dict, curve_keys=("loss",), **extra) -> dict:
 
@@ -650,6 +689,7 @@ class Experiment:
         n = p.finetune_steps_of(pretraining)
         every = p.select_every
         overrides = {"num_steps": n, "eval_every": every, "checkpoint.every": every,
+                     "eval_batches": p.select_batches,
                      # Every evaluated step stays, so the selected one can be evaluated.
                      "checkpoint.max_to_keep": n // every + 2, "seed": seed,
                      "model.tokenizer_checkpoint": self._path(f"tokenizer_{self.pool_tag}"),
@@ -671,13 +711,42 @@ class Experiment:
             self.pretrain(pretraining)
         spec, overrides = self.finetune_overrides(row, seed)
         name = self.finetune_name(row, seed)
-        record = self._train(name, spec, overrides)
-        if "selected_step" not in record:
-            step, curve = select_step([(s, m) for s, m in record.get("eval_history", [])])
-            record = self._record(name, record["wall_seconds"], record["metrics"],
-                                  **{k: v for k, v in record.items() if k not in ("stage", "wall_seconds", "metrics")},
-                                  selected_step=step, selection_curve=curve)
+        record = self._train(name, spec, overrides, held_out_batches=self.protocol.select_batches)
+        if "selected_step" not in record or record.get("selection_batches") != self.protocol.select_batches:
+            record = self.select(name, record)
         return record
+
+    def select(self, name: str, record: dict) -> dict:
+        """Chooses finetuning ``name``'s stopping point: the kept checkpoint with the lowest
+        :data:`SELECTION_METRIC` on ``select_batches`` held-out batches. Steps its training history
+        measured on that many batches are taken from it; the others (a run trained with another
+        ``select_batches``, or the steps before a resume, which the history of the resumed run does
+        not hold) are measured again from their checkpoints (``trainer.evaluate_checkpoints``). An
+        earlier choice made on another number of batches is kept in the record as
+        ``earlier_selection``; the evaluation stage reruns when the chosen step changes."""
+        p = self.protocol
+        path = self._path(name)
+        measured = {}
+        if record.get("held_out_batches") == p.select_batches:
+            measured = {int(s): m for s, m in record.get("eval_history", []) if SELECTION_METRIC in m}
+        kept = finished_steps(path)
+        todo = [s for s in kept if s not in measured]
+        if todo:
+            log.info("%s: measuring %s on %d held-out batches at kept steps %s", name, SELECTION_METRIC,
+                     p.select_batches, todo)
+            measured.update(trainer.evaluate_checkpoints(path, todo, p.select_batches))
+        step, curve = select_step([(s, measured[s]) for s in kept])
+        extra = {k: v for k, v in record.items()
+                 if k not in ("stage", "wall_seconds", "metrics", "selected_step", "selection_curve",
+                              "selection_batches", "earlier_selection")}
+        if "selected_step" in record and record.get("selection_batches") != p.select_batches:
+            extra["earlier_selection"] = {"batches": record.get("selection_batches") or self._trained_eval_batches(name),
+                                          "selected_step": record["selected_step"],
+                                          "curve": record.get("selection_curve")}
+        elif "earlier_selection" in record:
+            extra["earlier_selection"] = record["earlier_selection"]
+        return self._record(name, record["wall_seconds"], record["metrics"], **extra, selected_step=step,
+                            selection_curve=curve, selection_batches=p.select_batches)
 
     def evaluate(self, row: str, seed: int) -> dict:
         finetune = self.finetune_name(row, seed)
@@ -758,8 +827,8 @@ class Experiment:
     def selection_curves(self, rows: Sequence[str] | None = None) -> list[dict]:
         """For every finetuning of ``rows`` (default: the protocol's) whose stage record is written:
         ``row``, ``seed``, ``selected_step`` and ``curve``, the held-out selection metric
-        (:data:`SELECTION_METRIC`) at each evaluated step as ``[step, value]`` pairs: how each row's
-        finetuning converged, beside its success."""
+        (:data:`SELECTION_METRIC`) at each evaluated step as ``[step, value]`` pairs, measured on
+        ``batches`` held-out batches: how each row's finetuning converged, beside its success."""
         out = []
         for row in rows or self.protocol.rows():
             for seed in self.protocol.seeds:
@@ -769,7 +838,9 @@ class Experiment:
                 with open(path) as f:
                     record = json.load(f)
                 if "selection_curve" in record:
-                    out.append({"row": row, "seed": seed, "metric": SELECTION_METRIC,
+                    batches = record.get("selection_batches") or self._trained_eval_batches(
+                        self.finetune_name(row, seed))
+                    out.append({"row": row, "seed": seed, "metric": SELECTION_METRIC, "batches": batches,
                                 "selected_step": int(record["selected_step"]),
                                 "curve": [[int(step), float(value)] for step, value in record["selection_curve"]]})
         return out

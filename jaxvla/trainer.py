@@ -23,11 +23,13 @@ only checks them (``jaxvla.stages.require``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import flax
@@ -407,6 +409,52 @@ def train(config, workdir: str, stage: Stage | None = None, devices=None) -> Tra
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train(config, workdir, stage, mesh, rules, is_main)
+
+
+def evaluate_checkpoints(workdir: str, steps: Sequence[int], eval_batches: int,
+                         devices=None) -> list[tuple[int, dict[str, float]]]:
+    """``[(step, {"eval/<metric>": value})]``: the held-out metrics of each of ``steps``' kept
+    checkpoints in ``workdir``, measured as ``train``'s periodic evaluation measures them (the
+    stage rebuilt from the workdir's ``config.json``, its ``eval_fn`` on the first ``eval_batches``
+    of its held-out stream, PRNGKey(i) for batch i) but on ``eval_batches`` batches instead of the
+    config's. Checks a finished run's held-out curve on a larger sample than it was trained with.
+    Each step is restored verified and sharded as training lays it out; a missing step raises
+    FileNotFoundError naming it."""
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no training config (is {workdir} a training workdir?)")
+    with open(path) as f:
+        config = cfg_lib.from_dict(json.load(f))
+    if eval_batches < 1:
+        raise ValueError(f"eval_batches must be >= 1, got {eval_batches}")
+    devices = list(devices) if devices is not None else jax.devices()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.sharding_rules)
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    try:
+        kept = set(checkpointer.all_steps())
+        missing = [int(s) for s in steps if int(s) not in kept]
+        if missing:
+            raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint for step(s) {missing} "
+                                    f"(kept: {sorted(kept)})")
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            config.eval_batches = int(eval_batches)
+            setup = setup_train_step(config, mesh, rules)
+            stage = setup.stage
+            if not stage.eval_batches:
+                raise ValueError(f"{workdir}: stage {config.stage!r} has no held-out batches to evaluate")
+            stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
+            eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+            abstract = setup.factory.abstract_with_shardings()
+            out = []
+            for step in tqdm(list(steps), unit="checkpoint", desc=f"held-out x{eval_batches}", dynamic_ncols=True):
+                state, _, _ = checkpointer.restore(int(step), abstract)
+                out.append((int(step), _evaluate(stage, state.params, config, mesh, eval_fn)))
+                del state
+            return out
+    finally:
+        checkpointer.close()
 
 
 def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:

@@ -167,13 +167,15 @@ def markdown(stats: dict, meta: dict) -> str:
     if curves:
         steps = sorted({step for c in curves for step, _ in c["curve"]})
         lines += ["", f"Finetuning: `{curves[0]['metric']}` on the held-out demonstrations at each evaluated step "
-                  "(* the step chosen and evaluated):", "",
-                  "| row | seed | " + " | ".join(str(step) for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+                  "(* the step chosen and evaluated), measured on the number of held-out batches (8 chunks "
+                  "each) given:", "",
+                  "| row | seed | batches | " + " | ".join(str(step) for step in steps) + " |",
+                  "|---" * (len(steps) + 3) + "|"]
         for c in curves:
             values = dict((step, value) for step, value in c["curve"])
             cells = [f"{values[step]:.4f}" + ("*" if step == c["selected_step"] else "") if step in values else "-"
                      for step in steps]
-            lines.append(f"| {c['row']} | {c['seed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {c['row']} | {c['seed']} | {c.get('batches') or '-'} | " + " | ".join(cells) + " |")
     tasks = sorted({t for r in stats["rows"].values() for t in r["tasks"]})
     lines += ["", "Per task (success %):", "", "| row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for row, r in stats["rows"].items():

@@ -189,6 +189,38 @@ def test_loss_decreases(tmp_path):
     assert result.metrics["loss"] < 0.6 * first.metrics["loss"]
 
 
+def test_evaluate_checkpoints_measures_kept_steps_as_training_did(tmp_path):
+    from jaxvla.trainer import evaluate_checkpoints
+    from toy import HELDOUT_SEED_OFFSET, toy_batches
+
+    config = toy_config(stage="toy_heldout", num_steps=6, eval_every=2, eval_batches=2, **{"checkpoint.every": 2})
+    one = jax.devices()[:1]
+    result = train(config, str(tmp_path), devices=one)
+    logged = {s: m["eval/mse"] for s, m in result.history if "eval/mse" in m}
+    assert sorted(logged) == [2, 4, 6]
+    # The same 2 batches as training's periodic evaluation: the same values.
+    again = dict(evaluate_checkpoints(str(tmp_path), [2, 4, 6], eval_batches=2, devices=one))
+    for step in (2, 4, 6):
+        np.testing.assert_allclose(again[step]["eval/mse"], logged[step], rtol=1e-6)
+    # 5 batches: the mean of the toy model's error written out in numpy on the first 5 held-out batches.
+    (step, metrics), = evaluate_checkpoints(str(tmp_path), [4], eval_batches=5, devices=one)
+    params = ckpt_lib.load_checkpoint(str(tmp_path), step=4)[0]["params"]
+    w1, b1 = np.asarray(params["hidden"]["kernel"]), np.asarray(params["hidden"]["bias"])
+    w2, b2 = np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"])
+    batches = toy_batches(config, 0, HELDOUT_SEED_OFFSET)
+    errors = []
+    for _ in range(5):
+        b = next(batches)
+        errors.append(np.mean(np.square(np.tanh(b["x"] @ w1 + b1) @ w2 + b2 - b["y"])))
+    assert step == 4
+    np.testing.assert_allclose(metrics["eval/mse"], np.mean(errors), rtol=1e-5)
+    assert abs(np.mean(errors) - np.mean(errors[:2])) > 1e-6  # more batches measure something else
+    with pytest.raises(FileNotFoundError, match=r"step\(s\) \[5\]"):
+        evaluate_checkpoints(str(tmp_path), [5], eval_batches=2, devices=one)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate_checkpoints(str(tmp_path / "nothing"), [2], eval_batches=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: resume, kill, restore on another mesh, assets, SIGTERM, NaN.
 

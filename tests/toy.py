@@ -3,11 +3,13 @@
 y = tanh(x @ W1) @ W2 fitted to a fixed random linear target; batch ``s`` depends only on
 (seed, s). Test-only knobs in ``config.data``: ``sleep`` per batch (so a subprocess can be
 signalled mid-run), ``progress_file`` (touched per batch), ``nan_at_step`` (that batch poisons
-the loss with NaN).
+the loss with NaN). ``toy_heldout`` is the same stage with a held-out stream (another seed) for
+the trainer's periodic evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -57,13 +59,13 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
     return apply_overrides(finalize(c), overrides)
 
 
-def toy_batches(config, start_step: int):
+def toy_batches(config, start_step: int, seed_offset: int = 0):
     process, processes = jax.process_index(), jax.process_count()
     local = config.batch_size // processes
     target = np.random.default_rng(1234).normal(size=(IN_DIM, OUT_DIM)).astype(np.float32)
     step = start_step
     while True:
-        rng = np.random.default_rng([config.seed, step])
+        rng = np.random.default_rng([config.seed + seed_offset, step])
         x = rng.normal(size=(config.batch_size, IN_DIM)).astype(np.float32)
         y = np.tanh(x @ target) + 0.01 * rng.normal(size=(config.batch_size, OUT_DIM)).astype(np.float32)
         poison = np.full((config.batch_size,), float(step + 1 == config.data.nan_at_step), np.float32)
@@ -95,4 +97,14 @@ def build_toy(config) -> Stage:
     )
 
 
+# The held-out stream's seed offset: its batches never appear in training.
+HELDOUT_SEED_OFFSET = 10_000
+
+
+def build_toy_heldout(config) -> Stage:
+    stage = build_toy(config)
+    return dataclasses.replace(stage, eval_batches=lambda: toy_batches(config, 0, HELDOUT_SEED_OFFSET))
+
+
 register_stage("toy", build_toy)
+register_stage("toy_heldout", build_toy_heldout)
