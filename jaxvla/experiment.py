@@ -84,6 +84,11 @@ HEADS = ("bins", "flow")
 SELECTION_METRIC = "eval/action_mse"
 
 
+class StageInterrupted(RuntimeError):
+    """A stage's training stopped before its last step (SIGTERM): nothing is recorded for it, and
+    the run stops; running it again resumes from the stage's checkpoint."""
+
+
 def row_name(pretraining: str, head: str) -> str:
     return f"{PRETRAININGS[pretraining][0]}-{head}"
 
@@ -445,12 +450,12 @@ class Experiment:
         return os.path.join(self.run_dir, name)
 
     def _has_checkpoint(self, name: str) -> bool:
+        return self._latest_step(name) >= 0
 
-        try:
-            resolve_checkpoint(self._path(name))
-            return True
-        except FileNotFoundError:
-            return False
+    def _latest_step(self, name: str) -> int:
+        """The newest finished checkpoint step of stage ``name`` (-1: none)."""
+        steps = finished_steps(self._path(name))
+        return steps[-1] if steps else -1
 
     def _done(self, name: str) -> dict | None:
         record = os.path.join(self._path(name), "stage.json")
@@ -501,7 +506,7 @@ class Experiment:
         done = self._done(name)
         if done is not None:
             self._check_not_stale(name, config)
-        if done is not None and done.get("steps") == int(config.num_steps):
+        if done is not None and done.get("steps") == int(config.num_steps) and self._latest_step(name) >= done["steps"]:
             log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
             self.stages[name] = done
             return done
@@ -510,6 +515,11 @@ class Experiment:
         start = time.time()
         result = trainer.train(config, self._path(name))
         wall = time.time() - start
+        if result.preempted or result.step < int(config.num_steps):
+            # Recording it would reuse a half-trained stage as finished (and select, evaluate it).
+            raise StageInterrupted(f"{name}: stopped at step {result.step} of {int(config.num_steps)} "
+                                   f"(SIGTERM); its checkpoint is in {self._path(name)}: run the same "
+                                   "command again to resume")
         metrics = {k: float(v) for k, v in result.metrics.items()}
         curve = loss_curve(os.path.join(self._path(name), "loss.png"), result.history, f"{name}: {config_spec}",
                            curve_keys)

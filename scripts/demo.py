@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import signal
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,7 +54,7 @@ def main(argv):
 
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     from jaxvla.evaluation import format_table
-    from jaxvla.experiment import PROTOCOLS, Experiment
+    from jaxvla.experiment import PROTOCOLS, Experiment, StageInterrupted
     from jaxvla.io.files import write_text
 
     protocol = PROTOCOLS["demo"]
@@ -64,7 +66,11 @@ def main(argv):
                                        select_every=max(1, n // 4))
     start = time.time()
     exp = Experiment(FLAGS.run_dir, protocol, data_root=FLAGS.data_root)
-    exp.run([ROW])
+    try:
+        exp.run([ROW])
+    except StageInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     total = time.time() - start
 
     s = exp.stages

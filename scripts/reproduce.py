@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -300,7 +302,7 @@ def main(argv):
         return
 
     from jaxvla import compilation_cache
-    from jaxvla.experiment import Experiment, format_plan, parse_row
+    from jaxvla.experiment import Experiment, StageInterrupted, format_plan, parse_row
 
     protocols = protocols_from_flags()
     run_dir = FLAGS.run_dir or os.path.join("runs", FLAGS.protocol)
@@ -340,15 +342,19 @@ def main(argv):
         print(publish(list(unique.values()), out, meta, FLAGS.bootstrap)["markdown"])
         return
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
-    if FLAGS.until:
+    try:
+        if FLAGS.until:
+            for exp in experiments:
+                exp.prepare(FLAGS.until, rows)
+            print(f"shared stages up to {FLAGS.until} done in {time.time() - start:.0f} s")
+            return
+        records = []
         for exp in experiments:
-            exp.prepare(FLAGS.until, rows)
-        print(f"shared stages up to {FLAGS.until} done in {time.time() - start:.0f} s")
-        return
-    records = []
-    for exp in experiments:
-        chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
-        records.extend(labelled(experiments, exp, record) for record in exp.run(chosen))
+            chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+            records.extend(labelled(experiments, exp, record) for record in exp.run(chosen))
+    except StageInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     # SCRATCH rows do not depend on the pool: keep one copy of each.
     unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
     records = list(unique.values())

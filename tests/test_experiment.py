@@ -147,10 +147,10 @@ def test_pool_reaches_pretraining_without_actions(tmp_path, metaworld_dataset, m
 
     def fake_train(config, workdir):
         seen[os.path.basename(workdir)] = config
-        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[])
+        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[], step=config.num_steps, preempted=False)
 
     monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
-    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "_latest_step", lambda self, name: 10**9)
     monkeypatch.setattr(Experiment, "_laq_gate", lambda self, name, record: dict(record, gate={}))
     exp.laq("lapa")
     exp.laq("vipra")
@@ -196,12 +196,13 @@ def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
     with open(tmp_path / "tokenizer_pool4" / "stage.json", "w") as f:
         json.dump({"stage": "tokenizer_pool4", "wall_seconds": 12.0, "metrics": {"eval/psnr": 20.0},
                    "steps": PROTOCOLS["demo"].tokenizer_steps}, f)
-    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "_latest_step", lambda self, name: 10**9)
     calls = []
 
     def fake_train(config, workdir):
         calls.append((config.num_steps, workdir))
-        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[(1, {"loss": 1.0}), (2, {"loss": 0.5})])
+        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[(1, {"loss": 1.0}), (2, {"loss": 0.5})],
+                                     step=config.num_steps, preempted=False)
 
     monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
     assert exp.tokenizer()["wall_seconds"] == 12.0 and calls == []  # reused
@@ -211,6 +212,35 @@ def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
     assert calls == [(400, str(tmp_path / "tokenizer_pool4"))]
     assert record["steps"] == 400 and record["metrics"] == {"loss": 0.5}
     assert os.path.getsize(record["loss_curve"]) > 1000
+
+
+def test_interrupted_stage_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    """SIGTERM stops a stage's training early (the trainer saves and returns, preempted): the run
+    stops there and records nothing, so the next run resumes it instead of reusing half a stage;
+    a record whose checkpoints stop short of its steps is trained on, not reused."""
+    import jaxvla.experiment
+    import jaxvla.trainer
+    from jaxvla.experiment import PROTOCOLS, Experiment, StageInterrupted
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["demo"], data_root=str(tmp_path / "data"))
+    calls = []
+
+    def stopped_early(config, workdir):
+        calls.append(config.num_steps)
+        return types.SimpleNamespace(metrics={"loss": 0.5}, history=[(1, {"loss": 1.0})], step=57, preempted=True)
+
+    monkeypatch.setattr(jaxvla.trainer, "train", stopped_early)
+    with pytest.raises(StageInterrupted, match=r"tokenizer_pool4: stopped at step 57 of 150 .*resume"):
+        exp.tokenizer()
+    assert not os.path.exists(tmp_path / "tokenizer_pool4" / "stage.json")
+    # A record written for 150 steps (as the code before this check did) over checkpoints up to 50.
+    os.makedirs(tmp_path / "tokenizer_pool4", exist_ok=True)
+    with open(tmp_path / "tokenizer_pool4" / "stage.json", "w") as f:
+        json.dump({"stage": "tokenizer_pool4", "wall_seconds": 12.0, "metrics": {}, "steps": 150}, f)
+    monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda path: [50])
+    with pytest.raises(StageInterrupted):
+        exp.tokenizer()
+    assert calls == [150, 150]
 
 
 def test_finetuning_is_matched_and_selects_on_held_out_demos(tmp_path, monkeypatch):
@@ -243,14 +273,14 @@ def test_finetuning_is_matched_and_selects_on_held_out_demos(tmp_path, monkeypat
 
     def fake_train(config, workdir):
         seen.append(config)
-        return types.SimpleNamespace(metrics={"loss": 0.1}, history=[
+        return types.SimpleNamespace(metrics={"loss": 0.1}, step=config.num_steps, preempted=False, history=[
             (200, {"loss": 0.5, "eval/action_mse": 0.20}), (400, {"loss": 0.4, "eval/action_mse": 0.10}),
             (600, {"loss": 0.3, "eval/action_mse": 0.15})])
 
     monkeypatch.setattr(jaxvla.trainer, "train", fake_train)
     monkeypatch.setattr(jaxvla.trainer, "evaluate_checkpoints", lambda *a, **k: pytest.fail("nothing to measure"))
     monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda path: [200, 400, 600])
-    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "_latest_step", lambda self, name: 10**9)
     monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
     record = exp.finetune("SCRATCH-bins", 0)
     assert record["selected_step"] == 400 and list(record["selection_curve"][0]) == [200, 0.2]
@@ -298,7 +328,6 @@ def test_stopping_point_chosen_on_fewer_batches_is_chosen_again(tmp_path, monkey
     monkeypatch.setattr(jaxvla.trainer, "train", lambda *a: pytest.fail("finished: nothing to train"))
     monkeypatch.setattr(jaxvla.trainer, "evaluate_checkpoints", fake_measure)
     monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda p: [200, 400, 600])
-    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
     monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
     seconds = exp._estimate_seconds.__func__  # the plan counts the measuring still to do
     monkeypatch.setattr(Experiment, "seed_streams", lambda self: {"pool": [], "demos": []})
@@ -424,7 +453,7 @@ def test_finished_stage_trained_with_another_config_is_refused(tmp_path, monkeyp
     with open(tmp_path / name / "stage.json", "w") as f:
         json.dump({"stage": name, "wall_seconds": 5.0, "metrics": {}, "steps": int(config.num_steps),
                    "gate": {"steps": int(config.num_steps)}}, f)
-    monkeypatch.setattr(Experiment, "_has_checkpoint", lambda self, name: True)
+    monkeypatch.setattr(Experiment, "_latest_step", lambda self, name: 10**9)
     monkeypatch.setattr(jaxvla.trainer, "train", lambda config, workdir: pytest.fail("must not train"))
     # The same configuration (and a run-only key such as log_every changed): reused.
     saved["log_every"] = 999
