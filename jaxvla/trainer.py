@@ -23,6 +23,8 @@ only checks them (``jaxvla.stages.require``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -338,15 +340,18 @@ def _record_history(history: list[tuple[int, dict[str, float]]], step: int, eval
         history.append((step, dict(eval_metrics)))
 
 
-def _evaluate(stage: Stage, params, config, mesh, eval_fn) -> dict[str, float]:
+def held_out_batches(stage: Stage, count: int) -> list:
+    """The first ``count`` batches of ``stage.eval_batches()`` (fewer when the stream ends), on the
+    host. Every periodic evaluation of a run measures these same batches, so they are read and
+    prepared (decoded, tokenized, packed) once per run instead of once per evaluation."""
+    return list(itertools.islice(stage.eval_batches(), count))
+
+
+def _evaluate(params, held_out: list, mesh, eval_fn) -> dict[str, float]:
+    """The mean of ``eval_fn``'s metrics over ``held_out`` (batch i with PRNGKey(i)), as ``eval/<k>``."""
     totals: dict[str, float] = {}
     count = 0
-    iterator = stage.eval_batches()
-    for index in range(config.eval_batches):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
+    for index, batch in enumerate(held_out):
         metrics = _host_scalars(eval_fn(params, sharding.global_batch(batch, mesh), jax.random.PRNGKey(index)))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -447,10 +452,11 @@ def evaluate_checkpoints(workdir: str, steps: Sequence[int], eval_batches: int,
             stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
             eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
             abstract = setup.factory.abstract_with_shardings()
+            held_out = held_out_batches(stage, eval_batches)
             out = []
             for step in tqdm(list(steps), unit="checkpoint", desc=f"held-out x{eval_batches}", dynamic_ncols=True):
                 state, _, _ = checkpointer.restore(int(step), abstract)
-                out.append((int(step), _evaluate(stage, state.params, config, mesh, eval_fn)))
+                out.append((int(step), _evaluate(state.params, held_out, mesh, eval_fn)))
                 del state
             return out
     finally:
@@ -491,6 +497,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
 
     stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
     eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+    held_out = functools.cache(lambda: held_out_batches(stage, config.eval_batches))  # read at the first evaluation
     visualize_fn = jax.jit(stage.visualize) if stage.visualize else None
 
     writer = tracking.MetricWriter(workdir, enabled=is_main, wandb_config=config.wandb, run_config=config.to_dict())
@@ -555,7 +562,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
                 sums_count = 0
                 window_start, window_steps = time.perf_counter(), 0
             if config.eval_every and stage.eval_batches and step % config.eval_every == 0:
-                eval_metrics = _evaluate(stage, state.params, config, mesh, eval_fn)
+                eval_metrics = _evaluate(state.params, held_out(), mesh, eval_fn)
                 writer.scalars(step, eval_metrics)
                 logged.update(eval_metrics)
                 _record_history(history, step, eval_metrics)
@@ -579,7 +586,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
             evaluated = bool(history) and history[-1][0] == final_step and any(
                 k.startswith("eval/") for k in history[-1][1])
             if config.eval_every and stage.eval_batches and not evaluated:
-                eval_metrics = _evaluate(stage, state.params, config, mesh, eval_fn)
+                eval_metrics = _evaluate(state.params, held_out(), mesh, eval_fn)
                 logged.update(eval_metrics)
                 writer.scalars(final_step, eval_metrics)
                 _record_history(history, final_step, eval_metrics)

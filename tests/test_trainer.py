@@ -191,13 +191,16 @@ def test_loss_decreases(tmp_path):
 
 def test_evaluate_checkpoints_measures_kept_steps_as_training_did(tmp_path):
     from jaxvla.trainer import evaluate_checkpoints
-    from toy import HELDOUT_SEED_OFFSET, toy_batches
+    from toy import HELDOUT_SEED_OFFSET, build_toy_heldout, toy_batches
 
     config = toy_config(stage="toy_heldout", num_steps=6, eval_every=2, eval_batches=2, **{"checkpoint.every": 2})
     one = jax.devices()[:1]
-    result = train(config, str(tmp_path), devices=one)
+    stage = build_toy_heldout(config)
+    streams = []
+    stage.eval_batches = lambda stream=stage.eval_batches: streams.append(1) or stream()
+    result = train(config, str(tmp_path), stage=stage, devices=one)
     logged = {s: m["eval/mse"] for s, m in result.history if "eval/mse" in m}
-    assert sorted(logged) == [2, 4, 6]
+    assert sorted(logged) == [2, 4, 6] and len(streams) == 1  # the held-out batches are read once a run
     # The same 2 batches as training's periodic evaluation: the same values.
     again = dict(evaluate_checkpoints(str(tmp_path), [2, 4, 6], eval_batches=2, devices=one))
     for step in (2, 4, 6):
