@@ -750,8 +750,8 @@ class Experiment:
                  if k not in ("stage", "wall_seconds", "metrics", "selected_step", "selection_curve",
                               "selection_batches", "earlier_selection")}
         if "selected_step" in record and record.get("selection_batches") != p.select_batches:
-            extra["earlier_selection"] = {"batches": record.get("selection_batches") or self._trained_eval_batches(name),
-                                          "selected_step": record["selected_step"],
+            earlier_batches = record.get("selection_batches") or self._trained_eval_batches(name)
+            extra["earlier_selection"] = {"batches": earlier_batches, "selected_step": record["selected_step"],
                                           "curve": record.get("selection_curve")}
         elif "earlier_selection" in record:
             extra["earlier_selection"] = record["earlier_selection"]

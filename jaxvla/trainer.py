@@ -347,6 +347,12 @@ def held_out_batches(stage: Stage, count: int) -> list:
     return list(itertools.islice(stage.eval_batches(), count))
 
 
+def _jitted_eval_fn(stage: Stage):
+    """``stage.eval_fn`` (or else the loss's metrics), jitted, its auxiliary outputs dropped."""
+    stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
+    return jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+
+
 def _evaluate(params, held_out: list, mesh, eval_fn) -> dict[str, float]:
     """The mean of ``eval_fn``'s metrics over ``held_out`` (batch i with PRNGKey(i)), as ``eval/<k>``."""
     totals: dict[str, float] = {}
@@ -425,14 +431,15 @@ def evaluate_checkpoints(workdir: str, steps: Sequence[int], eval_batches: int,
     config's. Checks a finished run's held-out curve on a larger sample than it was trained with.
     Each step is restored verified and sharded as training lays it out; a missing step raises
     FileNotFoundError naming it."""
+    if eval_batches < 1:
+        raise ValueError(f"eval_batches must be >= 1, got {eval_batches}")
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no training config (is {workdir} a training workdir?)")
     with open(path) as f:
         config = cfg_lib.from_dict(json.load(f))
-    if eval_batches < 1:
-        raise ValueError(f"eval_batches must be >= 1, got {eval_batches}")
+    config.eval_batches = int(eval_batches)
     devices = list(devices) if devices is not None else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.sharding_rules)
@@ -444,13 +451,11 @@ def evaluate_checkpoints(workdir: str, steps: Sequence[int], eval_batches: int,
             raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint for step(s) {missing} "
                                     f"(kept: {sorted(kept)})")
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            config.eval_batches = int(eval_batches)
             setup = setup_train_step(config, mesh, rules)
             stage = setup.stage
             if not stage.eval_batches:
                 raise ValueError(f"{workdir}: stage {config.stage!r} has no held-out batches to evaluate")
-            stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
-            eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+            eval_fn = _jitted_eval_fn(stage)
             abstract = setup.factory.abstract_with_shardings()
             held_out = held_out_batches(stage, eval_batches)
             out = []
@@ -495,8 +500,7 @@ def _train(config, workdir, stage, mesh, rules, is_main) -> TrainResult:
     if frozen_arrays:
         log.info("frozen: %d parameter arrays (%s scalars) matching %r", frozen_arrays, f"{frozen_scalars:,}", config.optimizer.freeze)
 
-    stage_eval = stage.eval_fn or (lambda p, b, r: stage.loss_fn(p, b, r)[1])
-    eval_fn = jax.jit(lambda p, b, r: _split_aux(stage_eval(p, b, r))[0])
+    eval_fn = _jitted_eval_fn(stage)
     held_out = functools.cache(lambda: held_out_batches(stage, config.eval_batches))  # read at the first evaluation
     visualize_fn = jax.jit(stage.visualize) if stage.visualize else None
 

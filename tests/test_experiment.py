@@ -397,7 +397,8 @@ def test_publish_regenerates_from_raw_records(tmp_path):
     assert len(lines) == len(records) and json.loads(lines[0]) == records[0]
     markdown = (out / "RESULTS.md").read_text()
     assert "| VIPRA-flow - SCRATCH-flow |" in markdown and os.path.getsize(out / "comparison.png") > 1000
-    assert "| VIPRA-flow | 1 | - | 0.2500 | 0.1250* |" in markdown  # how many batches: not recorded and os.path.getsize(out / "finetuning.png") > 1000
+    # How many held-out batches measured this curve was not recorded: "-".
+    assert "| VIPRA-flow | 1 | - | 0.2500 | 0.1250* |" in markdown and os.path.getsize(out / "finetuning.png") > 1000
     results = json.loads((out / "results.json").read_text())
     again = tmp_path / "again"
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce.py"),
