@@ -449,19 +449,22 @@ class Experiment:
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def _has_checkpoint(self, name: str) -> bool:
-        return self._latest_step(name) >= 0
-
     def _latest_step(self, name: str) -> int:
         """The newest finished checkpoint step of stage ``name`` (-1: none)."""
         steps = finished_steps(self._path(name))
         return steps[-1] if steps else -1
 
     def _done(self, name: str) -> dict | None:
-        record = os.path.join(self._path(name), "stage.json")
-        if os.path.exists(record) and (name.startswith(("labels", "eval")) or self._has_checkpoint(name)):
-            with open(record) as f:
-                return json.load(f)
+        """Stage ``name``'s record when the stage is finished: the record is written and, for a
+        trained stage, a checkpoint reaches its ``steps`` (a record over checkpoints that stop
+        short, as an interrupted stage once left, is not finished)."""
+        path = os.path.join(self._path(name), "stage.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            record = json.load(f)
+        if name.startswith(("labels", "eval")) or self._latest_step(name) >= record.get("steps", 0):
+            return record
         return None
 
     def _record(self, name: str, wall: float, metrics: dict, **extra) -> dict:
@@ -506,7 +509,7 @@ class Experiment:
         done = self._done(name)
         if done is not None:
             self._check_not_stale(name, config)
-        if done is not None and done.get("steps") == int(config.num_steps) and self._latest_step(name) >= done["steps"]:
+        if done is not None and done.get("steps") == int(config.num_steps):
             log.info("%s: reusing %s (%.0f s when trained)", name, self._path(name), done["wall_seconds"])
             self.stages[name] = done
             return done
