@@ -7,6 +7,7 @@ of the rendered Meta-World fixture dataset.
 import io
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -398,3 +399,29 @@ def test_schema_trajectory_fills_the_schema_and_refuses_mismatched_lengths():
         video.schema_trajectory({"primary": frames}, ["a", "b"], "k", "toy")
     with pytest.raises(ValueError, match="cameras \\['side'\\]"):
         video.schema_trajectory({"side": frames}, "go", "k", "toy")
+
+
+def test_map_ahead_closed_on_one_of_its_own_workers():
+    """The garbage collector may finalize an abandoned ``map_ahead`` generator on any thread, also
+    on one of its own pool's workers, which cannot join itself: closing there must not raise."""
+    suspended, closed = threading.Event(), threading.Event()
+    errors, generator = [], {}
+
+    def decode(item):
+        if item == 2:  # runs ahead on a worker while the generator waits at its first yield
+            assert suspended.wait(10)
+            try:
+                generator["it"].close()
+            except Exception as error:  # noqa: BLE001 -- recorded and asserted below
+                errors.append(error)
+            closed.set()
+        return item * 10
+
+    generator["it"] = video.map_ahead(decode, list(range(8)), num_workers=2)
+    assert next(generator["it"]) == 0
+    suspended.set()
+    assert closed.wait(10)
+    assert errors == []
+    with pytest.raises(StopIteration):  # closed: nothing more comes out
+        next(generator["it"])
+

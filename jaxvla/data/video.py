@@ -483,18 +483,22 @@ def map_ahead(fn, items: Sequence[Any], num_workers: int) -> Iterator[Any]:
         for item in items:
             yield fn(item)
         return
-    with ThreadPoolExecutor(num_workers, thread_name_prefix="video-decode") as pool:
-        window: collections.deque = collections.deque()
-        try:
-            for item in items:
-                window.append(pool.submit(fn, item))
-                if len(window) >= 2 * num_workers:
-                    yield window.popleft().result()
-            while window:
+    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="video-decode")
+    window: collections.deque = collections.deque()
+    exhausted = False
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * num_workers:
                 yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
+        while window:
+            yield window.popleft().result()
+        exhausted = True
+    finally:
+        # Closed early, the generator may be finalized by the garbage collector on any thread, one
+        # of this pool's workers included, which cannot join itself (``with`` would raise
+        # "cannot join current thread"): cancel what is queued and let calls in flight finish alone.
+        pool.shutdown(wait=exhausted, cancel_futures=True)
 
 
 class VideoFolderReader:
