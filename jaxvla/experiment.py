@@ -29,6 +29,12 @@ run evaluates the held-out demonstrations every ``select_every`` steps and keeps
 checkpoints; the policy evaluated is the one with the lowest held-out action error
 (``SELECTION_METRIC``), the same rule for every row.
 
+With ``scratch_control`` (the ``day`` protocol) each SCRATCH finetuning is also evaluated at the
+pretrained rows' finetuning budget: its stopping point chosen by the same rule among the kept steps
+up to ``finetune_steps``, published as the row ``SCRATCH-<head>@ft<finetune_steps>``. That is the
+papers' comparison (pretraining free, equal finetuning), a secondary analysis beside the
+matched-compute one; it costs one evaluation per SCRATCH finetuning and no training.
+
 Each LAQ is probed on the pool's held-out episodes and gated (``jaxvla.laq_quality.gate``: code
 usage, position R^2, gain over task + phase) before its labels are made; a failed gate stops the
 protocol unless ``enforce_laq_gate`` is False (the verdict is recorded either way).
@@ -139,6 +145,9 @@ class Protocol:
     state_dims: str = "4"
     # Finetuning examples per step (0: the config's, 8 at small).
     finetune_batch_size: int = 0
+    # Also evaluate each SCRATCH finetuning stopped within the pretrained rows' finetune_steps
+    # (module docstring): what pretraining buys at equal finetuning, beside matched compute.
+    scratch_control: bool = False
 
     def __post_init__(self):
         unknown = [p for p in self.pretrainings if p not in PRETRAININGS]
@@ -182,6 +191,20 @@ class Protocol:
     def finetune_steps_of(self, pretraining: str) -> int:
         return self.finetune_steps + (self.pretrain_steps if pretraining == "none" else 0)
 
+    def control_step(self, row: str) -> int | None:
+        """The step cap of ``row``'s equal-finetuning control (``scratch_control``): the pretrained
+        rows' ``finetune_steps`` for a SCRATCH row of a protocol that has pretrained rows, else None."""
+        pretraining, _ = parse_row(row)
+        pretrained = any(parse_row(r)[0] != "none" for r in self.rows())
+        if not (self.scratch_control and pretraining == "none" and pretrained and self.pretrain_steps):
+            return None
+        return self.finetune_steps
+
+
+def control_row(row: str, max_step: int) -> str:
+    """The published name of ``row`` stopped within ``max_step`` finetuning steps: ``SCRATCH-flow@ft1200``."""
+    return f"{row}@ft{max_step}"
+
 
 PROTOCOLS = {
     # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool; 25.6 minutes on a quiet
@@ -196,7 +219,7 @@ PROTOCOLS = {
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos; scripts/reproduce.py --plan
     # estimates 12.4 hours on 2 cores from scratch (the issue's budget is 10).
     "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
-                    select_every=200),
+                    select_every=200, scratch_control=True),
 }
 
 # Seconds per training step of the small configs on 2 CPU cores with the protocol's inputs (frame
@@ -328,10 +351,13 @@ class Experiment:
         if pretraining != "none":
             costs.append((self.pretrain_name(pretraining), STEP_SECONDS["pretrain"] * p.pretrain_steps))
         finetune = self.finetune_name(row, seed)
-        evaluations = len(self.tasks["eval"]) * p.eval_placements
-        return costs + [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
-                         + self.check_seconds(row)),
-                        ("eval_" + finetune[len("finetune_"):], EPISODE_SECONDS["evaluate"] * evaluations)]
+        evaluation = EPISODE_SECONDS["evaluate"] * len(self.tasks["eval"]) * p.eval_placements
+        costs += [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
+                   + self.check_seconds(row)),
+                  (self.eval_name(row, seed), evaluation)]
+        if p.control_step(row) is not None:
+            costs.append((self.eval_name(row, seed, p.control_step(row)), evaluation))
+        return costs
 
     def check_seconds(self, row: str) -> float:
         """Estimated seconds of one finetuning's held-out checks: ``select_batches`` batches at each
@@ -344,6 +370,12 @@ class Experiment:
     def pretrain_name(self, objective: str) -> str:
         inputs = self.protocol.inputs_tag
         return f"pretrain_{objective}_{self.pool_tag}" + (f"_{inputs}" if inputs else "")
+
+    def eval_name(self, row: str, seed: int, max_step: int | None = None) -> str:
+        """The evaluation stage of ``row`` with ``seed``; with ``max_step``, of its finetuning stopped
+        within that many steps (``_upto<max_step>``)."""
+        name = "eval_" + self.finetune_name(row, seed)[len("finetune_"):]
+        return name if max_step is None else f"{name}_upto{max_step}"
 
     def finetune_name(self, row: str, seed: int) -> str:
         pretraining, head = parse_row(row)
@@ -420,6 +452,7 @@ class Experiment:
             "stages": stages,
             "selection": f"argmin {SELECTION_METRIC} on {p.select_batches} batches of held-out demonstration "
                          f"chunks every {p.select_every} steps",
+            "controls": [control_row(r, p.control_step(r)) for r in p.rows() if p.control_step(r) is not None],
             "estimated_hours": hours,
         }
 
@@ -761,23 +794,40 @@ class Experiment:
         return self._record(name, record["wall_seconds"], record["metrics"], **extra, selected_step=step,
                             selection_curve=curve, selection_batches=p.select_batches)
 
-    def evaluate(self, row: str, seed: int) -> dict:
+    def evaluate(self, row: str, seed: int, max_step: int | None = None) -> dict:
+        """Evaluates ``row`` with ``seed`` at the fixed placements, from its finetuning's chosen
+        step or, with ``max_step``, from the step the same rule chooses among the measured steps
+        up to ``max_step`` (the equal-finetuning control; its episodes are named
+        :func:`control_row`)."""
         finetune = self.finetune_name(row, seed)
-        name = "eval_" + finetune[len("finetune_"):]
+        name = self.eval_name(row, seed, max_step)
         record = self.finetune(row, seed)
         p = self.protocol
+        step, published = record["selected_step"], row
+        if max_step is not None:
+            curve = [(s, {SELECTION_METRIC: v}) for s, v in record["selection_curve"] if s <= max_step]
+            step, _ = select_step(curve)
+            published = control_row(row, max_step)
         settings = {"tasks": p.eval_tasks, "placements": p.eval_placements, "max_steps": p.max_steps,
-                    "step": record["selected_step"]}
+                    "step": step}
         done = self._done(name)
         if done is not None and done.get("settings") == settings:
             self.stages[name] = done
             return done
+        if max_step is not None:
+            # The control stops where the finetuning did: the same checkpoint at the same
+            # placements, its episodes under the control's name.
+            primary = self._done(self.eval_name(row, seed))
+            if primary is not None and primary.get("settings") == settings:
+                episodes = [dict(e, row=published) for e in primary["episodes"]]
+                kept = {k: v for k, v in primary.items() if k not in ("stage", "wall_seconds", "metrics", "episodes")}
+                return self._record(name, 0.0, {}, **kept, episodes=episodes, same_as=self.eval_name(row, seed))
 
         start = time.time()
-        selected, _ = resolve_checkpoint(self._path(finetune), record["selected_step"])
+        selected, _ = resolve_checkpoint(self._path(finetune), step)
         summary = evaluate(selected, p.eval_tasks, p.eval_placements,
                            max_steps=p.max_steps, out_dir=self._path(name), progress=self.progress)
-        episodes = [{"row": row, "seed": seed, "task": e["task"], "placement": e["episode"],
+        episodes = [{"row": published, "seed": seed, "task": e["task"], "placement": e["episode"],
                      "env_seed": e["seed"], "success": bool(e["success"]), "length": int(e["length"])}
                     for e in summary["episodes"]]
         return self._record(name, time.time() - start, {}, settings=settings, mean=summary["mean"],
@@ -823,18 +873,22 @@ class Experiment:
                 done += 1
                 log.info("=== %s seed %d (%d/%d) ===", row, seed, done, total)
                 self.evaluate(row, seed)
+                if self.protocol.control_step(row) is not None:
+                    self.evaluate(row, seed, self.protocol.control_step(row))
         return self.records(rows)
 
     def records(self, rows: Sequence[str] | None = None) -> list[dict]:
         """The per-episode records (row, seed, task, placement, env_seed, success, length) of the
-        finished evaluations of ``rows`` (default: the protocol's)."""
+        finished evaluations of ``rows`` (default: the protocol's), equal-finetuning controls
+        included."""
         out = []
         for row in rows or self.protocol.rows():
+            caps = [None] + ([self.protocol.control_step(row)] if self.protocol.control_step(row) is not None else [])
             for seed in self.protocol.seeds:
-                name = "eval_" + self.finetune_name(row, seed)[len("finetune_"):]
-                done = self._done(name)
-                if done is not None:
-                    out.extend(done["episodes"])
+                for cap in caps:
+                    done = self._done(self.eval_name(row, seed, cap))
+                    if done is not None:
+                        out.extend(done["episodes"])
         return out
 
     def selection_curves(self, rows: Sequence[str] | None = None) -> list[dict]:
@@ -887,6 +941,9 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"stage steps: tokenizer {p['tokenizer_steps']}, LAQ {p['laq_steps']}, pretraining "
                   f"{p['pretrain_steps']}, finetuning {p['finetune_steps']} (+{p['pretrain_steps']} for SCRATCH)",
               f"stopping point: {plan['selection']}",
+              *([f"equal-finetuning controls (secondary, evaluation only): {', '.join(plan['controls'])} = SCRATCH "
+                 f"stopped within the pretrained rows' {p['finetune_steps']} finetuning steps"]
+                if plan.get("controls") else []),
               f"stages to train or evaluate: {len(plan['stages'])}",
               f"estimated time: {plan['estimated_hours']:.1f} h on 2 CPU cores (finished stages excluded)"]
     return "\n".join(lines)

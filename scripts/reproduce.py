@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -110,8 +111,19 @@ def protocols_from_flags():
         raise app.UsageError(str(e)) from None
 
 
+CONTROL = re.compile(r"^(SCRATCH-\w+)@ft(\d+)$")  # experiment.control_row: SCRATCH-flow@ft1200
+
+
 def row_label(row: str) -> str:
     return row.split("-")[0].split("@")[0]
+
+
+def describe(row: str) -> str:
+    control = CONTROL.match(row)
+    if control:
+        return (f"no pretraining, stopped within {control.group(2)} finetuning steps (the pretrained rows' "
+                "finetuning; secondary)")
+    return DESCRIPTIONS.get(row_label(row), "")
 
 
 def comparison(records: list[dict], replicates: int = 10_000) -> dict:
@@ -122,6 +134,16 @@ def comparison(records: list[dict], replicates: int = 10_000) -> dict:
     rows = list(dict.fromkeys(r["row"] for r in records))
     contrasts, gaps = [], []
     for row in rows:
+        control = CONTROL.match(row)
+        if control:
+            # Secondary: pretrained rows against SCRATCH at their finetuning budget, and what
+            # SCRATCH's extra steps (matched compute) bought it.
+            scratch = control.group(1)
+            head = scratch.split("-", 1)[1]
+            contrasts += [(f"{label}-{head}", row) for label in ("VIPRA", "LAPA") if f"{label}-{head}" in rows]
+            if scratch in rows:
+                contrasts.append((scratch, row))
+            continue
         if "-" not in row:
             continue
         label, head = row.split("-", 1)
@@ -152,7 +174,7 @@ def markdown(stats: dict, meta: dict) -> str:
               "", "| row | pretraining | success % | 95 % CI | episodes | per-seed % |", "|---|---|---|---|---|---|"]
     for row, r in stats["rows"].items():
         seeds = ", ".join(pct(v) for v in r["per_seed"].values())
-        lines.append(f"| {row} | {DESCRIPTIONS.get(row_label(row), '')} | {pct(r['success_rate'])} | {ci(r['ci95'])} | "
+        lines.append(f"| {row} | {describe(row)} | {pct(r['success_rate'])} | {ci(r['ci95'])} | "
                      f"{r['successes']}/{r['episodes']} | {seeds} |")
     if stats["contrasts"]:
         lines += ["", "Paired contrasts (same placements; difference in percentage points):", "",

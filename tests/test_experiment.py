@@ -56,11 +56,15 @@ def test_day_plan_meets_the_protocol(tmp_path):
                + EPISODE_SECONDS["label"] * 2 * pool["episodes"]
                + STEP_SECONDS["pretrain"] * 3 * p.pretrain_steps
                + sum(STEP_SECONDS[f"finetune_{h}"] * n for h, n in per_seed_steps.items())
-               + EPISODE_SECONDS["evaluate"] * 24 * 100
+               # 24 evaluations, and the 6 SCRATCH finetunings again stopped within 1200 steps
+               + EPISODE_SECONDS["evaluate"] * (24 + 6) * 100
                # held-out checks: 32 batches every 200 steps
                + sum(CHECK_BATCH_SECONDS[r["head"]] * 32 * (r["finetune_steps"] // 200) * 3 for r in rows))
     assert plan["estimated_hours"] == pytest.approx(seconds / 3600, rel=1e-6)
     assert plan["estimated_hours"] > 0
+    assert plan["controls"] == ["SCRATCH-bins@ft1200", "SCRATCH-flow@ft1200"]
+    controls = [s for s in plan["stages"] if s.endswith("_upto1200")]
+    assert len(controls) == 6 and all(s.startswith("eval_scratch-") for s in controls)
 
 
 def test_pretraining_prompt_budget_fits_every_pool_instruction(tmp_path):
@@ -119,7 +123,8 @@ def test_rows_names_and_shared_stages(tmp_path):
     scratch = exp.stage_names("SCRATCH-bins", 1)
     # Stage names carry the inputs (h7: frame history k = 7; st4: 4 state dims in the prompt).
     assert scratch == ["tokenizer_pool20", "finetune_scratch-bins_mt10_k5_h7_st4_2200steps_s1",
-                       "eval_scratch-bins_mt10_k5_h7_st4_2200steps_s1"]
+                       "eval_scratch-bins_mt10_k5_h7_st4_2200steps_s1",
+                       "eval_scratch-bins_mt10_k5_h7_st4_2200steps_s1_upto1200"]  # the equal-finetuning control
     vipra_ar, vipra_fm = exp.stage_names("VIPRA-bins", 0), exp.stage_names("VIPRA-flow", 0)
     assert set(vipra_ar) & set(vipra_fm) == {"tokenizer_pool20", "laq_vipra_pool20", "labels_vipra_pool20",
                                              "pretrain_vipra_pool20_h7"}
@@ -372,11 +377,61 @@ def test_stopping_point_chosen_on_fewer_batches_is_chosen_again(tmp_path, monkey
     assert evaluated == [f"{path}/checkpoints/600"]
 
 
+def test_scratch_control_stops_within_the_pretrained_rows_finetuning(tmp_path, monkeypatch):
+    """scratch_control: a SCRATCH finetuning is evaluated again from the step the held-out rule
+    chooses among steps <= finetune_steps, named SCRATCH-<head>@ft<steps>; where that is the step
+    already evaluated, its episodes are reused, not rolled out again."""
+    import jaxvla.experiment
+    import jaxvla.trainer
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    protocol = dataclasses.replace(PROTOCOLS["day"], finetune_steps=400, pretrain_steps=200, seeds=(0,))
+    assert protocol.scratch_control and protocol.control_step("SCRATCH-bins") == 400
+    assert protocol.control_step("VIPRA-bins") is None
+    assert dataclasses.replace(protocol, scratch_control=False).control_step("SCRATCH-bins") is None
+    assert dataclasses.replace(protocol, pretrainings=("none",)).control_step("SCRATCH-bins") is None
+    exp = Experiment(str(tmp_path), protocol, data_root=str(tmp_path / "data"))
+    # SCRATCH-bins: lowest error at 600 overall, at 200 among steps <= 400.
+    # SCRATCH-flow: lowest at 400, which the control chooses too.
+    curves = {"SCRATCH-bins": [[200, 0.30], [400, 0.35], [600, 0.20]],
+              "SCRATCH-flow": [[200, 0.30], [400, 0.10], [600, 0.20]]}
+    for row, curve in curves.items():
+        _write_finetuning(exp, row, {"selected_step": min(curve, key=lambda c: c[1])[0], "selection_curve": curve,
+                                     "selection_batches": 32, "held_out_batches": 32}, eval_batches=32)
+    rolled_out = []
+
+    def fake_evaluate(checkpoint, tasks, placements, **kwargs):
+        rolled_out.append(checkpoint)
+        step = int(checkpoint.rsplit("/", 1)[1])
+        return {"episodes": [{"task": "reach", "episode": i, "seed": i, "success": i < step // 200, "length": 9}
+                             for i in range(4)], "mean": 0.5, "tasks": {}, "latency": {}, "files": []}
+
+    monkeypatch.setattr(jaxvla.trainer, "train", lambda *a: pytest.fail("finished: nothing to train"))
+    monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda p: [200, 400, 600])
+    monkeypatch.setattr(jaxvla.experiment, "evaluate", fake_evaluate)
+    monkeypatch.setattr(jaxvla.experiment, "resolve_checkpoint", lambda p, step: (f"{p}/checkpoints/{step}", step))
+    monkeypatch.setattr(Experiment, "data", lambda self: {})
+    monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
+    records = exp.run(["SCRATCH-bins", "SCRATCH-flow"])
+    bins, flow = (os.path.join(exp.run_dir, exp.finetune_name(r, 0)) for r in ("SCRATCH-bins", "SCRATCH-flow"))
+    # bins: the chosen step 600, then the control's 200; flow: 400 once, the control reuses it.
+    assert rolled_out == [f"{bins}/checkpoints/600", f"{bins}/checkpoints/200", f"{flow}/checkpoints/400"]
+    wins = {}
+    for r in records:
+        wins[r["row"]] = wins.get(r["row"], 0) + r["success"]
+    assert wins == {"SCRATCH-bins": 3, "SCRATCH-bins@ft400": 1, "SCRATCH-flow": 2, "SCRATCH-flow@ft400": 2}
+    control = exp._done(exp.eval_name("SCRATCH-flow", 0, 400))
+    assert control["same_as"] == exp.eval_name("SCRATCH-flow", 0) and control["settings"]["step"] == 400
+    assert exp._done(exp.eval_name("SCRATCH-bins", 0, 400))["settings"]["step"] == 200
+    assert exp.run(["SCRATCH-bins", "SCRATCH-flow"]) == records and len(rolled_out) == 3  # all reused
+
+
 def test_publish_regenerates_from_raw_records(tmp_path):
     """results.json / RESULTS.md come from the raw records alone: --from_records reproduces them."""
     reproduce = _reproduce()
     rng = np.random.default_rng(0)
-    rates = {"SCRATCH-flow": 0.2, "VIPRA-flow": 0.5, "LAPA-flow": 0.4, "ACTIONVLA-flow": 0.8}
+    rates = {"SCRATCH-flow": 0.2, "VIPRA-flow": 0.5, "LAPA-flow": 0.4, "ACTIONVLA-flow": 0.8,
+             "SCRATCH-flow@ft1200": 0.1}
     records = [{"row": row, "seed": s, "task": task, "placement": i, "env_seed": 0,
                 "success": bool(rng.random() < p), "length": 100}
                for row, p in rates.items() for s in range(3) for task in ("reach", "push") for i in range(5)]
@@ -387,7 +442,8 @@ def test_publish_regenerates_from_raw_records(tmp_path):
                               replicates=500)
     stats = first["statistics"]
     assert set(stats["contrasts"]) == {"VIPRA-flow - SCRATCH-flow", "LAPA-flow - SCRATCH-flow",
-                                       "VIPRA-flow - LAPA-flow"}
+                                       "VIPRA-flow - LAPA-flow", "VIPRA-flow - SCRATCH-flow@ft1200",
+                                       "LAPA-flow - SCRATCH-flow@ft1200", "SCRATCH-flow - SCRATCH-flow@ft1200"}
     assert set(stats["gaps"]) == {"(LAPA-flow - SCRATCH-flow) / (ACTIONVLA-flow - SCRATCH-flow)",
                                   "(VIPRA-flow - SCRATCH-flow) / (ACTIONVLA-flow - SCRATCH-flow)"}
     for row in rates:
@@ -397,6 +453,11 @@ def test_publish_regenerates_from_raw_records(tmp_path):
     assert len(lines) == len(records) and json.loads(lines[0]) == records[0]
     markdown = (out / "RESULTS.md").read_text()
     assert "| VIPRA-flow - SCRATCH-flow |" in markdown and os.path.getsize(out / "comparison.png") > 1000
+    assert "| SCRATCH-flow@ft1200 | no pretraining, stopped within 1200 finetuning steps" in markdown
+    # The control's contrasts are differences of the two rows' paired placements.
+    by_row = {row: np.array([r["success"] for r in records if r["row"] == row], float) for row in rates}
+    assert stats["contrasts"]["VIPRA-flow - SCRATCH-flow@ft1200"]["difference"] == pytest.approx(
+        by_row["VIPRA-flow"].mean() - by_row["SCRATCH-flow@ft1200"].mean())
     # How many held-out batches measured this curve was not recorded: "-".
     assert "| VIPRA-flow | 1 | - | 0.2500 | 0.1250* |" in markdown and os.path.getsize(out / "finetuning.png") > 1000
     results = json.loads((out / "results.json").read_text())
