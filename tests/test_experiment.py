@@ -460,6 +460,11 @@ def test_publish_regenerates_from_raw_records(tmp_path):
         by_row["VIPRA-flow"].mean() - by_row["SCRATCH-flow@ft1200"].mean())
     # How many held-out batches measured this curve was not recorded: "-".
     assert "| VIPRA-flow | 1 | - | 0.2500 | 0.1250* |" in markdown and os.path.getsize(out / "finetuning.png") > 1000
+    # An upper bound below SCRATCH leaves the gap closed undefined, said so in the table.
+    below = [dict(r, success=False) if r["row"] == "ACTIONVLA-flow" else r for r in records]
+    gaps = reproduce.comparison(below, replicates=200)["gaps"]
+    assert all(np.isnan(g["gap_closed"]) for g in gaps.values())
+    assert "| undefined (ACTIONVLA not above SCRATCH) |" in reproduce.markdown(reproduce.comparison(below, 200), {})
     results = json.loads((out / "results.json").read_text())
     again = tmp_path / "again"
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce.py"),
