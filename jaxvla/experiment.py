@@ -217,7 +217,7 @@ PROTOCOLS = {
                      # held-out batches, and 32 would add about a minute (6 checks).
                      select_batches=2),
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos; scripts/reproduce.py --plan
-    # estimates 12.4 hours on 2 cores from scratch (the budget is 10).
+    # estimates 12.7 hours on 2 cores from scratch (the budget is 10).
     "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
                     select_every=200, scratch_control=True),
 }

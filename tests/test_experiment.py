@@ -43,7 +43,7 @@ def test_day_plan_meets_the_protocol(tmp_path):
     assert len({r["pretrain_steps"] for r in rows if r["pretraining"] != "none"}) == 1
     assert len({r["total_steps"] for r in rows}) == 1
     # The estimate, summed here stage by stage (a fresh run: data rendered, every stage trained):
-    # 12.4 h, over the 10-hour budget (reported as missed in the README).
+    # 12.7 h, over the 10-hour budget (reported as missed in the README).
     from jaxvla.experiment import CHECK_BATCH_SECONDS, EPISODE_SECONDS, STEP_SECONDS
 
     p = PROTOCOLS["day"]
