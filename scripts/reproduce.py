@@ -12,7 +12,9 @@ Protocols (``jaxvla.experiment.PROTOCOLS``): ``day`` (the full comparison: ML45 
 per task, K=5 demonstrations per MT10 task, 8 rows x 3 seeds, at most 10 hours on 2 cores; every
 finished stage is reused, so interrupt and rerun freely) and ``demo`` (one row, ``make demo``).
 ``--videos_per_task`` takes a list for the video-scaling study (0 runs SCRATCH rows only); rows of
-the extra pool sizes are named ``<row>@<videos>``.
+the extra pool sizes are named ``<row>@<videos>``. With ``Protocol.scratch_control`` (``day``) each
+SCRATCH finetuning is also published stopped within the pretrained rows' finetuning steps, as
+``SCRATCH-<head>@ft<steps>`` (the equal-finetuning control, a secondary analysis).
 
 Writes into ``--out`` (default ``--run_dir``/results): ``episodes.jsonl`` (the raw per-episode
 records: row, seed, task, placement, env_seed, success, length), ``results.json`` (statistics:
