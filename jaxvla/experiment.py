@@ -200,6 +200,12 @@ class Protocol:
             return None
         return self.finetune_steps
 
+    def evaluation_caps(self, row: str) -> list[int | None]:
+        """The evaluations of each finetuning of ``row``: ``None`` (its chosen step), then the
+        equal-finetuning control's step cap where it has one."""
+        cap = self.control_step(row)
+        return [None] if cap is None else [None, cap]
+
 
 def control_row(row: str, max_step: int) -> str:
     """The published name of ``row`` stopped within ``max_step`` finetuning steps: ``SCRATCH-flow@ft1200``."""
@@ -352,12 +358,9 @@ class Experiment:
             costs.append((self.pretrain_name(pretraining), STEP_SECONDS["pretrain"] * p.pretrain_steps))
         finetune = self.finetune_name(row, seed)
         evaluation = EPISODE_SECONDS["evaluate"] * len(self.tasks["eval"]) * p.eval_placements
-        costs += [(finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
-                   + self.check_seconds(row)),
-                  (self.eval_name(row, seed), evaluation)]
-        if p.control_step(row) is not None:
-            costs.append((self.eval_name(row, seed, p.control_step(row)), evaluation))
-        return costs
+        costs.append((finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
+                       + self.check_seconds(row)))
+        return costs + [(self.eval_name(row, seed, cap), evaluation) for cap in p.evaluation_caps(row)]
 
     def check_seconds(self, row: str) -> float:
         """Estimated seconds of one finetuning's held-out checks: ``select_batches`` batches at each
@@ -872,9 +875,8 @@ class Experiment:
             for seed in self.protocol.seeds:
                 done += 1
                 log.info("=== %s seed %d (%d/%d) ===", row, seed, done, total)
-                self.evaluate(row, seed)
-                if self.protocol.control_step(row) is not None:
-                    self.evaluate(row, seed, self.protocol.control_step(row))
+                for cap in self.protocol.evaluation_caps(row):
+                    self.evaluate(row, seed, cap)
         return self.records(rows)
 
     def records(self, rows: Sequence[str] | None = None) -> list[dict]:
@@ -883,9 +885,8 @@ class Experiment:
         included."""
         out = []
         for row in rows or self.protocol.rows():
-            caps = [None] + ([self.protocol.control_step(row)] if self.protocol.control_step(row) is not None else [])
             for seed in self.protocol.seeds:
-                for cap in caps:
+                for cap in self.protocol.evaluation_caps(row):
                     done = self._done(self.eval_name(row, seed, cap))
                     if done is not None:
                         out.extend(done["episodes"])
