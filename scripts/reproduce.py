@@ -114,7 +114,14 @@ def protocols_from_flags():
         raise app.UsageError(str(e)) from None
 
 
-CONTROL = re.compile(r"^(SCRATCH-\w+)@ft(\d+)$")  # experiment.control_row: SCRATCH-flow@ft1200
+# A published row: LABEL-head, with the pool's videos per task when a video-scaling run has several
+# (VIPRA-flow@20; SCRATCH rows never, they use no pool), or an equal-finetuning control
+# (experiment.control_row: SCRATCH-flow@ft1200). Parsed here, not imported, so that --from_records
+# needs neither JAX nor the experiment.
+ROW = re.compile(r"^(?P<label>[A-Z]+)-(?P<head>[a-z]+)(?:@(?:(?P<videos>\d+)|ft(?P<cap>\d+)))?$")
+# Rows with fewer finetuning seeds have intervals that leave out (one seed) or understate (two:
+# by half) the seed-to-seed spread.
+FULL_SEEDS = 3
 
 
 def row_label(row: str) -> str:
@@ -122,41 +129,67 @@ def row_label(row: str) -> str:
 
 
 def describe(row: str) -> str:
-    control = CONTROL.match(row)
-    if control:
-        return (f"no pretraining, stopped within {control.group(2)} finetuning steps (the pretrained rows' "
+    parsed = ROW.match(row)
+    if parsed and parsed["cap"]:
+        return (f"no pretraining, stopped within {parsed['cap']} finetuning steps (the pretrained rows' "
                 "finetuning; secondary)")
     return DESCRIPTIONS.get(row_label(row), "")
 
 
+def unique_records(records: list[dict]) -> list[dict]:
+    """One record per (row, seed, task, placement). A video-scaling run meets the SCRATCH rows
+    once per pool size (they share one stage): identical copies are dropped. Any other repeat is
+    an error naming the episode, never a silent choice between two outcomes."""
+    out: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["row"], r["seed"], r["task"], r["placement"])
+        if key in out:
+            if out[key] == r and r["row"].startswith("SCRATCH"):
+                continue
+            raise ValueError(f"two records of row {key[0]!r} seed {key[1]} task {key[2]!r} placement {key[3]}: "
+                             f"{out[key]} and {r}")
+        out[key] = r
+    return list(out.values())
+
+
 def comparison(records: list[dict], replicates: int = 10_000) -> dict:
     """Statistics of ``records`` (jaxvla.statistics.compare) with the protocol's contrasts per head
-    and, per head, the gap closed towards ACTIONVLA."""
+    (and per pool size) and, per head, the gap closed towards ACTIONVLA. An equal-finetuning
+    control shares its SCRATCH row's seed draws: they are the same finetuning runs."""
     from jaxvla import statistics
 
     rows = list(dict.fromkeys(r["row"] for r in records))
-    contrasts, control_contrasts, gaps = [], [], []
+    parsed = {row: ROW.match(row) for row in rows}
+    seeds = {row: {r["seed"] for r in records if r["row"] == row} for row in rows}
+
+    def pooled(label: str, head: str, videos: str | None) -> str:
+        return f"{label}-{head}" + (f"@{videos}" if videos and label != "SCRATCH" else "")
+
+    contrasts, control_contrasts, gaps, seed_groups = [], [], [], []
     for row in rows:
-        control = CONTROL.match(row)
-        if control:
+        if parsed[row] is None:
+            continue
+        label, head, videos, cap = parsed[row].group("label", "head", "videos", "cap")
+        if cap:
             # Secondary: pretrained rows against SCRATCH at their finetuning budget, and what
             # SCRATCH's extra steps (matched compute) bought it.
-            scratch = control.group(1)
-            head = scratch.split("-", 1)[1]
-            control_contrasts += [(f"{label}-{head}", row) for label in ("VIPRA", "LAPA") if f"{label}-{head}" in rows]
+            scratch = f"SCRATCH-{head}"
+            control_contrasts += [(other, row) for pretraining in ("VIPRA", "LAPA") for other in rows
+                                  if parsed[other] and not parsed[other]["cap"]
+                                  and parsed[other].group("label", "head") == (pretraining, head)]
             if scratch in rows:
                 control_contrasts.append((scratch, row))
+                if seeds[scratch] == seeds[row]:  # a seed whose control is not evaluated yet: unpaired
+                    seed_groups.append((scratch, row))
             continue
-        if "-" not in row:
-            continue
-        label, head = row.split("-", 1)
         for a, b in CONTRASTS:
-            if label == a and f"{b}-{head}" in rows:
-                contrasts.append((row, f"{b}-{head}"))
-        if label in ("LAPA", "VIPRA") and f"SCRATCH-{head}" in rows and f"ACTIONVLA-{head}" in rows:
-            gaps.append((row, f"SCRATCH-{head}", f"ACTIONVLA-{head}"))
+            if label == a and pooled(b, head, videos) in rows:
+                contrasts.append((row, pooled(b, head, videos)))
+        base, top = f"SCRATCH-{head}", pooled("ACTIONVLA", head, videos)
+        if label in ("LAPA", "VIPRA") and base in rows and top in rows:
+            gaps.append((row, base, top))
     return statistics.compare(records, rows, contrasts=contrasts + control_contrasts, gaps=gaps,
-                              replicates=replicates)
+                              seed_groups=seed_groups, replicates=replicates)
 
 
 def markdown(stats: dict, meta: dict) -> str:
@@ -173,27 +206,41 @@ def markdown(stats: dict, meta: dict) -> str:
                   "seed have no seed spread; contrasts need both rows.", ""]
     if meta.get("plan_text"):
         lines += ["```", meta["plan_text"], "```", ""]
+    few = {row for row, r in stats["rows"].items() if len(r["seeds"]) < FULL_SEEDS}
+
+    def mark(name):
+        return name + (" †" if any(part.strip() in few for part in re.split(r" - |[()/]", name)) else "")
+
     lines += ["Success rate in %, 95 % interval from a cluster bootstrap over finetuning seeds (clusters) and "
-              f"placements (shared by all rows); {stats['placements']} placements, {stats['replicates']} replicates.",
+              f"placements (shared by all rows); {stats['placements']} placements, {stats['replicates']} replicates. "
+              "A pretrained row's seeds share one pretraining run: its intervals and contrasts are conditional "
+              "on that run. An equal-finetuning control (`@ft`) is its SCRATCH row's runs stopped earlier and "
+              "shares their seed draws.",
               "", "| row | pretraining | success % | 95 % CI | episodes | per-seed % |", "|---|---|---|---|---|---|"]
     for row, r in stats["rows"].items():
         seeds = ", ".join(pct(v) for v in r["per_seed"].values())
-        lines.append(f"| {row} | {describe(row)} | {pct(r['success_rate'])} | {ci(r['ci95'])} | "
+        lines.append(f"| {mark(row)} | {describe(row)} | {pct(r['success_rate'])} | {ci(r['ci95'])} | "
                      f"{r['successes']}/{r['episodes']} | {seeds} |")
+    if few:
+        lines += ["", f"† fewer than {FULL_SEEDS} seeds: the interval leaves out (one seed) or understates (two "
+                  "seeds, by half) the seed-to-seed spread, and so do the contrasts with this row."]
     if stats["contrasts"]:
         lines += ["", "Paired contrasts (same placements; difference in percentage points):", "",
                   "| contrast | difference | 95 % CI | share of replicates <= 0 |", "|---|---|---|---|"]
         for name, c in stats["contrasts"].items():
-            lines.append(f"| {name} | {pct(c['difference'])} | {ci(c['ci95'])} | {c['p_not_greater']:.3f} |")
+            lines.append(f"| {mark(name)} | {pct(c['difference'])} | {ci(c['ci95'])} | {c['p_not_greater']:.3f} |")
     if stats["gaps"]:
-        lines += ["", "Gap closed towards the upper bound, (X - SCRATCH) / (ACTIONVLA - SCRATCH); the interval "
-                  "over the replicates where ACTIONVLA is above SCRATCH (elsewhere the ratio is undefined):", "",
+        lines += ["", "Gap closed towards the upper bound, (X - SCRATCH) / (ACTIONVLA - SCRATCH). Its interval "
+                  "is over the replicates where ACTIONVLA is above SCRATCH, and is given only where that holds in "
+                  "at least 95 % of them: elsewhere the denominator crosses zero and the ratio has no "
+                  "meaningful interval (read the two contrasts instead).", "",
                   "| ratio | gap closed | 95 % CI | replicates undefined |", "|---|---|---|---|"]
         for name, g in stats["gaps"].items():
             point = (f"{g['gap_closed']:.2f}" if math.isfinite(g["gap_closed"])
                      else "undefined (ACTIONVLA not above SCRATCH)")
-            lines.append(f"| {name} | {point} | [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] | "
-                         f"{g['undefined_fraction']:.3f} |")
+            span = (f"[{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]" if all(map(math.isfinite, g["ci95"]))
+                    else "not given")
+            lines.append(f"| {mark(name)} | {point} | {span} | {g['undefined_fraction']:.3f} |")
     curves = meta.get("finetuning") or []
     if curves:
         steps = sorted({step for c in curves for step, _ in c["curve"]})
@@ -251,14 +298,15 @@ def plot_curves(path: str, curves: list[dict], title: str) -> str:
     return save_figure(fig, path)
 
 
-def publish(records: list[dict], out: str, meta: dict, replicates: int) -> dict:
-    """Writes episodes.jsonl (unless it is the input), results.json, RESULTS.md, comparison.png and,
-    with ``meta["finetuning"]`` (the held-out selection curves), finetuning.png."""
+def publish(records: list[dict], out: str, meta: dict, replicates: int, source: str = "") -> dict:
+    """Writes episodes.jsonl (unless it is ``source``, the records' own file), results.json,
+    RESULTS.md, comparison.png and, with ``meta["finetuning"]`` (the held-out selection curves),
+    finetuning.png."""
     from jaxvla.io.files import write_json, write_text
 
     os.makedirs(out, exist_ok=True)
     records_path = os.path.join(out, "episodes.jsonl")
-    if os.path.abspath(meta.get("records", "")) != os.path.abspath(records_path):
+    if not source or os.path.abspath(source) != os.path.abspath(records_path):
         write_text(records_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     stats = comparison(records, replicates)
     write_json(os.path.join(out, "results.json"), {**meta, "statistics": stats})
@@ -322,12 +370,17 @@ def main(argv):
         records = read_records(FLAGS.from_records)
         out = FLAGS.out or os.path.dirname(os.path.abspath(FLAGS.from_records))
         meta_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.from_records)), "results.json")
-        meta = {}
+        meta, replicates = {}, FLAGS.bootstrap
         if os.path.exists(meta_path):
             with open(meta_path) as f:
-                meta = {k: v for k, v in json.load(f).items() if k != "statistics"}
-        meta["records"] = FLAGS.from_records
-        print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
+                published = json.load(f)
+            meta = {k: v for k, v in published.items() if k != "statistics"}
+            if not FLAGS["bootstrap"].present:  # the published figures' own replicates
+                replicates = int(published.get("statistics", {}).get("replicates", replicates))
+        try:
+            print(publish(unique_records(records), out, meta, replicates, source=FLAGS.from_records)["markdown"])
+        except ValueError as e:
+            raise app.UsageError(f"--from_records={FLAGS.from_records}: {e}") from None
         return
 
     from jaxvla import compilation_cache
@@ -361,14 +414,14 @@ def main(argv):
         if not records:
             raise app.UsageError(f"--finished_only: no finished evaluation of {rows or 'the protocol rows'} "
                                  f"in {run_dir}")
-        unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
+        records = unique_records(records)
         out = FLAGS.out or os.path.join(run_dir, "results")
-        done = sorted({(r["row"], r["seed"]) for r in unique.values()})
+        done = sorted({(r["row"], r["seed"]) for r in records})
         meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
                 "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
                 "partial": f"{len(done)} finished (row, seed) evaluations: {done}",
                 "finetuning": selection_curves(experiments, rows)}
-        print(publish(list(unique.values()), out, meta, FLAGS.bootstrap)["markdown"])
+        print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
         return
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables
     try:
@@ -384,9 +437,7 @@ def main(argv):
     except StageInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    # SCRATCH rows do not depend on the pool: keep one copy of each.
-    unique = {(r["row"], r["seed"], r["task"], r["placement"]): r for r in records}
-    records = list(unique.values())
+    records = unique_records(records)  # SCRATCH rows do not depend on the pool: one copy of each
     date = time.strftime("%Y-%m-%d")
     out = FLAGS.out or os.path.join(run_dir, "results")
     meta = {"date": date, "protocol": FLAGS.protocol,

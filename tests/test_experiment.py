@@ -467,11 +467,52 @@ def test_publish_regenerates_from_raw_records(tmp_path):
     assert "| undefined (ACTIONVLA not above SCRATCH) |" in reproduce.markdown(reproduce.comparison(below, 200), {})
     results = json.loads((out / "results.json").read_text())
     again = tmp_path / "again"
+    # Without --bootstrap the published figures' own replicates (500 here, not the default 10000).
     subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reproduce.py"),
-                    f"--from_records={out / 'episodes.jsonl'}", f"--out={again}", "--bootstrap=500"],
+                    f"--from_records={out / 'episodes.jsonl'}", f"--out={again}"],
                    check=True, capture_output=True, cwd=REPO)
     assert (again / "RESULTS.md").read_text() == markdown
-    assert json.loads((again / "results.json").read_text())["statistics"] == results["statistics"]
+    regenerated = json.loads((again / "results.json").read_text())
+    assert regenerated["statistics"] == results["statistics"] and set(regenerated) == set(results)
+
+
+def test_comparison_names_video_scaling_rows_and_pairs_controls_by_seed():
+    """Rows of a video-scaling run (VIPRA-flow@10) meet the pool-free SCRATCH row and the ACTIONVLA
+    row of their own pool; a control shares its SCRATCH row's seed draws; rows with fewer than 3
+    seeds are marked; repeated episodes are dropped only as identical SCRATCH copies."""
+    reproduce = _reproduce()
+    rng = np.random.default_rng(1)
+    rates = {"SCRATCH-flow": 0.3, "SCRATCH-flow@ft1200": 0.3, "VIPRA-flow@10": 0.4, "VIPRA-flow@50": 0.5,
+             "LAPA-flow@10": 0.35, "ACTIONVLA-flow@10": 0.9, "ACTIONVLA-flow@50": 0.9}
+    records = [{"row": row, "seed": s, "task": task, "placement": i, "env_seed": 0,
+                "success": bool(rng.random() < p), "length": 100}
+               for row, p in rates.items() for s in range(3) for task in ("reach", "push") for i in range(6)]
+    # The control is the same runs as SCRATCH, here stopped at the same step: paired over seeds and
+    # placements, their contrast is exactly zero.
+    scratch = [r for r in records if r["row"] == "SCRATCH-flow"]
+    records = [r for r in records if r["row"] != "SCRATCH-flow@ft1200"] + [
+        dict(r, row="SCRATCH-flow@ft1200") for r in scratch]
+    stats = reproduce.comparison(records, replicates=300)
+    assert {"VIPRA-flow@10 - SCRATCH-flow", "VIPRA-flow@50 - SCRATCH-flow", "LAPA-flow@10 - SCRATCH-flow",
+            "VIPRA-flow@10 - LAPA-flow@10", "VIPRA-flow@10 - SCRATCH-flow@ft1200",
+            "LAPA-flow@10 - SCRATCH-flow@ft1200"} <= set(stats["contrasts"])
+    assert "VIPRA-flow@50 - LAPA-flow@10" not in stats["contrasts"]  # different pools are not paired
+    assert set(stats["gaps"]) == {"(VIPRA-flow@10 - SCRATCH-flow) / (ACTIONVLA-flow@10 - SCRATCH-flow)",
+                                  "(VIPRA-flow@50 - SCRATCH-flow) / (ACTIONVLA-flow@50 - SCRATCH-flow)",
+                                  "(LAPA-flow@10 - SCRATCH-flow) / (ACTIONVLA-flow@10 - SCRATCH-flow)"}
+    assert stats["contrasts"]["SCRATCH-flow - SCRATCH-flow@ft1200"]["ci95"] == [0.0, 0.0]
+    two_seeds = [r for r in records if not (r["row"] == "LAPA-flow@10" and r["seed"] == 2)]
+    text = reproduce.markdown(reproduce.comparison(two_seeds, 100), {})
+    assert "| LAPA-flow@10 † |" in text and "| VIPRA-flow@10 - LAPA-flow@10 † |" in text
+    assert "| VIPRA-flow@10 |" in text and "fewer than 3 seeds" in text
+
+    copy = dict(scratch[0])
+    assert reproduce.unique_records(records + [copy]) == records
+    with pytest.raises(ValueError, match="two records of row 'SCRATCH-flow' seed 0 task 'reach' placement 0"):
+        reproduce.unique_records(records + [dict(copy, success=not copy["success"])])
+    vipra = next(r for r in records if r["row"] == "VIPRA-flow@10")
+    with pytest.raises(ValueError, match="two records of row 'VIPRA-flow@10'"):
+        reproduce.unique_records(records + [dict(vipra)])
 
 
 def test_plan_command_prints_the_protocol_and_refuses_bad_flags():

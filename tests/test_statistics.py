@@ -29,6 +29,14 @@ def test_replicate_means_equal_explicit_resampling():
     seed_counts = np.stack([np.bincount(s, minlength=4) for s in seed_idx]).astype(float)
     place_counts = np.stack([np.bincount(p, minlength=9) for p in place_idx]).astype(float)
     np.testing.assert_allclose(statistics.replicate_means(matrix, seed_counts, place_counts), expected, atol=1e-12)
+    # A subset of the columns (one task's placements): the mean over the drawn indices that fall
+    # in it, however many that is; NaN where none does.
+    cols = np.array([0, 4, 7])
+    subset = [matrix[s][:, [j for j in p if j in cols]] for s, p in zip(seed_idx, place_idx)]
+    expected = np.array([m.mean() if m.size else np.nan for m in subset])
+    got = statistics.replicate_means(matrix[:, cols], seed_counts, place_counts[:, cols])
+    assert np.isnan(expected).any()
+    np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
 def test_resample_counts_sum_to_size():
@@ -125,3 +133,56 @@ def test_same_seed_reproduces_the_intervals():
     other = statistics.compare(recs, ["A"], replicates=500, seed=8)
     assert first["rows"]["A"]["ci95"] == second["rows"]["A"]["ci95"]
     assert first["rows"]["A"]["ci95"] != other["rows"]["A"]["ci95"]
+
+
+def test_task_intervals_stay_within_the_tasks_outcomes():
+    """A task every seed always solves has the interval [1, 1], one never solved [0, 0]: a
+    replicate's task rate is over the task's placements it drew, not a fixed number of them."""
+    matrix = np.zeros((3, 30))
+    matrix[:, :10] = 1  # reach: always
+    matrix[:, 20:] = np.random.default_rng(5).integers(0, 2, size=(3, 10))  # door-open: mixed
+    tasks = statistics.compare(_records("A", matrix), ["A"], replicates=3000)["rows"]["A"]["tasks"]
+    assert tasks["reach"]["ci95"] == [1.0, 1.0]
+    assert tasks["push"]["ci95"] == [0.0, 0.0]
+    lo, hi = tasks["door-open"]["ci95"]
+    assert 0.0 <= lo < tasks["door-open"]["success_rate"] < hi <= 1.0
+
+
+def test_seed_groups_pair_the_same_runs_over_seeds():
+    """Two checkpoints of the same runs share their seed draw: identical rows whose seeds differ
+    have an exactly zero contrast only when grouped; resampled apart, the seed spread shows."""
+    matrix = np.zeros((3, 12))
+    matrix[0] = 1
+    matrix[2, ::2] = 1
+    recs = _records("SCRATCH", matrix) + _records("SCRATCH@ft", matrix)
+    rows = ["SCRATCH", "SCRATCH@ft"]
+    grouped = statistics.compare(recs, rows, contrasts=[("SCRATCH", "SCRATCH@ft")],
+                                 seed_groups=[rows], replicates=2000)["contrasts"]["SCRATCH - SCRATCH@ft"]
+    apart = statistics.compare(recs, rows, contrasts=[("SCRATCH", "SCRATCH@ft")],
+                               replicates=2000)["contrasts"]["SCRATCH - SCRATCH@ft"]
+    assert grouped["ci95"] == [0.0, 0.0]
+    assert apart["ci95"][0] < -0.2 and apart["ci95"][1] > 0.2
+    fewer = [r for r in recs if not (r["row"] == "SCRATCH@ft" and r["seed"] == 2)]
+    with pytest.raises(ValueError, match="must have the same seeds"):
+        statistics.compare(fewer, rows, seed_groups=[rows], replicates=10)
+    with pytest.raises(ValueError, match=r"not compared: \['LAPA'\]"):
+        statistics.compare(recs, rows, contrasts=[("LAPA", "SCRATCH")], replicates=10)
+
+
+def test_gap_interval_only_where_the_upper_bound_is_reliably_above():
+    """The ratio's interval is given when ACTIONVLA beats SCRATCH in >= 95 % of the replicates;
+    with a denominator that crosses zero it is NaN and the undefined share says why."""
+    rng = np.random.default_rng(6)
+    base = (rng.random((3, 42)) < 0.3).astype(float)
+    close = (rng.random((3, 42)) < 0.3).astype(float)  # the same rate: the denominator crosses zero
+    far = np.ones((3, 42))
+    x = (rng.random((3, 42)) < 0.5).astype(float)
+    recs = _records("BASE", base) + _records("CLOSE", close) + _records("FAR", far) + _records("X", x)
+    out = statistics.compare(recs, ["BASE", "CLOSE", "FAR", "X"],
+                             gaps=[("X", "BASE", "CLOSE"), ("X", "BASE", "FAR")], replicates=2000)["gaps"]
+    near, clear = out["(X - BASE) / (CLOSE - BASE)"], out["(X - BASE) / (FAR - BASE)"]
+    assert near["undefined_fraction"] > statistics.MAX_UNDEFINED_FRACTION and np.isnan(near["ci95"]).all()
+    assert clear["undefined_fraction"] == 0.0
+    lo, hi = clear["ci95"]
+    assert lo < clear["gap_closed"] < hi
+    assert clear["gap_closed"] == pytest.approx((x.mean() - base.mean()) / (1 - base.mean()))
