@@ -254,6 +254,16 @@ def markdown(stats: dict, meta: dict) -> str:
             cells = [f"{values[step]:.4f}" + ("*" if step == c["selected_step"] else "") if step in values else "-"
                      for step in steps]
             lines.append(f"| {c['row']} | {c['seed']} | {c.get('batches') or '-'} | " + " | ".join(cells) + " |")
+        by_row: dict[str, list[dict]] = {}
+        for c in curves:
+            by_row.setdefault(c["row"], []).append(dict(c["curve"]))
+        lines += ["", "The same, averaged over each row's seeds at equal finetuning steps (where every seed was "
+                  "measured): how far pretraining moves finetuning's start and end.", "",
+                  "| row | seeds | " + " | ".join(str(step) for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+        for row, seed_curves in by_row.items():
+            cells = [f"{sum(v[step] for v in seed_curves) / len(seed_curves):.4f}"
+                     if all(step in v for v in seed_curves) else "-" for step in steps]
+            lines.append(f"| {row} | {len(seed_curves)} | " + " | ".join(cells) + " |")
     tasks = sorted({t for r in stats["rows"].values() for t in r["tasks"]})
     lines += ["", "Per task (success %):", "", "| row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for row, r in stats["rows"].items():

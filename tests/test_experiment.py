@@ -437,7 +437,9 @@ def test_publish_regenerates_from_raw_records(tmp_path):
                for row, p in rates.items() for s in range(3) for task in ("reach", "push") for i in range(5)]
     out = tmp_path / "res"
     curves = [{"row": "VIPRA-flow", "seed": 1, "metric": "eval/action_mse", "selected_step": 400,
-               "curve": [[200, 0.25], [400, 0.125]]}]
+               "curve": [[200, 0.25], [400, 0.125]]},
+              {"row": "VIPRA-flow", "seed": 2, "metric": "eval/action_mse", "selected_step": 200,
+               "curve": [[200, 0.5]]}]
     first = reproduce.publish(records, str(out), {"date": "2026-12-01", "protocol": "day", "finetuning": curves},
                               replicates=500)
     stats = first["statistics"]
@@ -460,6 +462,8 @@ def test_publish_regenerates_from_raw_records(tmp_path):
         by_row["VIPRA-flow"].mean() - by_row["SCRATCH-flow@ft1200"].mean())
     # How many held-out batches measured this curve was not recorded: "-".
     assert "| VIPRA-flow | 1 | - | 0.2500 | 0.1250* |" in markdown and os.path.getsize(out / "finetuning.png") > 1000
+    # Averaged over seeds only where every seed was measured: (0.25 + 0.5) / 2 at step 200.
+    assert "| VIPRA-flow | 2 | 0.3750 | - |" in markdown
     # An upper bound below SCRATCH leaves the gap closed undefined, said so in the table.
     below = [dict(r, success=False) if r["row"] == "ACTIONVLA-flow" else r for r in records]
     gaps = reproduce.comparison(below, replicates=200)["gaps"]
