@@ -378,6 +378,17 @@ def _candidates(path: str, step: int | None) -> tuple[list[tuple[str, int]], boo
     return [(os.path.join(directory, str(s)), s) for s in steps], False
 
 
+def checkpoint_fingerprint(step_dir: str) -> str | None:
+    """SHA-256 of the step's digest manifest: one string that changes when any file of the step
+    does (a retrained run's step of the same number differs); None for a step without a manifest.
+    Cheap: the manifest is read, the arrays are not hashed again."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def finished_steps(path: str) -> list[int]:
     """The finished checkpoint steps under a workdir or its checkpoints directory, ascending;
     [] when there are none."""

@@ -51,13 +51,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxvla import laq_quality, trainer
-from jaxvla.checkpoint import finished_steps, resolve_checkpoint
+from jaxvla.checkpoint import checkpoint_fingerprint, finished_steps, resolve_checkpoint
 from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to_json
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
 from jaxvla.frozen import TextPrompts, load_laq
@@ -309,12 +310,16 @@ def loss_curve(path: str, history: list, title: str, keys: tuple[str, ...] = ("l
 
 def select_step(history: Sequence[tuple[int, dict]], metric: str = SELECTION_METRIC) -> tuple[int, list]:
     """The step with the lowest ``metric`` among the evaluated steps (the earliest on ties) and the
-    ``[(step, value)]`` curve it was chosen from; ValueError when no step was evaluated."""
+    ``[(step, value)]`` curve it was chosen from. A non-finite value (a diverged check) is kept in
+    the curve but never chosen. ValueError when no step was evaluated, or none finitely."""
     curve = [(int(s), float(m[metric])) for s, m in history if metric in m]
     if not curve:
         raise ValueError(f"no {metric!r} in the training history: finetuning never evaluated the held-out "
                          "demonstrations (eval_every)")
-    best = min(curve, key=lambda point: (point[1], point[0]))
+    finite = [point for point in curve if math.isfinite(point[1])]
+    if not finite:
+        raise ValueError(f"every held-out {metric!r} is non-finite ({curve}): the finetuning diverged")
+    best = min(finite, key=lambda point: (point[1], point[0]))
     return best[0], curve
 
 
@@ -490,15 +495,21 @@ class Experiment:
         steps = finished_steps(self._path(name))
         return steps[-1] if steps else -1
 
-    def _done(self, name: str) -> dict | None:
-        """Stage ``name``'s record when the stage is finished: the record is written and, for a
-        trained stage, a checkpoint reaches its ``steps`` (a record over checkpoints that stop
-        short, as an interrupted stage once left, is not finished)."""
+    def _read_record(self, name: str) -> dict | None:
+        """Stage ``name``'s written record (finished or not), None without one."""
         path = os.path.join(self._path(name), "stage.json")
         if not os.path.exists(path):
             return None
         with open(path) as f:
-            record = json.load(f)
+            return json.load(f)
+
+    def _done(self, name: str) -> dict | None:
+        """Stage ``name``'s record when the stage is finished: the record is written and, for a
+        trained stage, a checkpoint reaches its ``steps`` (a record over checkpoints that stop
+        short, as an interrupted stage once left, is not finished)."""
+        record = self._read_record(name)
+        if record is None:
+            return None
         if name.startswith(("labels", "eval")) or self._latest_step(name) >= record.get("steps", 0):
             return record
         return None
@@ -778,7 +789,20 @@ class Experiment:
         measured = {}
         if record.get("held_out_batches") == p.select_batches:
             measured = {int(s): m for s, m in record.get("eval_history", []) if SELECTION_METRIC in m}
-        kept = finished_steps(path)
+        # The candidates are the checks' grid (every select_every steps, and the last step): a
+        # checkpoint saved where a SIGTERM stopped the run is not one of them, and the rule must
+        # not get more candidates in an interrupted run than in an uninterrupted one.
+        steps = int(record.get("steps", 0))
+        grid = sorted({s for s in range(p.select_every, steps + 1, p.select_every)} | {steps})
+        on_disk = finished_steps(path)
+        kept = [s for s in on_disk if s in grid]
+        off_grid = [s for s in on_disk if s not in grid]
+        missing = [s for s in grid if s not in on_disk]
+        if off_grid:
+            log.warning("%s: kept checkpoints %s are off the %d-step grid (an interrupted run): not candidates",
+                        name, off_grid, p.select_every)
+        if missing:
+            log.warning("%s: the checkpoints of steps %s are gone; choosing among %s", name, missing, kept)
         todo = [s for s in kept if s not in measured]
         if todo:
             log.info("%s: measuring %s on %d held-out batches at kept steps %s", name, SELECTION_METRIC,
@@ -794,8 +818,37 @@ class Experiment:
                                           "curve": record.get("selection_curve")}
         elif "earlier_selection" in record:
             extra["earlier_selection"] = record["earlier_selection"]
+        if missing:
+            extra["selection_missing_steps"] = missing
+        else:
+            extra.pop("selection_missing_steps", None)
         return self._record(name, record["wall_seconds"], record["metrics"], **extra, selected_step=step,
                             selection_curve=curve, selection_batches=p.select_batches)
+
+    def evaluated_step(self, record: dict, max_step: int | None = None) -> int:
+        """The step a finetuning (its stage ``record``) is evaluated at: its chosen step or, with
+        ``max_step``, the one the same rule chooses among its measured steps up to ``max_step``."""
+        if max_step is None:
+            return int(record["selected_step"])
+        curve = [(s, {SELECTION_METRIC: v}) for s, v in record["selection_curve"] if s <= max_step]
+        return select_step(curve)[0]
+
+    def _current(self, evaluation: dict | None, settings: dict, finetune: str) -> bool:
+        """Whether a finished ``evaluation`` record measured what ``settings`` asks, on the
+        checkpoint that is there now: a finetuning trained again has other checkpoint digests at
+        the same step. Records written before they carried the fingerprint are taken as they are."""
+        if evaluation is None or evaluation.get("settings") != settings:
+            return False
+        recorded = evaluation.get("checkpoint_fingerprint")
+        if recorded is None:
+            return True
+        try:
+            step_dir, _ = resolve_checkpoint(self._path(finetune), settings["step"])
+        except FileNotFoundError:
+            log.warning("%s: the evaluated checkpoint (step %d) is gone; its evaluation is kept as recorded",
+                        finetune, settings["step"])
+            return True
+        return checkpoint_fingerprint(step_dir) == recorded
 
     def evaluate(self, row: str, seed: int, max_step: int | None = None) -> dict:
         """Evaluates ``row`` with ``seed`` at the fixed placements, from its finetuning's chosen
@@ -806,28 +859,25 @@ class Experiment:
         name = self.eval_name(row, seed, max_step)
         record = self.finetune(row, seed)
         p = self.protocol
-        step, published = record["selected_step"], row
-        if max_step is not None:
-            curve = [(s, {SELECTION_METRIC: v}) for s, v in record["selection_curve"] if s <= max_step]
-            step, _ = select_step(curve)
-            published = control_row(row, max_step)
-        settings = {"tasks": p.eval_tasks, "placements": p.eval_placements, "max_steps": p.max_steps,
-                    "step": step}
+        step = self.evaluated_step(record, max_step)
+        published = row if max_step is None else control_row(row, max_step)
+        settings = self.evaluation_settings(step)
         done = self._done(name)
-        if done is not None and done.get("settings") == settings:
+        if self._current(done, settings, finetune):
             self.stages[name] = done
             return done
         if max_step is not None:
             # The control stops where the finetuning did: the same checkpoint at the same
             # placements, its episodes under the control's name.
             primary = self._done(self.eval_name(row, seed))
-            if primary is not None and primary.get("settings") == settings:
+            if self._current(primary, settings, finetune):
                 episodes = [dict(e, row=published) for e in primary["episodes"]]
                 kept = {k: v for k, v in primary.items() if k not in ("stage", "wall_seconds", "metrics", "episodes")}
                 return self._record(name, 0.0, {}, **kept, episodes=episodes, same_as=self.eval_name(row, seed))
 
         start = time.time()
         selected, _ = resolve_checkpoint(self._path(finetune), step)
+        fingerprint = checkpoint_fingerprint(selected)
         summary = evaluate(selected, p.eval_tasks, p.eval_placements,
                            max_steps=p.max_steps, out_dir=self._path(name), progress=self.progress)
         episodes = [{"row": published, "seed": seed, "task": e["task"], "placement": e["episode"],
@@ -835,7 +885,13 @@ class Experiment:
                     for e in summary["episodes"]]
         return self._record(name, time.time() - start, {}, settings=settings, mean=summary["mean"],
                             tasks=summary["tasks"], latency=summary["latency"], episodes=episodes,
-                            files=summary["files"])
+                            files=summary["files"], checkpoint_fingerprint=fingerprint)
+
+    def evaluation_settings(self, step: int) -> dict:
+        """What an evaluation stage measured: the placements, the horizon and the step; a finished
+        evaluation is reused only for the same."""
+        p = self.protocol
+        return {"tasks": p.eval_tasks, "placements": p.eval_placements, "max_steps": p.max_steps, "step": int(step)}
 
     # ------------------------------------------------------------------ the whole protocol
 
@@ -886,10 +942,23 @@ class Experiment:
         out = []
         for row in rows or self.protocol.rows():
             for seed in self.protocol.seeds:
+                # The finetuning's record (its checkpoints may since have been removed).
+                finetune = self._read_record(self.finetune_name(row, seed))
                 for cap in self.protocol.evaluation_caps(row):
-                    done = self._done(self.eval_name(row, seed, cap))
-                    if done is not None:
-                        out.extend(done["episodes"])
+                    name = self.eval_name(row, seed, cap)
+                    done = self._done(name)
+                    if done is None:
+                        continue
+                    # Only an evaluation of the step its finetuning chooses now, on the checkpoint
+                    # there now: one left behind by a moved selection or a retrained run is not
+                    # published (the next run evaluates again).
+                    if (finetune is None or "selected_step" not in finetune or not self._current(
+                            done, self.evaluation_settings(self.evaluated_step(finetune, cap)),
+                            self.finetune_name(row, seed))):
+                        log.warning("%s: not published: it does not evaluate the current choice of %s",
+                                    name, self.finetune_name(row, seed))
+                        continue
+                    out.extend(done["episodes"])
         return out
 
     def selection_curves(self, rows: Sequence[str] | None = None) -> list[dict]:

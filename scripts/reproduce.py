@@ -202,8 +202,8 @@ def markdown(stats: dict, meta: dict) -> str:
     lines = [f"# LAPA / ViPRA comparison on Meta-World ({meta.get('date', '')}, protocol {meta.get('protocol', '')})",
              ""]
     if meta.get("partial"):
-        lines += [f"**Partial results** (`--finished_only`, the run still going): {meta['partial']}. Rows with one "
-                  "seed have no seed spread; contrasts need both rows.", ""]
+        lines += [f"**Partial results**: {meta['partial']}. Rows with one seed have no seed spread; contrasts "
+                  "need both rows.", ""]
     if meta.get("plan_text"):
         lines += ["```", meta["plan_text"], "```", ""]
     few = {row for row, r in stats["rows"].items() if len(r["seeds"]) < FULL_SEEDS}
@@ -330,6 +330,22 @@ def publish(records: list[dict], out: str, meta: dict, replicates: int, source: 
     return {"statistics": stats, "markdown": text}
 
 
+def subset_of_protocol(protocol, rows) -> str:
+    """What a run restricted by ``--rows`` / ``--seeds`` leaves out of its protocol's design, as the
+    published banner says it ("" when nothing is left out): its tables are not the protocol's."""
+    from jaxvla.experiment import PROTOCOLS
+
+    design = PROTOCOLS.get(protocol.name, protocol)
+    left_out = []
+    missing_rows = [r for r in protocol.rows() if r not in (rows or protocol.rows())]
+    if missing_rows:
+        left_out.append(f"rows {missing_rows}")
+    missing_seeds = [s for s in design.seeds if s not in protocol.seeds]
+    if missing_seeds:
+        left_out.append(f"seeds {missing_seeds}")
+    return f"a run of part of protocol {protocol.name}, without its {' and '.join(left_out)}" if left_out else ""
+
+
 def labelled(experiments, exp, item: dict) -> dict:
     """``item`` (an episode record or a selection curve) with its row named as published: suffixed
     ``@videos`` when several video counts run, except SCRATCH rows, which do not depend on the pool."""
@@ -429,7 +445,8 @@ def main(argv):
         done = sorted({(r["row"], r["seed"]) for r in records})
         meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
                 "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
-                "partial": f"{len(done)} finished (row, seed) evaluations: {done}",
+                "partial": f"`--finished_only`, the run still going: {len(done)} finished (row, seed) evaluations: "
+                           f"{done}",
                 "finetuning": selection_curves(experiments, rows)}
         print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
         return
@@ -454,6 +471,9 @@ def main(argv):
             "protocols": [dataclasses.asdict(e.protocol) for e in experiments],
             "plan_text": "\n\n".join(plans), "wall_seconds": time.time() - start,
             "finetuning": selection_curves(experiments, rows)}
+    subset = subset_of_protocol(experiments[0].protocol, rows)
+    if subset:
+        meta["partial"] = subset
     print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
     print(f"Files: {out}/RESULTS.md, comparison.png, results.json, episodes.jsonl")
 

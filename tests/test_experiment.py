@@ -190,6 +190,12 @@ def test_select_step_is_the_lowest_held_out_error():
     assert step == 200 and curve == [(100, 0.5), (200, 0.3), (300, 0.3), (400, 0.4)]
     with pytest.raises(ValueError, match="never evaluated"):
         select_step([(100, {"loss": 1.0})])
+    # A diverged check stays in the curve and is never chosen, even first.
+    nan = float("nan")
+    step, curve = select_step([(200, {"eval/action_mse": nan}), (400, {"eval/action_mse": 0.4})])
+    assert step == 400 and len(curve) == 2 and np.isnan(curve[0][1])
+    with pytest.raises(ValueError, match="diverged"):
+        select_step([(200, {"eval/action_mse": nan}), (400, {"eval/action_mse": float("inf")})])
 
 
 def test_finished_stage_is_reused_only_at_the_same_steps(tmp_path, monkeypatch):
@@ -375,6 +381,82 @@ def test_stopping_point_chosen_on_fewer_batches_is_chosen_again(tmp_path, monkey
                                                  "max_steps": protocol.max_steps, "step": 400}}, f)
     exp.evaluate("SCRATCH-bins", 0)
     assert evaluated == [f"{path}/checkpoints/600"]
+
+
+def test_selection_candidates_are_the_checks_grid(tmp_path, monkeypatch):
+    """A checkpoint a SIGTERM saved off the select_every grid is no candidate (an interrupted run
+    gets no more than an uninterrupted one); grid steps whose checkpoints are gone are recorded."""
+    import jaxvla.experiment
+    import jaxvla.trainer
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    protocol = dataclasses.replace(PROTOCOLS["day"], finetune_steps=600, pretrain_steps=0)
+    exp = Experiment(str(tmp_path), protocol, data_root=str(tmp_path / "data"))
+    _write_finetuning(exp, "SCRATCH-bins", {"held_out_batches": 32}, eval_batches=32)
+    errors = {200: 0.4, 400: 0.3, 517: 0.1, 600: 0.35}
+    measured = []
+
+    def fake_measure(workdir, steps, eval_batches):
+        measured.extend(steps)
+        return [(s, {"eval/action_mse": errors[s]}) for s in steps]
+
+    monkeypatch.setattr(jaxvla.trainer, "train", lambda *a: pytest.fail("finished: nothing to train"))
+    monkeypatch.setattr(jaxvla.trainer, "evaluate_checkpoints", fake_measure)
+    monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda p: [400, 517, 600])
+    monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
+    record = exp.finetune("SCRATCH-bins", 0)
+    assert measured == [400, 600] and record["selected_step"] == 400  # never 517 (0.1)
+    assert record["selection_missing_steps"] == [200]
+
+
+def test_evaluations_follow_the_checkpoint_and_step_they_measured(tmp_path, monkeypatch):
+    """An evaluation is reused, and published, only for the step its finetuning chooses now and
+    the checkpoint there now: a finetuning trained again (other digests at the same step) is
+    evaluated again, and its earlier episodes are not published meanwhile."""
+    import jaxvla.experiment
+    import jaxvla.trainer
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    protocol = dataclasses.replace(PROTOCOLS["day"], finetune_steps=400, pretrain_steps=200, seeds=(0,),
+                                   scratch_control=False)
+    exp = Experiment(str(tmp_path), protocol, data_root=str(tmp_path / "data"))
+    curve = [[200, 0.3], [400, 0.1], [600, 0.2]]
+    path = _write_finetuning(exp, "SCRATCH-flow", {"selected_step": 400, "selection_curve": curve,
+                                                   "selection_batches": 32, "held_out_batches": 32}, eval_batches=32)
+    manifest = tmp_path / "ckpt" / "400" / "jaxvla_digests.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"files": {"params/a": {"sha256": "aa"}}}')
+    rolled_out = []
+
+    def fake_evaluate(checkpoint, tasks, placements, **kwargs):
+        rolled_out.append(checkpoint)
+        return {"episodes": [{"task": "reach", "episode": 0, "seed": 1, "success": True, "length": 9}],
+                "mean": 1.0, "tasks": {}, "latency": {}, "files": []}
+
+    monkeypatch.setattr(jaxvla.trainer, "train", lambda *a: pytest.fail("finished: nothing to train"))
+    monkeypatch.setattr(jaxvla.experiment, "finished_steps", lambda p: [200, 400, 600])
+    monkeypatch.setattr(jaxvla.experiment, "evaluate", fake_evaluate)
+    monkeypatch.setattr(jaxvla.experiment, "resolve_checkpoint",
+                        lambda p, step: (str(tmp_path / "ckpt" / str(step)), step))
+    monkeypatch.setattr(Experiment, "data", lambda self: {})
+    monkeypatch.setattr(Experiment, "tokenizer", lambda self: {})
+    records = exp.run(["SCRATCH-flow"])
+    assert len(records) == 1 and len(rolled_out) == 1
+    assert exp.run(["SCRATCH-flow"]) == records and len(rolled_out) == 1  # reused
+    import hashlib
+    assert exp._done(exp.eval_name("SCRATCH-flow", 0))["checkpoint_fingerprint"] == hashlib.sha256(
+        manifest.read_bytes()).hexdigest()
+
+    manifest.write_text('{"files": {"params/a": {"sha256": "bb"}}}')  # trained again
+    assert exp.records(["SCRATCH-flow"]) == []
+    assert exp.run(["SCRATCH-flow"]) == records and len(rolled_out) == 2
+
+    # The selection moved (e.g. chosen again) and the evaluation has not run yet: not published.
+    with open(os.path.join(path, "stage.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(path, "stage.json"), "w") as f:
+        json.dump({**record, "selected_step": 600}, f)
+    assert exp.records(["SCRATCH-flow"]) == []
 
 
 def test_scratch_control_stops_within_the_pretrained_rows_finetuning(tmp_path, monkeypatch):
@@ -601,7 +683,9 @@ def test_finished_only_publishes_what_is_done(tmp_path):
                 for task, oks in (("reach", successes[:4]), ("push", successes[4:])) for i, ok in enumerate(oks)]
     name = "eval_" + exp.finetune_name("SCRATCH-bins", 0)[len("finetune_"):]
     os.makedirs(tmp_path / "run" / name)
-    (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"stage": name, "episodes": episodes}))
+    settings = {"tasks": "mt10", "placements": 10, "max_steps": 150, "step": 400}
+    (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"stage": name, "episodes": episodes,
+                                                                    "settings": settings}))
     # The finetuning's held-out curve travels with the results: step 400 chosen.
     finetune = exp.finetune_name("SCRATCH-bins", 0)
     os.makedirs(tmp_path / "run" / finetune)
@@ -626,3 +710,21 @@ def test_finished_only_publishes_what_is_done(tmp_path):
     empty = subprocess.run(common + [f"--run_dir={tmp_path / 'empty'}"], capture_output=True, text=True, cwd=REPO,
                            timeout=300)
     assert empty.returncode != 0 and "no finished evaluation" in empty.stderr and "empty" in empty.stderr
+
+
+def test_a_run_of_part_of_the_protocol_is_published_as_partial():
+    """--seeds / --rows runs publish tables that are not the protocol's: the banner says what is
+    left out (the day run's per-seed invocations once wrote seed-only tables with none)."""
+    from jaxvla.experiment import PROTOCOLS
+
+    reproduce = _reproduce()
+    day = PROTOCOLS["day"]
+    assert reproduce.subset_of_protocol(day, None) == ""
+    assert reproduce.subset_of_protocol(dataclasses.replace(day, seeds=(0, 1, 2, 3)), None) == ""
+    only_seed_2 = reproduce.subset_of_protocol(dataclasses.replace(day, seeds=(2,)), None)
+    assert only_seed_2 == "a run of part of protocol day, without its seeds [0, 1]"
+    rows = reproduce.subset_of_protocol(day, ["SCRATCH-flow", "VIPRA-flow"])
+    assert "without its rows" in rows and "'SCRATCH-bins'" in rows and "'VIPRA-flow'" not in rows
+    text = reproduce.markdown({"rows": {}, "contrasts": {}, "gaps": {}, "placements": 0, "replicates": 0},
+                              {"partial": only_seed_2})
+    assert "**Partial results**: a run of part of protocol day, without its seeds [0, 1]." in text
