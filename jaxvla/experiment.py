@@ -215,7 +215,7 @@ def control_row(row: str, max_step: int) -> str:
 
 PROTOCOLS = {
     # make demo: one row (VIPRA-flow, seed 0) end to end on a small pool; 25.6 minutes on a quiet
-    # 2-core machine (target 20), most of it finetuning: 1200 steps (24 epochs of the 50 demos).
+    # 2-core machine (target 20), most of it finetuning: 1200 steps (2.2 passes over the 50 demos' chunks).
     "demo": Protocol("demo", tokenizer_steps=150, laq_steps=150, pretrain_steps=100, finetune_steps=1200,
                      select_every=200, pool_tasks="mt10", videos_per_task=4, demos_per_task=5,
                      heldout_demos_per_task=1, eval_placements=2, seeds=(0,), pretrainings=("vipra",),
