@@ -112,7 +112,7 @@ def main(argv):
             jax.block_until_ready(fn(params, batch))
             times[(name, kind)].append(time.perf_counter() - start)
     median = {key: float(np.median(v)) for key, v in times.items()}
-    results = {"rows": FLAGS.rows, "bins": bins, "prefix": FLAGS.prefix, "longer": FLAGS.longer,
+    results = {"rows": FLAGS.rows, "bins": bins, "prefix_tokens": FLAGS.prefix, "longer_tokens": FLAGS.longer,
                "repeats": FLAGS.repeats, "config": str(config.model.size), "devices": str(jax.devices())}
     for name in batches:
         per_token = (median[(name, "decoder")] - median[(name, "prefill")]) / (bins - 1)

@@ -156,6 +156,9 @@ RUNS = {
     "flow": ("bench_flow_inference.py", "--config.model.dim=32", "--config.model.num_layers=1",
              "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=64",
              "--repeats=1"),
+    "bins": ("bench_bins_decode.py", "--config.model.dim=32", "--config.model.num_layers=1",
+             "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=64",
+             "--config.model.chunk=2", "--rows=2", "--prefix=8", "--longer=24", "--repeats=1"),
     "torch": ("bench_vs_torch.py", "--dim=16", "--layers=1", "--heads=2", "--mlp_dim=32", "--examples=2",
               "--steps=1", "--batch=1", "--seq_len=8"),
 }
@@ -219,6 +222,21 @@ def test_bench_flow_inference_json(script_runs):
     assert results["sequence_tokens"] == results["prompt_tokens"] + 3 + 64 + 1 + 3 + 14 < results["seq_len"]
     assert results["max_abs_difference"] < 1e-4
     assert "speed-up" in last
+
+
+def test_bench_bins_decode_json(script_runs):
+    results, last = _run(script_runs, "bins")
+    # At these sizes the per-token cost is timing noise (no speed is asserted in a unit test).
+    assert math.isfinite(results["per_token_ratio"])
+    _finite_positive(results, "cache_ratio")
+    assert results["prefix_tokens"] == 8 and results["longer_tokens"] == 24
+    # The cache holds the prefix and the chunk's 2 x 4 bin slots; the longer rows 24 more tokens.
+    assert results["bins"] == 8 and results["real"]["cache_slots"] == 8 + 8
+    assert results["longer"]["cache_slots"] == 8 + 24 + 8
+    assert results["cache_ratio"] == pytest.approx(40 / 16)
+    for name in ("real", "longer"):
+        _finite_positive(results[name], "prefill_ms", "decoder_ms")
+    assert last.startswith("per-token cost")
 
 
 def test_bench_vs_torch_json(script_runs):
