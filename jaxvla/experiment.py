@@ -811,7 +811,7 @@ class Experiment:
         step, curve = select_step([(s, measured[s]) for s in kept])
         extra = {k: v for k, v in record.items()
                  if k not in ("stage", "wall_seconds", "metrics", "selected_step", "selection_curve",
-                              "selection_batches", "earlier_selection")}
+                              "selection_batches", "earlier_selection", "selection_missing_steps")}
         if "selected_step" in record and record.get("selection_batches") != p.select_batches:
             earlier_batches = record.get("selection_batches") or self._trained_eval_batches(name)
             extra["earlier_selection"] = {"batches": earlier_batches, "selected_step": record["selected_step"],
@@ -820,8 +820,6 @@ class Experiment:
             extra["earlier_selection"] = record["earlier_selection"]
         if missing:
             extra["selection_missing_steps"] = missing
-        else:
-            extra.pop("selection_missing_steps", None)
         return self._record(name, record["wall_seconds"], record["metrics"], **extra, selected_step=step,
                             selection_curve=curve, selection_batches=p.select_batches)
 

@@ -89,8 +89,7 @@ def replicate_means(matrix: np.ndarray, seed_counts: np.ndarray, place_counts: n
     subset of the placements, e.g. one task's, may draw any number of them); NaN where it drew none."""
     weight = seed_counts.sum(axis=1) * place_counts.sum(axis=1)
     total = np.einsum("rs,sp,rp->r", seed_counts, matrix, place_counts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
+    return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> list[float]:

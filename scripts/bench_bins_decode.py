@@ -42,6 +42,7 @@ from jaxvla.benchmark import write_results  # noqa: E402
 from jaxvla.data.sequences import Vocab  # noqa: E402
 from jaxvla.frozen import LATENT_CODES, TEXT_VOCAB, FinetuneModels  # noqa: E402
 from jaxvla.losses import finetune as losses  # noqa: E402
+from jaxvla.models.llama import MODALITIES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,13 +62,13 @@ ACTION_DIM = 4  # Meta-World
 
 def bins_batch(rows: int, prefix: int, bins: int, text_vocab: int) -> dict:
     """``rows`` identical-layout rows: ``prefix`` text-modality tokens, then ``bins`` action slots
-    (modality 3, action id 0), one segment, causal, positions 0..L-1; ``action_positions`` [R, T]."""
+    (the action modality, action id 0), one segment, causal, positions 0..L-1; ``action_positions`` [R, T]."""
     length = prefix + bins
     rng = np.random.default_rng(0)
     tokens = np.zeros((rows, length), np.int32)
     tokens[:, :prefix] = rng.integers(1, text_vocab, size=(rows, prefix))
     modality = np.zeros((rows, length), np.int32)
-    modality[:, prefix:] = 3  # the action modality (jaxvla.models.llama.MODALITIES)
+    modality[:, prefix:] = MODALITIES.index("action")
     return {"tokens": tokens, "modality": modality,
             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
             "segment_ids": np.ones((rows, length), np.int32),
@@ -83,9 +84,6 @@ def main(argv):
         raise app.UsageError(f"--config: model.head={config.model.head!r}; this benchmark needs the bins head")
     vocab = Vocab(text_size=TEXT_VOCAB, image_codes=512, latent_codes=LATENT_CODES)
     backbone = FinetuneModels(config, vocab, ACTION_DIM).backbone
-    from jaxvla.models.llama import MODALITIES
-    if MODALITIES[3] != "action":
-        raise RuntimeError(f"MODALITIES changed ({MODALITIES}): update bins_batch's action modality id")
     bins = int(config.model.chunk) * ACTION_DIM
     batches = {name: {k: jnp.asarray(v) for k, v in bins_batch(FLAGS.rows, prefix, bins, TEXT_VOCAB).items()}
                for name, prefix in (("real", FLAGS.prefix), ("longer", FLAGS.prefix + FLAGS.longer))}

@@ -124,16 +124,14 @@ ROW = re.compile(r"^(?P<label>[A-Z]+)-(?P<head>[a-z]+)(?:@(?:(?P<videos>\d+)|ft(
 FULL_SEEDS = 3
 
 
-def row_label(row: str) -> str:
-    return row.split("-")[0].split("@")[0]
-
-
 def describe(row: str) -> str:
     parsed = ROW.match(row)
-    if parsed and parsed["cap"]:
+    if parsed is None:
+        return ""
+    if parsed["cap"]:
         return (f"no pretraining, stopped within {parsed['cap']} finetuning steps (the pretrained rows' "
                 "finetuning; secondary)")
-    return DESCRIPTIONS.get(row_label(row), "")
+    return DESCRIPTIONS.get(parsed["label"], "")
 
 
 def unique_records(records: list[dict]) -> list[dict]:
