@@ -7,6 +7,8 @@ action-free video pool, finetune on K demonstrations per task, evaluate at fixed
         [--eval_tasks=mt10] [--eval_placements=10] [--out=docs/results/<date>-day]
     python scripts/reproduce.py --from_records=docs/results/<date>-day/episodes.jsonl --out=DIR
     python scripts/reproduce.py --finished_only --run_dir=runs/day --out=DIR   # what is done so far
+    python scripts/reproduce.py --finished_only --run_dir=runs/day2 \
+        --with_records=docs/results/<date>-day-partial/episodes.jsonl --out=DIR   # after losing runs/day
 
 Protocols (``jaxvla.experiment.PROTOCOLS``): ``day`` (the full comparison: ML45 pool of 20 videos
 per task, K=5 demonstrations per MT10 task, 8 rows x 3 seeds, at most 10 hours on 2 cores; every
@@ -20,7 +22,8 @@ Writes into ``--out`` (default ``--run_dir``/results): ``episodes.jsonl`` (the r
 records: row, seed, task, placement, env_seed, success, length), ``results.json`` (statistics:
 cluster-bootstrap intervals over seeds and placements, paired contrasts, gap closed),
 ``RESULTS.md`` and ``comparison.png``. ``--from_records`` regenerates the last three exactly from
-the first.
+the first. ``--with_records`` lets the published cells of a lost run directory stand beside those of
+the run continuing it in a new one.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ flags.DEFINE_string("from_records", "", "Regenerate results.json / RESULTS.md / 
                                         "episodes.jsonl instead of running anything.")
 flags.DEFINE_boolean("finished_only", False, "Publish the evaluations already finished in --run_dir (of --rows / "
                      "--seeds) without training or evaluating anything: partial results while a long run goes on.")
+flags.DEFINE_string("with_records", "", "With --finished_only: a published episodes.jsonl of this protocol "
+                    "(its results.json beside it) whose (row, seed) cells stand beside the run directory's, "
+                    "their held-out curves included: how a run goes on after its run directory is lost. A cell "
+                    "in both must hold the same records; every record must share the protocol's placements.")
 flags.DEFINE_integer("bootstrap", 10_000, "Bootstrap replicates.")
 flags.DEFINE_enum("until", None, ["tokenizer", "labels", "pretrain"],
                   "Run only the shared stages up to this one (labels: LAQs, gates and labels too; pretrain: "
@@ -202,6 +209,11 @@ def markdown(stats: dict, meta: dict) -> str:
     if meta.get("partial"):
         lines += [f"**Partial results**: {meta['partial']}. Rows with one seed have no seed spread; contrasts "
                   "need both rows.", ""]
+    if meta.get("sources"):
+        lines += ["Assembled from finished evaluations: " + "; ".join(
+            f"{name} `{source['path']}` ({len(source['cells'])} (row, seed) cells)"
+            for name, source in meta["sources"].items()) + ". Each cell is one finetuning's evaluation; "
+            "results.json lists the cells of each source.", ""]
     if meta.get("plan_text"):
         lines += ["```", meta["plan_text"], "```", ""]
     few = {row for row, r in stats["rows"].items() if len(r["seeds"]) < FULL_SEEDS}
@@ -344,6 +356,21 @@ def subset_of_protocol(protocol, rows) -> str:
     return f"a run of part of protocol {protocol.name}, without its {' and '.join(left_out)}" if left_out else ""
 
 
+def expected_cells(protocol, rows) -> list[tuple[str, int]]:
+    """The (row, seed) evaluations ``protocol`` publishes for ``rows`` (default: all of its rows),
+    equal-finetuning controls included."""
+    from jaxvla.experiment import control_row
+
+    out = []
+    for row in rows or protocol.rows():
+        if row not in protocol.rows():
+            continue
+        for cap in protocol.evaluation_caps(row):
+            name = row if cap is None else control_row(row, cap)
+            out += [(name, seed) for seed in protocol.seeds]
+    return out
+
+
 def labelled(experiments, exp, item: dict) -> dict:
     """``item`` (an episode record or a selection curve) with its row named as published: suffixed
     ``@videos`` when several video counts run, except SCRATCH rows, which do not depend on the pool."""
@@ -364,7 +391,7 @@ def selection_curves(experiments, rows) -> list[dict]:
     return list(curves.values())
 
 
-def read_records(path: str) -> list[dict]:
+def read_records(path: str, flag: str = "--from_records") -> list[dict]:
     records = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -373,14 +400,48 @@ def read_records(path: str) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise app.UsageError(f"--from_records: {path} line {number} is not JSON ({e})") from None
+                raise app.UsageError(f"{flag}: {path} line {number} is not JSON ({e})") from None
             missing = [k for k in ("row", "seed", "task", "placement", "success") if k not in record]
             if missing:
-                raise app.UsageError(f"--from_records: {path} line {number} lacks {missing}")
+                raise app.UsageError(f"{flag}: {path} line {number} lacks {missing}")
             records.append(record)
     if not records:
-        raise app.UsageError(f"--from_records: {path} holds no records")
+        raise app.UsageError(f"{flag}: {path} holds no records")
     return records
+
+
+def merge_cells(published: list[dict], run: list[dict], published_curves: list[dict],
+                run_curves: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The records and held-out curves of two sources of one protocol's (row, seed) cells, each
+    cell once: a published file's and a run directory's. A cell both hold must hold the same
+    records (and curve); every record of a (task, placement) must have the same environment seed,
+    so that all rows still share the protocol's placements. Raises ValueError naming the cell or
+    the placement otherwise."""
+    def cells(records):
+        out = {}
+        for r in records:
+            out.setdefault((r["row"], r["seed"]), []).append(r)
+        return {cell: sorted(rs, key=lambda r: (r["task"], r["placement"])) for cell, rs in out.items()}
+
+    mine, theirs = cells(published), cells(run)
+    for cell in sorted(set(mine) & set(theirs)):
+        if mine[cell] != theirs[cell]:
+            raise ValueError(f"row {cell[0]!r} seed {cell[1]}: the published records and the run directory's differ")
+    merged = [r for rs in {**mine, **theirs}.values() for r in rs]
+    placements: dict[tuple, object] = {}
+    for r in merged:
+        key, env_seed = (r["task"], r["placement"]), r.get("env_seed")
+        if placements.setdefault(key, env_seed) != env_seed:
+            raise ValueError(f"task {key[0]!r} placement {key[1]}: environment seeds {placements[key]} and {env_seed} "
+                             f"(row {r['row']!r} seed {r['seed']}): the sources do not share the placements")
+    curves = {(c["row"], c["seed"]): c for c in published_curves}
+    for c in run_curves:
+        cell = (c["row"], c["seed"])
+        if cell in curves and curves[cell] != c:
+            raise ValueError(f"row {cell[0]!r} seed {cell[1]}: the published held-out curve and the run directory's "
+                             "differ")
+        curves[cell] = c
+    return merged, list(curves.values())
 
 
 def main(argv):
@@ -434,7 +495,22 @@ def main(argv):
         records = []
         for exp in experiments:
             chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
-            records.extend(exp.records(chosen))
+            records.extend(labelled(experiments, exp, r) for r in exp.records(chosen))
+        curves = selection_curves(experiments, rows)
+        sources = {}
+        if FLAGS.with_records:
+            published = read_records(FLAGS.with_records, "--with_records")
+            published_curves = []
+            meta_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.with_records)), "results.json")
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    published_curves = json.load(f).get("finetuning", [])
+            sources = {"published records": (FLAGS.with_records, sorted({(r["row"], r["seed"]) for r in published})),
+                       "run directory": (run_dir, sorted({(r["row"], r["seed"]) for r in records}))}
+            try:
+                records, curves = merge_cells(published, records, published_curves, curves)
+            except ValueError as e:
+                raise app.UsageError(f"--with_records={FLAGS.with_records}: {e}") from None
         if not records:
             raise app.UsageError(f"--finished_only: no finished evaluation of {rows or 'the protocol rows'} "
                                  f"in {run_dir}")
@@ -443,9 +519,16 @@ def main(argv):
         done = sorted({(r["row"], r["seed"]) for r in records})
         meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
                 "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
-                "partial": f"`--finished_only`, the run still going: {len(done)} finished (row, seed) evaluations: "
-                           f"{done}",
-                "finetuning": selection_curves(experiments, rows)}
+                "finetuning": curves}
+        expected = dict.fromkeys((labelled(experiments, exp, {"row": row})["row"], seed)
+                                 for exp in experiments for row, seed in expected_cells(exp.protocol, rows))
+        missing = [cell for cell in expected if cell not in done]
+        if missing or not sources:
+            meta["partial"] = (f"`--finished_only`, the run still going: {len(done)} finished (row, seed) evaluations: "
+                               f"{done}" + (f"; still to run: {missing}" if missing else ""))
+        if sources:
+            meta["sources"] = {name: {"path": path, "cells": [list(c) for c in cells]}
+                               for name, (path, cells) in sources.items()}
         print(publish(records, out, meta, FLAGS.bootstrap)["markdown"])
         return
     compilation_cache.enable()  # $JAXVLA_COMPILATION_CACHE, else ~/.cache/jaxvla/xla; "off" disables

@@ -712,6 +712,77 @@ def test_finished_only_publishes_what_is_done(tmp_path):
     assert empty.returncode != 0 and "no finished evaluation" in empty.stderr and "empty" in empty.stderr
 
 
+def test_with_records_lets_a_lost_run_directorys_cells_stand(tmp_path):
+    """--finished_only --with_records: the cells published from a lost run directory stand beside
+    those finished in the run continuing it; once every cell of the protocol's --rows/--seeds is
+    there the tables are no longer partial. Cells both hold must agree, and every source must
+    share the placements."""
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    reproduce = _reproduce()
+    exp = Experiment(str(tmp_path / "run"), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+
+    def episodes(row, seed, oks, env_seed=lambda i: 100 + i):
+        return [{"row": row, "seed": seed, "task": "reach", "placement": i, "env_seed": env_seed(i), "success": ok,
+                 "length": 40 if ok else 150} for i, ok in enumerate(oks)]
+
+    lost = {("SCRATCH-bins", 0): [True, True, False, False], ("SCRATCH-bins@ft1200", 0): [True, False, False, False],
+            ("SCRATCH-bins@ft1200", 1): [False, False, False, True]}
+    published = [r for (row, seed), oks in lost.items() for r in episodes(row, seed, oks)]
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in published))
+    lost_curve = {"row": "SCRATCH-bins", "seed": 0, "metric": "eval/action_mse", "batches": 32, "selected_step": 200,
+                  "curve": [[200, 0.3], [400, 0.4]]}
+    (tmp_path / "pub" / "results.json").write_text(json.dumps({"finetuning": [lost_curve]}))
+    # The new run directory finished seed 1's finetuning (step 400 chosen) and its evaluation.
+    finetune = exp.finetune_name("SCRATCH-bins", 1)
+    os.makedirs(tmp_path / "run" / finetune)
+    (tmp_path / "run" / finetune / "stage.json").write_text(json.dumps(
+        {"stage": finetune, "selected_step": 400, "selection_curve": [[200, 0.5], [400, 0.25]],
+         "selection_batches": 32}))
+    name = exp.eval_name("SCRATCH-bins", 1)
+    os.makedirs(tmp_path / "run" / name)
+    new = episodes("SCRATCH-bins", 1, [True, True, True, False])
+    (tmp_path / "run" / name / "stage.json").write_text(json.dumps(
+        {"stage": name, "episodes": new, "settings": {"tasks": "mt10", "placements": 10, "max_steps": 150,
+                                                       "step": 400}}))
+    script = os.path.join(REPO, "scripts", "reproduce.py")
+    out = subprocess.run([sys.executable, script, "--finished_only", f"--run_dir={tmp_path / 'run'}",
+                          f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins", "--seeds=0,1",
+                          f"--with_records={tmp_path / 'pub' / 'episodes.jsonl'}", f"--out={tmp_path / 'res'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    rows = results["statistics"]["rows"]
+    assert rows["SCRATCH-bins"]["per_seed"] == {"0": 0.5, "1": 0.75}
+    assert rows["SCRATCH-bins@ft1200"]["success_rate"] == pytest.approx(2 / 8)
+    assert "partial" not in results and "**Partial results**" not in out.stdout
+    assert results["sources"]["run directory"]["cells"] == [["SCRATCH-bins", 1]]
+    assert len(results["sources"]["published records"]["cells"]) == 3
+    assert sorted((c["seed"], c["selected_step"]) for c in results["finetuning"]) == [(0, 200), (1, 400)]
+    assert "Assembled from finished evaluations" in out.stdout
+    # Without the published cells, the same run directory is partial and says what is still to run.
+    alone = subprocess.run([sys.executable, script, "--finished_only", f"--run_dir={tmp_path / 'run'}",
+                            f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins",
+                            "--seeds=0,1", f"--out={tmp_path / 'res2'}"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    assert "still to run: [('SCRATCH-bins', 0), ('SCRATCH-bins@ft1200', 0)" in alone.stdout
+
+    # The checks, directly: an identical cell in both is kept once; a differing one, or another
+    # placement stream, is refused by name.
+    records, curves = reproduce.merge_cells(published + new, new, [lost_curve], [])
+    assert len(records) == len(published) + len(new) and curves == [lost_curve]
+    changed = [dict(r, success=not r["success"]) if r["placement"] == 2 else r for r in new]
+    with pytest.raises(ValueError, match="row 'SCRATCH-bins' seed 1: the published records and the run"):
+        reproduce.merge_cells(published + new, changed, [], [])
+    elsewhere = episodes("SCRATCH-bins", 1, [True, True, True, False], env_seed=lambda i: 7 + i)
+    with pytest.raises(ValueError, match="task 'reach' placement 0: environment seeds 100 and 7"):
+        reproduce.merge_cells(published, elsewhere, [], [])
+    with pytest.raises(ValueError, match="seed 0: the published held-out curve"):
+        reproduce.merge_cells(published, [], [lost_curve], [dict(lost_curve, selected_step=400)])
+
+
 def test_a_run_of_part_of_the_protocol_is_published_as_partial():
     """--seeds / --rows runs publish tables that are not the protocol's: the banner says what is
     left out (the day run's per-seed invocations once wrote seed-only tables with none)."""
