@@ -224,20 +224,23 @@ PROTOCOLS = {
                      # held-out batches, and 32 would add about a minute (6 checks).
                      select_batches=2),
     # The full protocol: 8 rows x 3 seeds on an ML45 pool of 900 videos; scripts/reproduce.py --plan
-    # estimates 12.7 hours on 2 cores from scratch (the issue's budget is 10).
+    # estimates 18.1 hours on 2 cores from scratch (the issue's budget is 10).
     "day": Protocol("day", tokenizer_steps=1500, laq_steps=2000, pretrain_steps=1000, finetune_steps=1200,
                     select_every=200, scratch_control=True),
 }
 
 # Seconds per training step of the small configs on 2 CPU cores with the protocol's inputs (frame
 # history, state), held-out evaluations included: flow finetuning 0.73 s (make demo's 1200 steps in
-# 872 s on a quiet machine, 2026-12-01); bins finetuning 1.3x flow (scripts/bench_train_step.py,
-# one example a row: 1384 against 1067 ms); ViPRA pretraining 1.0 s. Finished stages are excluded
-# from the estimate. Evaluation and data generation in seconds per episode (rendering 64 px: ~1 s;
-# the day run's evaluations: 100 episodes in about 3 minutes).
-STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.0, "finetune_flow": 0.73,
-                "finetune_bins": 0.95}
-EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate": 2.0}
+# 872 s on a quiet machine, 2026-12-01). Measured on a quiet machine in the day run of 2026-12-02:
+# bins finetuning 1.75 s (ACTIONVLA-bins seed 2: 2249 s for 1200 steps, less its checks' ~150 s;
+# the earlier 0.95, 1.3x flow from scripts/bench_train_step.py, left out the bins head's larger
+# optimiser state and logits), pretraining 1.36 s (ACTIONVLA: 1000 steps in 1358 s). Finished
+# stages are excluded from the estimate. Evaluation and data generation in seconds per episode
+# (rendering 64 px: ~1 s; evaluation: flow about 2 s, bins 5.0 s, greedy-decoding 56 tokens a
+# chunk: ACTIONVLA-bins seed 2's 100 episodes in 503 s).
+STEP_SECONDS = {"tokenizer": 0.57, "laq_lapa": 0.27, "laq_vipra": 0.6, "pretrain": 1.36, "finetune_flow": 0.73,
+                "finetune_bins": 1.75}
+EPISODE_SECONDS = {"generate": 1.2, "label": 0.3, "evaluate_flow": 2.0, "evaluate_bins": 5.0}
 # Seconds per held-out batch of a finetuning check (8 examples, forward only; the 2 batches the
 # step figures above include are not subtracted): measured on 2 quiet cores, 2026-12-02.
 CHECK_BATCH_SECONDS = {"flow": 0.36, "bins": 0.78}
@@ -362,7 +365,7 @@ class Experiment:
         if pretraining != "none":
             costs.append((self.pretrain_name(pretraining), STEP_SECONDS["pretrain"] * p.pretrain_steps))
         finetune = self.finetune_name(row, seed)
-        evaluation = EPISODE_SECONDS["evaluate"] * len(self.tasks["eval"]) * p.eval_placements
+        evaluation = EPISODE_SECONDS[f"evaluate_{head}"] * len(self.tasks["eval"]) * p.eval_placements
         costs.append((finetune, STEP_SECONDS[f"finetune_{head}"] * p.finetune_steps_of(pretraining)
                        + self.check_seconds(row)))
         return costs + [(self.eval_name(row, seed, cap), evaluation) for cap in p.evaluation_caps(row)]
@@ -428,9 +431,11 @@ class Experiment:
                     raise ValueError(f"seed streams {names[a]} and {names[b]} share environment seeds {sorted(shared)[:5]}")
         return streams
 
-    def plan(self) -> dict[str, Any]:
-        """Everything the protocol would run, with estimated hours; trains nothing."""
+    def plan(self, rows: Sequence[str] | None = None) -> dict[str, Any]:
+        """Everything the protocol would run for ``rows`` (default: all of its rows), with estimated
+        hours; trains nothing."""
         p = self.protocol
+        chosen = [r for r in (rows or p.rows()) if r in p.rows()]
         self.seed_streams()
         pool_tasks, ft_tasks, eval_tasks = self.tasks["pool"], self.tasks["finetune"], self.tasks["eval"]
         videos = len(pool_tasks) * p.videos_per_task
@@ -440,9 +445,9 @@ class Experiment:
                  "finetune_steps": p.finetune_steps_of(parse_row(r)[0]),
                  "total_steps": p.finetune_steps_of(parse_row(r)[0]) + (
                      p.pretrain_steps if parse_row(r)[0] != "none" else 0)}
-                for r in p.rows()]
-        stages = sorted({name for r in p.rows() for s in p.seeds for name in self.stage_names(r, s)})
-        hours = self._estimate_seconds() / 3600
+                for r in chosen]
+        stages = sorted({name for r in chosen for s in p.seeds for name in self.stage_names(r, s)})
+        hours = self._estimate_seconds(chosen) / 3600
         return {
             "protocol": dataclasses.asdict(p),
             "datasets": {
@@ -460,25 +465,26 @@ class Experiment:
             "stages": stages,
             "selection": f"argmin {SELECTION_METRIC} on {p.select_batches} batches of held-out demonstration "
                          f"chunks every {p.select_every} steps",
-            "controls": [control_row(r, p.control_step(r)) for r in p.rows() if p.control_step(r) is not None],
+            "controls": [control_row(r, p.control_step(r)) for r in chosen if p.control_step(r) is not None],
             "estimated_hours": hours,
         }
 
-    def _estimate_seconds(self) -> float:
-        """Seconds to finish the protocol from what ``run_dir`` holds: the data still to generate
-        and every stage of every (row, seed) not yet done, each shared stage counted once."""
+    def _estimate_seconds(self, rows: Sequence[str] | None = None) -> float:
+        """Seconds to finish ``rows`` (default: the protocol's) from what ``run_dir`` holds: the
+        data still to generate and every stage of every (row, seed) not yet done, each shared
+        stage counted once."""
+        rows = list(rows or self.protocol.rows())
         streams = self.seed_streams()
         total = 0.0
         if self.protocol.videos_per_task and not os.path.exists(os.path.join(self.pool_data, "metaworld")):
             total += EPISODE_SECONDS["generate"] * len(streams["pool"])
         if not os.path.exists(os.path.join(self.demo_data, "metaworld")):
             total += EPISODE_SECONDS["generate"] * len(streams["demos"])
-        costs = dict(pair for row in self.protocol.rows() for seed in self.protocol.seeds
-                     for pair in self.stage_costs(row, seed))
+        costs = dict(pair for row in rows for seed in self.protocol.seeds for pair in self.stage_costs(row, seed))
         total += sum(seconds for name, seconds in costs.items() if self._done(name) is None)
         # Finished finetunings whose stopping point was chosen on another number of held-out
         # batches are measured again (Experiment.select).
-        for row in self.protocol.rows():
+        for row in rows:
             for seed in self.protocol.seeds:
                 done = self._done(self.finetune_name(row, seed))
                 if done is not None and done.get("selection_batches") != self.protocol.select_batches:

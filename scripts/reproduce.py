@@ -421,11 +421,16 @@ def merge_cells(published: list[dict], run: list[dict], published_curves: list[d
         out = {}
         for r in records:
             out.setdefault((r["row"], r["seed"]), []).append(r)
-        return {cell: sorted(rs, key=lambda r: (r["task"], r["placement"])) for cell, rs in out.items()}
+        return out
 
+    def episodes(records):
+        return sorted(records, key=lambda r: (r["task"], r["placement"]))
+
+    # The published cells first, in their published order, so that a file grown by a run's cells
+    # differs from the one it grew from by those cells' lines alone.
     mine, theirs = cells(published), cells(run)
     for cell in sorted(set(mine) & set(theirs)):
-        if mine[cell] != theirs[cell]:
+        if episodes(mine[cell]) != episodes(theirs[cell]):
             raise ValueError(f"row {cell[0]!r} seed {cell[1]}: the published records and the run directory's differ")
     merged = [r for rs in {**mine, **theirs}.values() for r in rs]
     placements: dict[tuple, object] = {}
@@ -483,7 +488,7 @@ def main(argv):
     plans = []
     for exp in experiments:
         try:
-            plans.append(format_plan(exp.plan()))
+            plans.append(format_plan(exp.plan(rows)))
         except ValueError as e:
             raise app.UsageError(str(e)) from None
     if FLAGS.plan:
