@@ -184,10 +184,12 @@ class Protocol:
             parts.append("st" + self.state_dims.replace(":", "-"))
         return "_".join(parts)
 
-    def rows(self) -> list[str]:
-        """Row names in order; with no videos only SCRATCH rows exist (nothing to pretrain on)."""
+    def rows(self, among: Sequence[str] | None = None) -> list[str]:
+        """Row names in order; with no videos only SCRATCH rows exist (nothing to pretrain on).
+        With ``among`` (e.g. ``--rows``), those of them this protocol has, in ``among``'s order."""
         pretrainings = [p for p in self.pretrainings if p == "none" or self.videos_per_task > 0]
-        return [row_name(p, h) for p in pretrainings for h in self.heads]
+        mine = [row_name(p, h) for p in pretrainings for h in self.heads]
+        return mine if not among else [r for r in among if r in mine]
 
     def finetune_steps_of(self, pretraining: str) -> int:
         return self.finetune_steps + (self.pretrain_steps if pretraining == "none" else 0)
@@ -233,8 +235,8 @@ PROTOCOLS = {
 # history, state), held-out evaluations included: flow finetuning 0.73 s (make demo's 1200 steps in
 # 872 s on a quiet machine, 2026-12-01). Measured on a quiet machine in the day run of 2026-12-02:
 # bins finetuning 1.75 s (ACTIONVLA-bins seed 2: 2249 s for 1200 steps, less its checks' ~150 s;
-# the earlier 0.95, 1.3x flow from scripts/bench_train_step.py, left out the bins head's larger
-# optimiser state and logits), pretraining 1.36 s (ACTIONVLA: 1000 steps in 1358 s). Finished
+# the earlier 0.95 took the 1.3x ratio of scripts/bench_train_step.py's step times on a shared
+# CPU, which the run does not bear out: 2.4x), pretraining 1.36 s (ACTIONVLA: 1000 steps in 1358 s). Finished
 # stages are excluded from the estimate. Evaluation and data generation in seconds per episode
 # (rendering 64 px: ~1 s; evaluation: flow about 2 s, bins 5.0 s, greedy-decoding 56 tokens a
 # chunk: ACTIONVLA-bins seed 2's 100 episodes in 503 s).
@@ -435,7 +437,7 @@ class Experiment:
         """Everything the protocol would run for ``rows`` (default: all of its rows), with estimated
         hours; trains nothing."""
         p = self.protocol
-        chosen = [r for r in (rows or p.rows()) if r in p.rows()]
+        chosen = p.rows(rows)
         self.seed_streams()
         pool_tasks, ft_tasks, eval_tasks = self.tasks["pool"], self.tasks["finetune"], self.tasks["eval"]
         videos = len(pool_tasks) * p.videos_per_task

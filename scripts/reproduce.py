@@ -362,9 +362,7 @@ def expected_cells(protocol, rows) -> list[tuple[str, int]]:
     from jaxvla.experiment import control_row
 
     out = []
-    for row in rows or protocol.rows():
-        if row not in protocol.rows():
-            continue
+    for row in protocol.rows(rows):
         for cap in protocol.evaluation_caps(row):
             name = row if cap is None else control_row(row, cap)
             out += [(name, seed) for seed in protocol.seeds]
@@ -384,7 +382,7 @@ def selection_curves(experiments, rows) -> list[dict]:
     SCRATCH rows once)."""
     curves = {}
     for exp in experiments:
-        chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+        chosen = exp.protocol.rows(rows)
         for curve in exp.selection_curves(chosen):
             curve = labelled(experiments, exp, curve)
             curves[(curve["row"], curve["seed"])] = curve
@@ -408,6 +406,15 @@ def read_records(path: str, flag: str = "--from_records") -> list[dict]:
     if not records:
         raise app.UsageError(f"{flag}: {path} holds no records")
     return records
+
+
+def published_results(records_path: str) -> dict:
+    """The results.json published beside ``records_path`` (an episodes.jsonl), {} without one."""
+    path = os.path.join(os.path.dirname(os.path.abspath(records_path)), "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def merge_cells(published: list[dict], run: list[dict], published_curves: list[dict],
@@ -459,11 +466,9 @@ def main(argv):
     if FLAGS.from_records:
         records = read_records(FLAGS.from_records)
         out = FLAGS.out or os.path.dirname(os.path.abspath(FLAGS.from_records))
-        meta_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.from_records)), "results.json")
         meta, replicates = {}, FLAGS.bootstrap
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                published = json.load(f)
+        published = published_results(FLAGS.from_records)
+        if published:
             meta = {k: v for k, v in published.items() if k != "statistics"}
             if not FLAGS["bootstrap"].present:  # the published figures' own replicates
                 replicates = int(published.get("statistics", {}).get("replicates", replicates))
@@ -499,17 +504,13 @@ def main(argv):
     if FLAGS.finished_only:
         records = []
         for exp in experiments:
-            chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+            chosen = exp.protocol.rows(rows)
             records.extend(labelled(experiments, exp, r) for r in exp.records(chosen))
         curves = selection_curves(experiments, rows)
         sources = {}
         if FLAGS.with_records:
             published = read_records(FLAGS.with_records, "--with_records")
-            published_curves = []
-            meta_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.with_records)), "results.json")
-            if os.path.exists(meta_path):
-                with open(meta_path) as f:
-                    published_curves = json.load(f).get("finetuning", [])
+            published_curves = published_results(FLAGS.with_records).get("finetuning", [])
             sources = {"published records": (FLAGS.with_records, sorted({(r["row"], r["seed"]) for r in published})),
                        "run directory": (run_dir, sorted({(r["row"], r["seed"]) for r in records}))}
             try:
@@ -528,7 +529,7 @@ def main(argv):
         expected = dict.fromkeys((labelled(experiments, exp, {"row": row})["row"], seed)
                                  for exp in experiments for row, seed in expected_cells(exp.protocol, rows))
         missing = [cell for cell in expected if cell not in done]
-        if missing or not sources:
+        if missing:
             meta["partial"] = (f"`--finished_only`, the run still going: {len(done)} finished (row, seed) evaluations: "
                                f"{done}" + (f"; still to run: {missing}" if missing else ""))
         if sources:
@@ -545,7 +546,7 @@ def main(argv):
             return
         records = []
         for exp in experiments:
-            chosen = [r for r in (rows or exp.protocol.rows()) if r in exp.protocol.rows()]
+            chosen = exp.protocol.rows(rows)
             records.extend(labelled(experiments, exp, record) for record in exp.run(chosen))
     except StageInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
