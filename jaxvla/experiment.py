@@ -384,6 +384,19 @@ class Experiment:
         inputs = self.protocol.inputs_tag
         return f"pretrain_{objective}_{self.pool_tag}" + (f"_{inputs}" if inputs else "")
 
+    def pretraining_run(self, row: str) -> str | None:
+        """Which pretraining run ``row``'s finetunings start from: the SHA-256 fingerprint of its
+        pretraining stage's newest finished checkpoint in this run directory; None for a row
+        without pretraining or a run directory without that checkpoint. The same stage trained
+        again (another run directory, another machine: CPU training is not bit-reproducible) has
+        another fingerprint, so seeds finetuned from different pretraining runs can be told apart."""
+        pretraining, _ = parse_row(row)
+        name = self.pretrain_name(pretraining) if pretraining != "none" else None
+        if name is None or self._latest_step(name) < 0:
+            return None
+        step_dir, _ = resolve_checkpoint(self._path(name))
+        return checkpoint_fingerprint(step_dir)
+
     def eval_name(self, row: str, seed: int, max_step: int | None = None) -> str:
         """The evaluation stage of ``row`` with ``seed``; with ``max_step``, of its finetuning stopped
         within that many steps (``_upto<max_step>``)."""

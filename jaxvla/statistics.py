@@ -13,7 +13,9 @@ policy are correlated. Rows that are the *same* training runs evaluated at anoth
 too, so their contrast is paired over seeds as well as placements.
 
 What the intervals do not cover: anything shared by all of a row's seeds (the comparison's
-pretraining is one run per pretrained row, so its contrasts are conditional on that run). With
+pretraining is one run per pretrained row, so its contrasts are conditional on that run; where a
+run directory was trained again, a row's seeds may come from two pretraining runs, and its seed
+clusters mix them: ``reproduce.py`` says which). With
 few seeds the seed part is itself uncertain: one seed gives no seed spread at all, and the
 bootstrap of n seeds understates their variance by the factor (n - 1) / n.
 

@@ -197,6 +197,22 @@ def comparison(records: list[dict], replicates: int = 10_000) -> dict:
                               seed_groups=seed_groups, replicates=replicates)
 
 
+def pretraining_sentence(meta: dict) -> str:
+    """What a pretrained row's intervals are conditional on, from results.json's ``pretraining_runs``."""
+    if "pretraining_runs" not in meta:
+        return ("A pretrained row's seeds share their run directory's pretraining run: its intervals and contrasts "
+                "are conditional on the pretraining runs.")
+    split = split_pretraining(meta)
+    if not split:
+        return "A pretrained row's seeds share one pretraining run: its intervals and contrasts are conditional on that run."
+    rows = "; ".join(f"{row} (seeds " + " | ".join(", ".join(map(str, g)) for g in groups) + ")"
+                     for row, groups in split.items())
+    return ("A pretrained row's seeds share one pretraining run, except in rows whose pretraining was trained again "
+            f"(another run directory; CPU training is not bit-reproducible), one run per group of seeds: {rows}. "
+            "Intervals and contrasts are conditional on the pretraining runs drawn; a row with two mixes them in "
+            "its seed clusters (`pretraining_runs` in results.json).")
+
+
 def markdown(stats: dict, meta: dict) -> str:
     def pct(x):
         return f"{100 * x:.1f}"
@@ -223,8 +239,7 @@ def markdown(stats: dict, meta: dict) -> str:
 
     lines += ["Success rate in %, 95 % interval from a cluster bootstrap over finetuning seeds (clusters) and "
               f"placements (shared by all rows); {stats['placements']} placements, {stats['replicates']} replicates. "
-              "A pretrained row's seeds share one pretraining run: its intervals and contrasts are conditional "
-              "on that run. An equal-finetuning control (`@ft`) is its SCRATCH row's runs stopped earlier and "
+              f"{pretraining_sentence(meta)} An equal-finetuning control (`@ft`) is its SCRATCH row's runs stopped earlier and "
               "shares their seed draws.",
               "", "| row | pretraining | success % | 95 % CI | episodes | per-seed % |", "|---|---|---|---|---|---|"]
     for row, r in stats["rows"].items():
@@ -417,6 +432,64 @@ def published_results(records_path: str) -> dict:
         return json.load(f)
 
 
+def run_pretraining_runs(experiments, records: list[dict]) -> dict[tuple[str, int], str]:
+    """{(row, seed): fingerprint of the pretraining run it finetuned from} for the cells of
+    ``records`` (as published, ``labelled``) whose row is pretrained and whose pretraining
+    checkpoint the run directory holds."""
+    runs = {}
+    for exp in experiments:
+        for row in exp.protocol.rows():
+            if row.startswith("SCRATCH"):
+                continue
+            fingerprint = exp.pretraining_run(row)
+            label = labelled(experiments, exp, {"row": row})["row"]
+            for r in records:
+                if fingerprint and r["row"] == label:
+                    runs[(label, r["seed"])] = fingerprint
+    return runs
+
+
+def published_pretraining_runs(published: list[dict], meta: dict, path: str) -> dict[tuple[str, int], str]:
+    """{(row, seed): pretraining run} of a published file's cells of pretrained rows: its
+    results.json's ``pretraining_runs`` where recorded. Files published before the runs were
+    recorded name one label per source in ``sources`` (each an assembled run directory), and a
+    file without sources one label for all its cells (one run directory)."""
+    recorded = {(row, int(seed)): run for row, seeds in meta.get("pretraining_runs", {}).items()
+                for seed, run in seeds.items()}
+    runs = {}
+    for r in published:
+        cell = (r["row"], r["seed"])
+        if r["row"].startswith("SCRATCH") or cell in runs:
+            continue
+        if cell in recorded:
+            runs[cell] = recorded[cell]
+            continue
+        source = next((name for name, s in meta.get("sources", {}).items() if list(cell) in s["cells"]), "")
+        runs[cell] = f"unrecorded: {path}" + (f" ({source})" if source else "")
+    return runs
+
+
+def pretraining_runs_meta(runs: dict[tuple[str, int], str]) -> dict[str, dict[str, str]]:
+    """``{(row, seed): run}`` as results.json's ``pretraining_runs``: ``{row: {"seed": run}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for (row, seed), run in sorted(runs.items()):
+        out.setdefault(row, {})[str(seed)] = run
+    return out
+
+
+def split_pretraining(meta: dict) -> dict[str, list[list[int]]]:
+    """Rows whose seeds finetuned from more than one pretraining run: ``{row: [seeds of the first
+    run, seeds of the next, ...]}`` (runs in the order of their lowest seed)."""
+    out = {}
+    for row, seeds in meta.get("pretraining_runs", {}).items():
+        groups: dict[str, list[int]] = {}
+        for seed, run in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+            groups.setdefault(run, []).append(int(seed))
+        if len(groups) > 1:
+            out[row] = list(groups.values())
+    return out
+
+
 def merge_cells(published: list[dict], run: list[dict], published_curves: list[dict],
                 run_curves: list[dict]) -> tuple[list[dict], list[dict]]:
     """The records and held-out curves of two sources of one protocol's (row, seed) cells, each
@@ -507,12 +580,16 @@ def main(argv):
             chosen = exp.protocol.rows(rows)
             records.extend(labelled(experiments, exp, r) for r in exp.records(chosen))
         curves = selection_curves(experiments, rows)
+        runs = run_pretraining_runs(experiments, records)
         sources = {}
         if FLAGS.with_records:
             published = read_records(FLAGS.with_records, "--with_records")
             published_curves = published_results(FLAGS.with_records).get("finetuning", [])
             sources = {"published records": (FLAGS.with_records, sorted({(r["row"], r["seed"]) for r in published})),
                        "run directory": (run_dir, sorted({(r["row"], r["seed"]) for r in records}))}
+            # The run directory's fingerprint wins for a cell both hold: it is the checkpoint there now.
+            runs = {**published_pretraining_runs(published, published_results(FLAGS.with_records),
+                                                 FLAGS.with_records), **runs}
             try:
                 records, curves = merge_cells(published, records, published_curves, curves)
             except ValueError as e:
@@ -525,7 +602,7 @@ def main(argv):
         done = sorted({(r["row"], r["seed"]) for r in records})
         meta = {"date": time.strftime("%Y-%m-%d"), "protocol": FLAGS.protocol,
                 "protocols": [dataclasses.asdict(e.protocol) for e in experiments], "plan_text": "\n\n".join(plans),
-                "finetuning": curves}
+                "finetuning": curves, "pretraining_runs": pretraining_runs_meta(runs)}
         expected = dict.fromkeys((labelled(experiments, exp, {"row": row})["row"], seed)
                                  for exp in experiments for row, seed in expected_cells(exp.protocol, rows))
         missing = [cell for cell in expected if cell not in done]
@@ -557,7 +634,8 @@ def main(argv):
     meta = {"date": date, "protocol": FLAGS.protocol,
             "protocols": [dataclasses.asdict(e.protocol) for e in experiments],
             "plan_text": "\n\n".join(plans), "wall_seconds": time.time() - start,
-            "finetuning": selection_curves(experiments, rows)}
+            "finetuning": selection_curves(experiments, rows),
+            "pretraining_runs": pretraining_runs_meta(run_pretraining_runs(experiments, records))}
     subset = subset_of_protocol(experiments[0].protocol, rows)
     if subset:
         meta["partial"] = subset

@@ -714,6 +714,8 @@ def test_finished_only_publishes_what_is_done(tmp_path):
     assert results["finetuning"] == [{"row": "SCRATCH-bins", "seed": 0, "metric": "eval/action_mse", "batches": 32,
                                       "selected_step": 400, "curve": [[200, 0.2], [400, 0.1], [600, 0.15]]}]
     assert "| SCRATCH-bins | 0 | 32 | 0.2000 | 0.1000* | 0.1500 |" in out.stdout
+    assert results["pretraining_runs"] == {}  # no pretrained row, nothing split across pretraining runs
+    assert "A pretrained row's seeds share one pretraining run: its intervals" in out.stdout
     assert os.path.getsize(tmp_path / "res" / "finetuning.png") > 1000
     assert not os.path.exists(tmp_path / "data")  # nothing generated, trained or evaluated
     empty = subprocess.run(common + [f"--run_dir={tmp_path / 'empty'}"], capture_output=True, text=True, cwd=REPO,
@@ -755,9 +757,26 @@ def test_with_records_lets_a_lost_run_directorys_cells_stand(tmp_path):
     (tmp_path / "run" / name / "stage.json").write_text(json.dumps(
         {"stage": name, "episodes": new, "settings": {"tasks": "mt10", "placements": 10, "max_steps": 150,
                                                        "step": 400}}))
+    # A pretrained row: seed 0 published from the lost directory, seed 1 finetuned in the new one from
+    # its pretraining trained again (a checkpoint whose digest manifest fingerprints the run).
+    lost_lapa = episodes("LAPA-bins", 0, [False, True, False, False])
+    (tmp_path / "pub" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in published + lost_lapa))
+    manifest = tmp_path / "run" / exp.pretrain_name("lapa") / "checkpoints" / "1000" / "jaxvla_digests.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"files": {"params/w": {"sha256": "cd"}}}')
+    finetune = exp.finetune_name("LAPA-bins", 1)
+    os.makedirs(tmp_path / "run" / finetune)
+    (tmp_path / "run" / finetune / "stage.json").write_text(json.dumps(
+        {"stage": finetune, "selected_step": 200, "selection_curve": [[200, 0.5]], "selection_batches": 32}))
+    name = exp.eval_name("LAPA-bins", 1)
+    os.makedirs(tmp_path / "run" / name)
+    (tmp_path / "run" / name / "stage.json").write_text(json.dumps(
+        {"stage": name, "episodes": episodes("LAPA-bins", 1, [True, False, False, False]),
+         "settings": {"tasks": "mt10", "placements": 10, "max_steps": 150, "step": 200}}))
     script = os.path.join(REPO, "scripts", "reproduce.py")
     out = subprocess.run([sys.executable, script, "--finished_only", f"--run_dir={tmp_path / 'run'}",
-                          f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins", "--seeds=0,1",
+                          f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins,LAPA-bins",
+                          "--seeds=0,1",
                           f"--with_records={tmp_path / 'pub' / 'episodes.jsonl'}", f"--out={tmp_path / 'res'}"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -766,10 +785,30 @@ def test_with_records_lets_a_lost_run_directorys_cells_stand(tmp_path):
     assert rows["SCRATCH-bins"]["per_seed"] == {"0": 0.5, "1": 0.75}
     assert rows["SCRATCH-bins@ft1200"]["success_rate"] == pytest.approx(2 / 8)
     assert "partial" not in results and "**Partial results**" not in out.stdout
-    assert results["sources"]["run directory"]["cells"] == [["SCRATCH-bins", 1]]
-    assert len(results["sources"]["published records"]["cells"]) == 3
-    assert sorted((c["seed"], c["selected_step"]) for c in results["finetuning"]) == [(0, 200), (1, 400)]
+    assert results["sources"]["run directory"]["cells"] == [["LAPA-bins", 1], ["SCRATCH-bins", 1]]
+    assert len(results["sources"]["published records"]["cells"]) == 4
+    assert sorted((c["row"], c["seed"], c["selected_step"]) for c in results["finetuning"]) == [
+        ("LAPA-bins", 1, 200), ("SCRATCH-bins", 0, 200), ("SCRATCH-bins", 1, 400)]
     assert "Assembled from finished evaluations" in out.stdout
+    # Which pretraining run each pretrained cell finetuned from: the published cell's is not
+    # recorded (one label for its source), the new one's is its checkpoint's fingerprint.
+    import hashlib
+    assert results["pretraining_runs"] == {"LAPA-bins": {
+        "0": f"unrecorded: {tmp_path / 'pub' / 'episodes.jsonl'}",
+        "1": hashlib.sha256(manifest.read_bytes()).hexdigest()}}
+    assert "one run per group of seeds: LAPA-bins (seeds 0 | 1)." in out.stdout
+    regenerated = subprocess.run([sys.executable, script, f"--from_records={tmp_path / 'res' / 'episodes.jsonl'}",
+                                  f"--out={tmp_path / 'res3'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert regenerated.returncode == 0, regenerated.stderr
+    assert "LAPA-bins (seeds 0 | 1)" in regenerated.stdout
+    # Published again beside the same run directory, the recorded runs carry over: still two.
+    again = subprocess.run([sys.executable, script, "--finished_only", f"--run_dir={tmp_path / 'run'}",
+                            f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins,LAPA-bins",
+                            "--seeds=0,1", f"--with_records={tmp_path / 'res' / 'episodes.jsonl'}",
+                            f"--out={tmp_path / 'res4'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "res4" / "results.json").read_text())["pretraining_runs"] == \
+        results["pretraining_runs"]
     # Without the published cells, the same run directory is partial and says what is still to run.
     alone = subprocess.run([sys.executable, script, "--finished_only", f"--run_dir={tmp_path / 'run'}",
                             f"--data_root={tmp_path / 'data'}", "--bootstrap=200", "--rows=SCRATCH-bins",
