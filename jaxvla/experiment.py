@@ -391,10 +391,12 @@ class Experiment:
         again (another run directory, another machine: CPU training is not bit-reproducible) has
         another fingerprint, so seeds finetuned from different pretraining runs can be told apart."""
         pretraining, _ = parse_row(row)
-        name = self.pretrain_name(pretraining) if pretraining != "none" else None
-        if name is None or self._latest_step(name) < 0:
+        if pretraining == "none":
             return None
-        step_dir, _ = resolve_checkpoint(self._path(name))
+        try:
+            step_dir, _ = resolve_checkpoint(self._path(self.pretrain_name(pretraining)))
+        except FileNotFoundError:
+            return None
         return checkpoint_fingerprint(step_dir)
 
     def eval_name(self, row: str, seed: int, max_step: int | None = None) -> str:

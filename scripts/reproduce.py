@@ -439,13 +439,11 @@ def run_pretraining_runs(experiments, records: list[dict]) -> dict[tuple[str, in
     runs = {}
     for exp in experiments:
         for row in exp.protocol.rows():
-            if row.startswith("SCRATCH"):
+            fingerprint = exp.pretraining_run(row)  # None for SCRATCH rows
+            if fingerprint is None:
                 continue
-            fingerprint = exp.pretraining_run(row)
             label = labelled(experiments, exp, {"row": row})["row"]
-            for r in records:
-                if fingerprint and r["row"] == label:
-                    runs[(label, r["seed"])] = fingerprint
+            runs.update({(label, r["seed"]): fingerprint for r in records if r["row"] == label})
     return runs
 
 
@@ -584,12 +582,12 @@ def main(argv):
         sources = {}
         if FLAGS.with_records:
             published = read_records(FLAGS.with_records, "--with_records")
-            published_curves = published_results(FLAGS.with_records).get("finetuning", [])
+            published_meta = published_results(FLAGS.with_records)
+            published_curves = published_meta.get("finetuning", [])
             sources = {"published records": (FLAGS.with_records, sorted({(r["row"], r["seed"]) for r in published})),
                        "run directory": (run_dir, sorted({(r["row"], r["seed"]) for r in records}))}
             # The run directory's fingerprint wins for a cell both hold: it is the checkpoint there now.
-            runs = {**published_pretraining_runs(published, published_results(FLAGS.with_records),
-                                                 FLAGS.with_records), **runs}
+            runs = {**published_pretraining_runs(published, published_meta, FLAGS.with_records), **runs}
             try:
                 records, curves = merge_cells(published, records, published_curves, curves)
             except ValueError as e:
