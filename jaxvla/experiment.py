@@ -60,6 +60,7 @@ from typing import Any
 from jaxvla import laq_quality, trainer
 from jaxvla.checkpoint import checkpoint_fingerprint, finished_steps, resolve_checkpoint
 from jaxvla.config import apply_overrides, load_config, packaged_config_spec, to_json
+from jaxvla.data.latent_labels import LabelResumeError
 from jaxvla.evaluation import EVAL_SEED_BASE, evaluate
 from jaxvla.frozen import TextPrompts, load_laq
 from jaxvla.io.files import write_json
@@ -702,17 +703,28 @@ class Experiment:
         name = f"labels_{kind}_{self.pool_tag}"
         laq_steps = self.laq(kind)["steps"]
         self.check_gate(kind)
+        laq_dir = self._path(f"laq_{kind}_{self.pool_tag}")
+        weights = checkpoint_fingerprint(resolve_checkpoint(laq_dir)[0])
         done = self._done(name)
-        if done is not None and done.get("laq_steps") == laq_steps:
+        # Records written before the weights were recorded carry no "laq_weights": kept as they are.
+        if (done is not None and done.get("laq_steps") == laq_steps
+                and done.get("laq_weights", weights) == weights):
             self.stages[name] = done
             return done
 
         start = time.time()
-        laq = load_laq(self._path(f"laq_{kind}_{self.pool_tag}"))
+        laq = load_laq(laq_dir)
         out = self._path(name) + "/labels"
-        label_dataset(laq, self.label_data_config(laq.config), out, split="train,val", overwrite=True,
-                      progress=self.progress)
-        return self._record(name, time.time() - start, {}, labels=out, laq_steps=laq_steps)
+        label = functools.partial(label_dataset, laq, self.label_data_config(laq.config), out, split="train,val",
+                                  overwrite=True, progress=self.progress)
+        try:
+            # An interrupted labelling continues from its finished shards (900 pool episodes take
+            # about 10 minutes on 2 cores), but only with the very LAQ that labelled them.
+            label(resume=True)
+        except LabelResumeError as error:
+            log.warning("%s: %s; labelling again from the start", name, error)
+            label(resume=False)
+        return self._record(name, time.time() - start, {}, labels=out, laq_steps=laq_steps, laq_weights=weights)
 
     def input_overrides(self, finetuning: bool) -> dict:
         """The protocol's inputs (frame history; state when ``finetuning``) as config overrides, with

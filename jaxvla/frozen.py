@@ -296,6 +296,12 @@ class LoadedLAQ:
     config_hash: str
 
     @property
+    def weights_fingerprint(self) -> str | None:
+        """SHA-256 of the checkpoint step's digest manifest (``checkpoint.checkpoint_fingerprint``):
+        the same config trained again has another; None for a step saved without a manifest."""
+        return ckpt.checkpoint_fingerprint(self.checkpoint)
+
+    @property
     def frame_offsets(self) -> np.ndarray:
         """Frame offsets of one window from its start: lapa ``[0, H]``, vipra ``[0, s, ..., L*s]``.
         lapa's H is the Meta-World / dataset gap of the LAQ's data config (``dataset_gap``)."""

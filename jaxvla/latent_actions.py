@@ -110,11 +110,14 @@ def _label_split(laq: LoadedLAQ, data_config: Any, part_dir: str, split: str, *,
     meta = {"checkpoint": laq.checkpoint, "step": laq.step, "split": split, "variant": model.variant,
             "frame_offsets": offsets.tolist(), "data_dir": str(data_config.get("data_dir"))}
     code_shape = (model.num_transitions, model.code_tokens)
+    weights = laq.weights_fingerprint
     if resume and ll.is_complete(part_dir):
+        ll.check_finished_part(part_dir, laq.config_hash, weights, code_shape, model.codebook_size)
         log.info("%s: this process's part is already complete", part_dir)
         return
     writer = ll.LatentLabelWriter(part_dir, laq.config_hash, code_shape, model.codebook_size, meta,
-                                  resume=resume, overwrite=overwrite, shard_size=shard_size)
+                                  resume=resume, overwrite=overwrite, shard_size=shard_size,
+                                  laq_weights=weights)
     done = writer.done_keys()
     from jaxvla.data.pipeline import trajectory_frames  # TensorFlow
 
@@ -283,12 +286,15 @@ def label_video_folder(
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     batch_size = -(-int(batch_size) // len(devices)) * len(devices)
     encode = laq.encode_fn(mesh)
+    weights = laq.weights_fingerprint
     if resume and ll.is_complete(part_dir):
+        ll.check_finished_part(part_dir, laq.config_hash, weights, code_shape, model.codebook_size)
         log.info("%s: this process's part is already complete", part_dir)
         summary["resumed"] = len(reader.video_ids)
         return _finish_video(out_dir, process_index, process_count, summary)
     writer = ll.LatentLabelWriter(part_dir, laq.config_hash, code_shape, model.codebook_size, meta,
-                                  resume=resume, overwrite=overwrite, shard_size=shard_size)
+                                  resume=resume, overwrite=overwrite, shard_size=shard_size,
+                                  laq_weights=weights)
     done = writer.done_keys()
     todo = [i for i in reader.video_ids if reader.traj_key(i) not in done]
     summary["resumed"] = len(reader.video_ids) - len(todo)

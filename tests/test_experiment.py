@@ -643,6 +643,42 @@ def test_failed_laq_gate_stops_before_labelling(tmp_path, monkeypatch):
     exp.check_gate("vipra")
 
 
+def test_labels_stage_resumes_with_its_laq_and_starts_over_with_another(tmp_path, monkeypatch):
+    """The labels stage continues an interrupted labelling (resume), starts over when the labeller
+    refuses to (another LAQ's shards), and is finished only for the LAQ weights it recorded."""
+    import jaxvla.experiment as experiment
+    from jaxvla.data.latent_labels import LabelResumeError
+    from jaxvla.experiment import PROTOCOLS, Experiment
+
+    fingerprint = {"value": "weights-a"}
+    calls = []
+
+    def fake_label_dataset(laq, data_config, out, *, split, overwrite, progress, resume):
+        calls.append((resume, overwrite, split))
+        if resume and fingerprint["value"] == "weights-b" and len(calls) == 1:
+            raise LabelResumeError("the interrupted run labelled with LAQ weights 'weights-a'")
+        return out
+
+    monkeypatch.setattr(Experiment, "laq", lambda self, kind: {"steps": 2000, "gate": {"passed": True}})
+    monkeypatch.setattr(Experiment, "label_data_config", lambda self, laq_config: None)
+    monkeypatch.setattr(experiment, "resolve_checkpoint", lambda path: (os.path.join(path, "2000"), 2000))
+    monkeypatch.setattr(experiment, "checkpoint_fingerprint", lambda step_dir: fingerprint["value"])
+    monkeypatch.setattr(experiment, "load_laq", lambda path: types.SimpleNamespace(config=None))
+    monkeypatch.setattr(experiment, "label_dataset", fake_label_dataset)
+
+    exp = Experiment(str(tmp_path), PROTOCOLS["day"], data_root=str(tmp_path / "data"))
+    record = exp.labels("lapa")
+    assert calls == [(True, True, "train,val")] and record["laq_weights"] == "weights-a"
+    assert exp.labels("lapa")["laq_weights"] == "weights-a" and len(calls) == 1  # finished: reused
+
+    fingerprint["value"] = "weights-b"  # the LAQ trained again: these labels are another LAQ's
+    calls.clear()
+    record = exp.labels("lapa")
+    assert calls == [(True, True, "train,val"), (False, True, "train,val")]
+    with open(tmp_path / "labels_lapa_pool20" / "stage.json") as f:
+        assert json.load(f)["laq_weights"] == record["laq_weights"] == "weights-b"
+
+
 def test_finished_stage_trained_with_another_config_is_refused(tmp_path, monkeypatch):
     import jaxvla.trainer
     from jaxvla.config import to_json

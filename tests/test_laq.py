@@ -465,6 +465,55 @@ def test_labeller_resumes_a_finished_part(trained_lapa, tmp_path):
     assert len(load_latent_labels(out)[1]) == 2
 
 
+def test_labeller_resumes_mid_split_with_the_same_laq_only(trained_lapa, tmp_path, monkeypatch):
+    """A labelling killed after its first shard continues from it, labelling only the rest, to the
+    labels an uninterrupted run writes; a LAQ trained again (another weights fingerprint) does not
+    continue it, nor keep a finished part."""
+    from jaxvla.data import latent_labels as ll
+    from jaxvla.frozen import LoadedLAQ, load_laq
+    from jaxvla.latent_actions import label_dataset
+
+    laq = load_laq(trained_lapa.workdir)
+    assert laq.weights_fingerprint and len(laq.weights_fingerprint) == 64
+    reference = ll.load_latent_labels(label_dataset(laq, laq.config.data, str(tmp_path / "reference"),
+                                                    progress=False))[1]
+    added = []
+    real_add = ll.LatentLabelWriter.add
+
+    def add(writer, key, *args):
+        if len(added) == 1 and not writer.resumed_count:
+            raise KeyboardInterrupt  # killed while labelling the second trajectory
+        added.append(key)
+        return real_add(writer, key, *args)
+
+    monkeypatch.setattr(ll.LatentLabelWriter, "add", add)
+    out = tmp_path / "labels"
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(laq, laq.config.data, str(out), shard_size=1, progress=False)
+    assert not ll.is_complete(out) and len(added) == 1
+
+    retrained = property(lambda self: "0" * 64)
+    with monkeypatch.context() as patch:
+        patch.setattr(LoadedLAQ, "weights_fingerprint", retrained)
+        with pytest.raises(ll.LabelResumeError, match="LAQ weights"):
+            label_dataset(laq, laq.config.data, str(out), resume=True, overwrite=True, progress=False)
+    assert len(added) == 1
+
+    label_dataset(laq, laq.config.data, str(out), resume=True, shard_size=1, progress=False)
+    assert len(added) == 2 and added[1] != added[0]  # only the second trajectory was labelled again
+    info, labels = ll.load_latent_labels(out)
+    assert info["laq_weights"] == laq.weights_fingerprint
+    assert sorted(labels.keys) == sorted(reference.keys)
+    for key in reference.keys:
+        for got, want in zip(labels[key], reference[key]):
+            np.testing.assert_array_equal(got, want)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LoadedLAQ, "weights_fingerprint", retrained)
+        with pytest.raises(ll.LabelResumeError, match="finished part was labelled with laq_weights="):
+            label_dataset(laq, laq.config.data, str(out), resume=True, overwrite=True, progress=False)
+
+
 def test_eval_laq_script_prints_the_figures(trained_lapa, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run(

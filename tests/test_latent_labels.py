@@ -339,3 +339,45 @@ def test_parts_of_several_processes_merge_into_one_label_directory(tmp_path):
     assert not ll.is_complete(other)
     with pytest.raises(ValueError, match="not directly inside"):
         ll.merge_label_parts(other, [out / "part-00000"])
+
+
+def test_labels_of_another_laq_training_are_never_resumed_or_merged(tmp_path):
+    """The same LAQ config trained again (another weights fingerprint) writes other codes: its
+    interrupted run, its finished part and its parts are refused, naming both fingerprints."""
+    labels = make_labels(4)
+    keys = list(labels)
+    out = tmp_path / "labels"
+    with pytest.raises(RuntimeError, match="crash"):
+        with ll.LatentLabelWriter(out, HASH, CODE_SHAPE, CODEBOOK, shard_size=1, laq_weights="weights-a") as writer:
+            for key in keys[:2]:
+                writer.add(key, *labels[key][1:])
+            raise RuntimeError("crash")
+    with pytest.raises(ll.LabelResumeError, match="'weights-a'.*'weights-b'"):
+        ll.LatentLabelWriter(out, HASH, CODE_SHAPE, CODEBOOK, resume=True, laq_weights="weights-b")
+    # A run without a fingerprint cannot vouch for these shards either.
+    with pytest.raises(ll.LabelResumeError, match="'weights-a'.*None"):
+        ll.LatentLabelWriter(out, HASH, CODE_SHAPE, CODEBOOK, resume=True)
+    # The refusals changed nothing: the same weights resume both finished shards.
+    writer = ll.LatentLabelWriter(out, HASH, CODE_SHAPE, CODEBOOK, resume=True, laq_weights="weights-a")
+    assert writer.done_keys() == frozenset(keys[:2])
+    for key in keys[2:]:
+        writer.add(key, *labels[key][1:])
+    writer.close()
+    with open(out / ll.INFO_FILE) as f:
+        assert json.load(f)["laq_weights"] == "weights-a"
+
+    ll.check_finished_part(out, HASH, "weights-a", CODE_SHAPE, CODEBOOK)  # what labelling again would write
+    for args, wrong in ((("other", "weights-a", CODE_SHAPE, CODEBOOK), "laq_config_hash"),
+                        ((HASH, "weights-b", CODE_SHAPE, CODEBOOK), "laq_weights"),
+                        ((HASH, "weights-a", (1, 4), CODEBOOK), "code_shape"),
+                        ((HASH, "weights-a", CODE_SHAPE, 16), "codebook_size")):
+        with pytest.raises(ll.LabelResumeError, match=f"{wrong}="):
+            ll.check_finished_part(out, *args)
+
+    parts = tmp_path / "parts"
+    for part, weights in enumerate(("weights-a", "weights-b")):
+        with ll.LatentLabelWriter(parts / f"part-{part:05d}", HASH, CODE_SHAPE, CODEBOOK, laq_weights=weights) as w:
+            w.add(keys[part], *labels[keys[part]][1:])
+    with pytest.raises(ValueError, match="part-00001 has laq_weights='weights-b'"):
+        ll.merge_label_parts(parts, [parts / "part-00000", parts / "part-00001"])
+    assert not ll.is_complete(parts)

@@ -8,7 +8,8 @@ On-disk format (one directory)::
 
     label_dir/
         labels_info.json          {"format": "jaxvla.latent_labels", "version": 1,
-                                   "laq_config_hash": str, "code_shape": [..], "codebook_size": int,
+                                   "laq_config_hash": str, "laq_weights": str | null,
+                                   "code_shape": [..], "codebook_size": int,
                                    "count": trajectories, "num_frames": labelled frames,
                                    "created": ISO-8601 UTC, "meta": {...},
                                    "shards": [{"file", "count", "num_frames", "bytes"}, ...]}
@@ -26,7 +27,10 @@ holds a partial result. Shards are the units of completion: records stream into
 ``labels-NNNNN.tfrecord.tmp``; after ``shard_size`` trajectories the file is flushed, synced and
 renamed, and its manifest is written (temp file + rename). A shard is complete iff its manifest
 exists and names the tfrecord's byte size. The staging directory also holds ``writer_state.json``
-(hash, code shape, codebook size, meta) so a resumed run with another LAQ config is refused. ``LatentLabelWriter(..., resume=True)`` after a crash keeps
+(hash, weights fingerprint, code shape, codebook size, meta) so a resumed run with another LAQ
+config, or the same config trained again (``laq_weights``: the SHA-256 fingerprint of the LAQ
+checkpoint's digest manifest), is refused with ``LabelResumeError``: codes of two different LAQs
+never end up in one label directory. ``LatentLabelWriter(..., resume=True)`` after a crash keeps
 the complete shards, deletes everything else in the staging directory and reports the labelled
 keys in ``done_keys()``; the labeller skips those and carries on. The staging directory and the
 final directory must be on one local file system (``os.replace`` of a directory).
@@ -63,6 +67,12 @@ INFO_FILE = "labels_info.json"
 STAGING_SUFFIX = ".incomplete"
 WRITER_STATE_FILE = "writer_state.json"
 _SHARD_RE = re.compile(r"^labels-(\d{5})\.(tfrecord|json)$")
+
+
+class LabelResumeError(ValueError):
+    """An unfinished or finished labelling run cannot be continued: it was labelled by another LAQ
+    (config hash or weights fingerprint) or with another code shape. Start over with
+    ``overwrite=True`` (without ``resume``)."""
 
 
 def config_hash(config: Any) -> str:
@@ -125,8 +135,9 @@ class LatentLabelWriter:
     manager an exception aborts the unfinished shard and keeps the completed ones for a resumed run;
     a clean exit closes.
 
-    ``resume=True`` continues ``<out_dir>.incomplete`` if it exists (the config hash, code shape and
-    codebook size must match); ``overwrite=True`` discards a previous run (finished or not). Without
+    ``resume=True`` continues ``<out_dir>.incomplete`` if it exists (the config hash, the weights
+    fingerprint ``laq_weights``, code shape and codebook size must match, else ``LabelResumeError``);
+    ``overwrite=True`` discards a previous run (finished or not). Without
     either, an existing output or staging directory is an error that says which flag to pass.
     """
 
@@ -141,10 +152,12 @@ class LatentLabelWriter:
         resume: bool = False,
         overwrite: bool = False,
         shard_size: int = 1024,
+        laq_weights: str | None = None,
     ):
         self.out_dir = os.fspath(out_dir).rstrip("/\\")
         self.staging = staging_dir(self.out_dir)
         self.laq_config_hash = str(laq_config_hash)
+        self.laq_weights = None if laq_weights is None else str(laq_weights)
         self.code_shape = tuple(int(d) for d in code_shape)
         self.code_size = int(np.prod(self.code_shape)) if self.code_shape else 1
         self.codebook_size = int(codebook_size)
@@ -200,6 +213,7 @@ class LatentLabelWriter:
     def _state(self) -> dict[str, Any]:
         return {
             "laq_config_hash": self.laq_config_hash,
+            "laq_weights": self.laq_weights,
             "code_shape": list(self.code_shape),
             "codebook_size": self.codebook_size,
             "meta": self.meta,
@@ -215,13 +229,19 @@ class LatentLabelWriter:
             with open(state_path, encoding="utf-8") as f:
                 state = json.load(f)
             if state["laq_config_hash"] != self.laq_config_hash:
-                raise ValueError(
+                raise LabelResumeError(
                     f"{self.staging}: the interrupted run labelled with LAQ config hash "
                     f"{state['laq_config_hash']!r}, this writer has {self.laq_config_hash!r}; "
                     "pass overwrite=True (without resume) to start over"
                 )
+            if state.get("laq_weights") != self.laq_weights:
+                raise LabelResumeError(
+                    f"{self.staging}: the interrupted run labelled with LAQ weights {state.get('laq_weights')!r}, "
+                    f"this writer has {self.laq_weights!r} (the same config trained again); pass overwrite=True "
+                    "(without resume) to start over"
+                )
             if tuple(state["code_shape"]) != self.code_shape or state["codebook_size"] != self.codebook_size:
-                raise ValueError(
+                raise LabelResumeError(
                     f"{self.staging}: the interrupted run wrote code_shape {tuple(state['code_shape'])}, "
                     f"codebook_size {state['codebook_size']}; this writer has {self.code_shape}, {self.codebook_size}"
                 )
@@ -446,6 +466,22 @@ class LatentLabels:
             yield key, self[key]
 
 
+def check_finished_part(label_dir: str | os.PathLike, laq_config_hash: str, laq_weights: str | None,
+                        code_shape: Sequence[int], codebook_size: int) -> None:
+    """Raises ``LabelResumeError`` unless the finished label directory ``label_dir`` was labelled by
+    this LAQ (config hash and weights fingerprint) with this code shape and codebook size: a
+    resumed labelling keeps a finished part only when it is what labelling again would write."""
+    info = _read_info(os.fspath(label_dir))
+    expected = {"laq_config_hash": str(laq_config_hash), "laq_weights": laq_weights,
+                "code_shape": [int(d) for d in code_shape], "codebook_size": int(codebook_size)}
+    for key, value in expected.items():
+        if info.get(key) != value:
+            raise LabelResumeError(
+                f"{label_dir}: this finished part was labelled with {key}={info.get(key)!r}, this run has "
+                f"{value!r}; pass overwrite=True (without resume) to label it again"
+            )
+
+
 def _read_info(label_dir: str) -> dict[str, Any]:
     info_path = os.path.join(label_dir, INFO_FILE)
     if not os.path.isfile(info_path):
@@ -654,7 +690,7 @@ def join_latent_labels(
 def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.PathLike]) -> str:
     """Makes ``out_dir`` one label directory over finished part directories inside it (one per
     labelling process): its ``labels_info.json`` lists every part's shards by relative path. The
-    parts must share the LAQ config hash, code shape and codebook size. The info file is written
+    parts must share the LAQ config hash, weights fingerprint, code shape and codebook size. The info file is written
     last and atomically, so ``out_dir`` reads as complete only once every part is in it."""
     out_dir = os.fspath(out_dir).rstrip("/\\")
     infos = []
@@ -665,11 +701,11 @@ def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.P
         infos.append((os.path.basename(part), _read_info(part)))
     if not infos:
         raise ValueError(f"{out_dir}: no label parts to merge")
-    keys = ("laq_config_hash", "code_shape", "codebook_size")
+    keys = ("laq_config_hash", "laq_weights", "code_shape", "codebook_size")
     first_name, first = infos[0]
     for name, info in infos[1:]:
         for key in keys:
-            if info[key] != first[key]:
+            if info.get(key) != first.get(key):
                 raise ValueError(f"{out_dir}: part {name} has {key}={info[key]!r}, part {first_name} has {first[key]!r}")
     shards = [
         {**{k: s[k] for k in ("count", "num_frames", "bytes")}, "file": f"{name}/{s['file']}"}
@@ -679,7 +715,7 @@ def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.P
     merged = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        **{k: first[k] for k in keys},
+        **{k: first.get(k) for k in keys},
         "meta": first.get("meta", {}),
         "parts": [name for name, _ in infos],
         "count": sum(s["count"] for s in shards),
