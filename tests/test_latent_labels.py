@@ -381,3 +381,10 @@ def test_labels_of_another_laq_training_are_never_resumed_or_merged(tmp_path):
     with pytest.raises(ValueError, match="part-00001 has laq_weights='weights-b'"):
         ll.merge_label_parts(parts, [parts / "part-00000", parts / "part-00001"])
     assert not ll.is_complete(parts)
+    # A part written before weights were recorded has none: refused by name, not by a KeyError.
+    info_path = parts / "part-00001" / ll.INFO_FILE
+    info = json.loads(info_path.read_text())
+    del info["laq_weights"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="part-00001 has laq_weights=None, part part-00000 has 'weights-a'"):
+        ll.merge_label_parts(parts, [parts / "part-00000", parts / "part-00001"])

@@ -67,6 +67,9 @@ INFO_FILE = "labels_info.json"
 STAGING_SUFFIX = ".incomplete"
 WRITER_STATE_FILE = "writer_state.json"
 _SHARD_RE = re.compile(r"^labels-(\d{5})\.(tfrecord|json)$")
+# What makes two label directories the same LAQ's codes: a finished part is resumed, and parts are
+# merged, only when these agree.
+IDENTITY_KEYS = ("laq_config_hash", "laq_weights", "code_shape", "codebook_size")
 
 
 class LabelResumeError(ValueError):
@@ -472,9 +475,8 @@ def check_finished_part(label_dir: str | os.PathLike, laq_config_hash: str, laq_
     this LAQ (config hash and weights fingerprint) with this code shape and codebook size: a
     resumed labelling keeps a finished part only when it is what labelling again would write."""
     info = _read_info(os.fspath(label_dir))
-    expected = {"laq_config_hash": str(laq_config_hash), "laq_weights": laq_weights,
-                "code_shape": [int(d) for d in code_shape], "codebook_size": int(codebook_size)}
-    for key, value in expected.items():
+    expected = (str(laq_config_hash), laq_weights, [int(d) for d in code_shape], int(codebook_size))
+    for key, value in zip(IDENTITY_KEYS, expected):
         if info.get(key) != value:
             raise LabelResumeError(
                 f"{label_dir}: this finished part was labelled with {key}={info.get(key)!r}, this run has "
@@ -701,12 +703,13 @@ def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.P
         infos.append((os.path.basename(part), _read_info(part)))
     if not infos:
         raise ValueError(f"{out_dir}: no label parts to merge")
-    keys = ("laq_config_hash", "laq_weights", "code_shape", "codebook_size")
     first_name, first = infos[0]
     for name, info in infos[1:]:
-        for key in keys:
+        for key in IDENTITY_KEYS:
+            # .get: parts written before "laq_weights" existed lack it (None).
             if info.get(key) != first.get(key):
-                raise ValueError(f"{out_dir}: part {name} has {key}={info[key]!r}, part {first_name} has {first[key]!r}")
+                raise ValueError(f"{out_dir}: part {name} has {key}={info.get(key)!r}, part {first_name} has "
+                                 f"{first.get(key)!r}")
     shards = [
         {**{k: s[k] for k in ("count", "num_frames", "bytes")}, "file": f"{name}/{s['file']}"}
         for name, info in infos
@@ -715,7 +718,7 @@ def merge_label_parts(out_dir: str | os.PathLike, part_dirs: Sequence[str | os.P
     merged = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        **{k: first.get(k) for k in keys},
+        **{k: first.get(k) for k in IDENTITY_KEYS},
         "meta": first.get("meta", {}),
         "parts": [name for name, _ in infos],
         "count": sum(s["count"] for s in shards),
